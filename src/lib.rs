@@ -1,0 +1,8 @@
+//! Outrider: a sidecar proxy. Outbound egress with an allowlist (explicit and transparent),
+//! inbound routing to the local app, mesh mTLS with auto-issued identities.
+//!
+//! `main.rs` is thin; every piece lives here so that tests can drive it in-process.
+
+pub mod body;
+pub mod cache;
+pub mod tls;
