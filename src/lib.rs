@@ -3,6 +3,14 @@
 //!
 //! `main.rs` is thin; every piece lives here so that tests can drive it in-process.
 
+pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod config;
+pub mod metrics;
+pub mod net;
+pub mod policy;
+pub mod proxy;
+pub mod server;
 pub mod tls;

@@ -1,1 +1,88 @@
-fn main(){}
+//! The `outrider` binary: parse the command line, load config, run, map errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outrider::config::Config;
+use outrider::server::{run_with_signals, Server};
+
+#[derive(Parser)]
+#[command(name = "outrider", version, about = "A sidecar proxy: egress allowlist, inbound routing, mesh mTLS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (on the embedded default config without --config).
+    Run {
+        /// YAML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file: exit 0, or print the error naming the key and exit 1.
+    Check {
+        /// YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the embedded default config.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTRIDER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Check { config } => match Config::load(Some(&config)) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::DefaultConfig => {
+            print!("{}", outrider::config::EMBEDDED_DEFAULT);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            let compiled = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("config error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result: anyhow::Result<()> = rt.block_on(async move {
+                let server = Server::bind(compiled, config).await?;
+                run_with_signals(server).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outrider: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The access log: one JSON line per HTTP request or per tunnelled connection.
+//!
+//! A [`LogGuard`] is created when a request or connection starts and writes its record
+//! when dropped, so a request whose client goes away mid-way, or a tunnel that is reset,
+//! is still logged (ztunnel's pattern). Records go through a channel to a writer thread,
+//! so a slow disk never blocks a proxy task. The guard also records the request metrics,
+//! so the log and `/metrics` can never disagree.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+/// Where records go. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+impl AccessLog {
+    /// Opens the output named by `access_log.output`: `stdout`, `stderr`, `off`, or a file
+    /// path (appended to, created if missing).
+    pub fn open(output: &str) -> std::io::Result<Self> {
+        let sink: Box<dyn Write + Send> = match output {
+            "off" => return Ok(Self { tx: None }),
+            "stdout" => Box::new(std::io::stdout()),
+            "stderr" => Box::new(std::io::stderr()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(&rx, sink))?;
+        Ok(Self { tx: Some(tx) })
+    }
+
+    /// Queues one record.
+    pub fn write(&self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
+        match serde_json::to_vec(record) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                // The writer thread only stops when every sender is gone.
+                let _ = tx.send(line);
+            }
+            Err(e) => tracing::error!(error = %e, "access log record not serialisable"),
+        }
+    }
+}
+
+fn write_loop(rx: &mpsc::Receiver<Vec<u8>>, sink: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
+    while let Ok(line) = rx.recv() {
+        let mut ok = out.write_all(&line).is_ok();
+        // Batch what is already queued, then flush so that a quiet proxy's log is current.
+        while let Ok(more) = rx.try_recv() {
+            ok &= out.write_all(&more).is_ok();
+        }
+        if !(ok && out.flush().is_ok()) {
+            eprintln!("outrider: access log write failed");
+        }
+    }
+}
+
+/// One access-log record. Field names are part of the product's contract.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record {
+    /// RFC 3339 UTC time the request or connection started.
+    pub timestamp: String,
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// `explicit` or `transparent`.
+    pub mode: &'static str,
+    /// `http1`, `http2`, `connect`, `tls`, `tcp`.
+    pub protocol: &'static str,
+    /// The client's address.
+    pub client: Option<SocketAddr>,
+    /// The connection's original destination (transparent mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<SocketAddr>,
+    /// Request method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Target `host:port`.
+    pub authority: Option<String>,
+    /// Request path and query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// TLS SNI seen in a ClientHello.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Response status sent to the client (0 when none was: cancelled or reset).
+    pub status: u16,
+    /// Body bytes from the client.
+    pub bytes_in: u64,
+    /// Body bytes to the client.
+    pub bytes_out: u64,
+    /// Milliseconds from start to the end of the response or connection.
+    pub duration_ms: f64,
+    /// The address the proxy dialled.
+    pub upstream: Option<SocketAddr>,
+    /// `allow`, `deny` or `report`.
+    pub decision: &'static str,
+    /// The rule that allowed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why it was denied (or would have been, in report mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// An error after policy passed (upstream failure, client reset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Cache outcome, when the cache saw the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
+    /// The request id (inbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Byte counters shared between a guard and the bodies or copy loops it watches.
+#[derive(Debug, Default)]
+pub struct Bytes {
+    /// From the client.
+    pub inbound: AtomicU64,
+    /// To the client.
+    pub outbound: AtomicU64,
+}
+
+/// Writes its record when dropped. See the module docs.
+pub struct LogGuard {
+    /// The record being filled in.
+    pub record: Record,
+    /// Byte counters.
+    pub bytes: Arc<Bytes>,
+    start: Instant,
+    log: AccessLog,
+}
+
+impl LogGuard {
+    /// Starts a record now.
+    pub fn start(log: AccessLog, record: Record) -> Self {
+        let mut record = record;
+        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        if record.decision.is_empty() {
+            record.decision = "allow";
+        }
+        Self {
+            record,
+            bytes: Arc::new(Bytes::default()),
+            start: Instant::now(),
+            log,
+        }
+    }
+}
+
+impl LogGuard {
+    /// Notes an error; the record is written when the guard drops.
+    pub fn fail(&mut self, error: String) {
+        self.record.error = Some(error);
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let r = &mut self.record;
+        r.duration_ms = (self.start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        r.bytes_in = self.bytes.inbound.load(Ordering::Relaxed);
+        r.bytes_out = self.bytes.outbound.load(Ordering::Relaxed);
+        if r.status == 0 && r.error.is_none() && matches!(r.protocol, "http1" | "http2") {
+            r.error = Some("cancelled: client went away before the response".into());
+        }
+        crate::metrics::record_request(r);
+        self.log.write(r);
+    }
+}

@@ -1,0 +1,350 @@
+//! The config file: its serde shape (`Config`), loading from YAML, and the embedded default.
+//!
+//! Loading goes YAML → a generic value → `Config` through `serde_path_to_error`, so that a
+//! type error or an unknown key is reported with its key path (`outbound.egress.allw`).
+//! Semantic checks live in `validate.rs`, which compiles the file into what the proxy runs.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::{validate, Compiled};
+
+/// The shipped example config, used by `outrider run` without `--config`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/outrider.yaml");
+
+/// A config error, naming the key path it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not YAML.
+    #[error("config is not valid YAML: {0}")]
+    Yaml(String),
+    /// A key has the wrong type or is unknown.
+    #[error("{path}: {message}")]
+    Shape {
+        /// The key path, e.g. `outbound.egress.allow[2].ports`.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value is well-typed but invalid.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The key path.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The admin listener.
+    pub admin: AdminConfig,
+    /// The outbound listener (transparent capture and explicit proxy).
+    pub outbound: OutboundConfig,
+    /// The inbound listener; absent means no inbound listener.
+    pub inbound: Option<InboundConfig>,
+    /// Name resolution.
+    pub dns: DnsConfig,
+    /// Where access-log records go.
+    pub access_log: AccessLogConfig,
+    /// Shutdown behaviour.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `admin`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address, default `127.0.0.1:15000`.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:15000".into(),
+        }
+    }
+}
+
+/// `outbound`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Listen address, default `127.0.0.1:15001`.
+    pub listen: String,
+    /// The egress allowlist.
+    pub egress: EgressConfig,
+    /// Upstream timeouts.
+    pub timeouts: TimeoutsConfig,
+    /// Transparent-capture protocol detection.
+    pub detect: DetectConfig,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:15001".into(),
+            egress: EgressConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            detect: DetectConfig::default(),
+        }
+    }
+}
+
+/// `outbound.egress`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// `enforce` (default) or `report`.
+    pub mode: EgressMode,
+    /// Allow rules; what none allows is denied.
+    pub allow: Vec<AllowRule>,
+}
+
+/// Whether egress denials are enforced or only reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Deny what no rule allows.
+    #[default]
+    Enforce,
+    /// Let everything pass, but log and count what enforcement would deny.
+    Report,
+}
+
+/// One `outbound.egress.allow[]` entry: a `host` pattern or a `cidr`, with optional ports.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowRule {
+    /// `api.example.com` or `*.example.org` (subdomains only).
+    pub host: Option<String>,
+    /// `10.20.0.0/16` or a single address.
+    pub cidr: Option<String>,
+    /// Allowed ports; absent means any port. Kept as wide integers so that a bad port
+    /// is reported by `validate` with its key path instead of as a type error.
+    pub ports: Option<Vec<i64>>,
+}
+
+/// `outbound.timeouts`, as humantime durations (`5s`, `1m`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Upstream TCP connect timeout.
+    pub connect: String,
+    /// Time from sending a request to receiving the response head.
+    pub response: String,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect: "5s".into(),
+            response: "30s".into(),
+        }
+    }
+}
+
+/// `outbound.detect`: protocol detection for transparent connections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// How long to wait for the client's first bytes before treating it as opaque TCP.
+    pub timeout: String,
+    /// Ports where the server speaks first (MySQL, PostgreSQL, SMTP): no detection.
+    pub server_first_ports: Vec<i64>,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            timeout: "500ms".into(),
+            server_first_ports: vec![21, 22, 25, 110, 143, 587, 3306, 5432],
+        }
+    }
+}
+
+/// `inbound`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    /// Listen address, default `0.0.0.0:15006`.
+    pub listen: String,
+    /// `strict`, `permissive` or `disabled`.
+    pub mtls: MtlsMode,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// The app's address when no route matches and there is no original destination
+    /// (explicitly addressed connections): default `127.0.0.1`, port from the original destination.
+    pub app_host: String,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15006".into(),
+            mtls: MtlsMode::default(),
+            routes: Vec::new(),
+            app_host: "127.0.0.1".into(),
+        }
+    }
+}
+
+/// Inbound mTLS mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only mesh mTLS.
+    #[default]
+    Strict,
+    /// mTLS and plaintext.
+    Permissive,
+    /// Plaintext only; mesh TLS is passed through as bytes.
+    Disabled,
+}
+
+/// One inbound route.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// What the request must match.
+    #[serde(rename = "match")]
+    pub matches: RouteMatch,
+    /// Local `host:port` to send it to.
+    pub to: String,
+}
+
+/// The match part of an inbound route; every present field must match.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteMatch {
+    /// Path prefix, e.g. `/api`.
+    pub path_prefix: Option<String>,
+    /// Host (without port), case-insensitive.
+    pub host: Option<String>,
+    /// Header values that must be equal.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// `dns`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Static names: `name: address` or `name: [addresses]`, consulted before DNS.
+    pub hosts: BTreeMap<String, OneOrMany>,
+}
+
+/// A single value or a list of values.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One value.
+    One(String),
+    /// Several values.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The values as a slice-like iterator.
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        match self {
+            Self::One(s) => std::slice::from_ref(s).iter(),
+            Self::Many(v) => v.iter(),
+        }
+    }
+}
+
+/// `access_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// `stdout`, `stderr`, `off`, or a file path (appended to).
+    pub output: String,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        Self {
+            output: "stdout".into(),
+        }
+    }
+}
+
+/// `shutdown`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM waits for in-flight requests and tunnels.
+    pub drain_timeout: String,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: "10s".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text; key-path errors for unknown keys and wrong types.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        // An empty file is an empty config, i.e. all defaults.
+        let value = if value.is_null() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            value
+        };
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Shape {
+                path: if path == "." { "(top level)".into() } else { path },
+                message: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parses and validates: what `outrider check` does.
+    pub fn load(path: Option<&Path>) -> Result<Compiled, ConfigError> {
+        let config = match path {
+            Some(p) => Self::from_file(p)?,
+            None => Self::from_yaml(EMBEDDED_DEFAULT)?,
+        };
+        validate(config)
+    }
+}

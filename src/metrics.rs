@@ -1,0 +1,100 @@
+//! Prometheus metrics: the recorder is installed once per process, and `/metrics` renders it.
+//! Names are prefixed `outrider_`; the request counters are recorded by the access-log
+//! guard so that logs and metrics count the same events.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::access_log::Record;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder (idempotent) and returns the handle `/metrics` renders from.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("outrider_request_duration_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0,
+                    ],
+                )
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(_) => {
+                    tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!("outrider_requests_total", "Requests and tunnels, by direction, decision and status class");
+    metrics::describe_histogram!("outrider_request_duration_seconds", "Time from request start to the end of the response or tunnel");
+    metrics::describe_counter!("outrider_bytes_in_total", "Body bytes received from clients");
+    metrics::describe_counter!("outrider_bytes_out_total", "Body bytes sent to clients");
+    metrics::describe_gauge!("outrider_connections_open", "Client connections open now");
+    metrics::describe_counter!("outrider_connections_total", "Client connections accepted");
+    metrics::describe_counter!("outrider_dns_lookups_total", "Name lookups");
+    metrics::describe_counter!("outrider_dns_failures_total", "Name lookups that failed");
+    metrics::describe_counter!("outrider_upstream_connect_errors_total", "Upstream connects that failed or timed out");
+    metrics::describe_counter!("outrider_egress_denied_total", "Egress denials (and report-mode would-be denials), by reason");
+    metrics::describe_counter!("outrider_detect_timeouts_total", "Transparent connections treated as opaque TCP after the detection timeout");
+    // Touch the counters that a quiet proxy would otherwise not show at all.
+    for name in ["outrider_dns_lookups_total", "outrider_dns_failures_total", "outrider_upstream_connect_errors_total"] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!("outrider_connections_open").set(0.0);
+}
+
+/// Records one finished request or tunnel.
+pub fn record_request(r: &Record) {
+    let class = match r.status {
+        0 => "none",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("outrider_requests_total", "direction" => r.direction, "decision" => r.decision, "status_class" => class)
+        .increment(1);
+    metrics::histogram!("outrider_request_duration_seconds", "direction" => r.direction)
+        .record(r.duration_ms / 1000.0);
+    metrics::counter!("outrider_bytes_in_total").increment(r.bytes_in);
+    metrics::counter!("outrider_bytes_out_total").increment(r.bytes_out);
+}
+
+/// Counts an egress denial (or, in report mode, a would-be denial).
+pub fn record_denial(code: &'static str, decision: &'static str) {
+    metrics::counter!("outrider_egress_denied_total", "reason" => code, "decision" => decision).increment(1);
+}
+
+/// Tracks one open client connection for the gauge; decrements on drop.
+pub struct ConnectionGauge;
+
+impl ConnectionGauge {
+    /// Counts a new connection.
+    pub fn open() -> Self {
+        metrics::counter!("outrider_connections_total").increment(1);
+        metrics::gauge!("outrider_connections_open").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("outrider_connections_open").decrement(1.0);
+    }
+}

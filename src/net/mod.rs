@@ -1,0 +1,5 @@
+//! Networking: name resolution, upstream connections, listeners and original destinations.
+
+pub mod connect;
+pub mod dns;
+pub mod orig_dst;

@@ -1,0 +1,368 @@
+//! The egress allowlist, compiled from `outbound.egress` into immutable matchers, and the
+//! decision in two steps: before DNS (is this name or IP allowed on this port?) and after
+//! DNS (which resolved address may be dialled?). The proxy dials exactly the address that
+//! step two returns, so a rebinding resolver cannot change what was checked.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::host::{Host, HostError};
+use crate::config::EgressMode;
+
+/// Ports a rule allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortSet {
+    /// Any port (the rule named none).
+    Any,
+    /// Only these.
+    Only(Vec<u16>),
+}
+
+impl PortSet {
+    fn allows(&self, port: u16) -> bool {
+        match self {
+            PortSet::Any => true,
+            PortSet::Only(p) => p.contains(&port),
+        }
+    }
+}
+
+/// A host pattern from the allowlist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// One name, lower-case.
+    Exact(String),
+    /// `*.example.org`: stored as `.example.org`; matches subdomains only.
+    Suffix(String),
+}
+
+impl HostPattern {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == name,
+            HostPattern::Suffix(s) => name.len() > s.len() && name.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// A compiled host rule.
+#[derive(Debug, Clone)]
+pub struct HostRule {
+    /// Index in `outbound.egress.allow`.
+    pub index: usize,
+    /// The pattern.
+    pub pattern: HostPattern,
+    /// Its ports.
+    pub ports: PortSet,
+}
+
+/// A compiled CIDR rule.
+#[derive(Debug, Clone)]
+pub struct CidrRule {
+    /// Index in `outbound.egress.allow`.
+    pub index: usize,
+    /// The network.
+    pub net: IpNet,
+    /// Its ports.
+    pub ports: PortSet,
+}
+
+/// Why egress is denied. Each reads as a sentence for the `x-outrider-error` header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Deny {
+    /// The host failed validation.
+    #[error("invalid host: {0}")]
+    InvalidHost(HostError),
+    /// No rule names this host.
+    #[error("no rule for host {0}")]
+    NoRuleForHost(String),
+    /// A rule names the host, but not on this port.
+    #[error("port {port} not allowed for {host}")]
+    PortNotAllowed {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// An IP target (literal, or opaque TCP) that no CIDR rule allows.
+    #[error("no rule for address {addr} port {port}")]
+    NoRuleForAddress {
+        /// The address.
+        addr: IpAddr,
+        /// The port.
+        port: u16,
+    },
+    /// The name resolved only to non-public addresses that no CIDR rule allows.
+    #[error("{host} resolved to a private address {addr}")]
+    PrivateAddress {
+        /// The name.
+        host: String,
+        /// The first such address.
+        addr: IpAddr,
+    },
+    /// Transparent mode: the Host/SNI does not resolve to the connection's original destination.
+    #[error("{host} does not resolve to the original destination {addr} (forged host)")]
+    Forged {
+        /// The claimed name.
+        host: String,
+        /// The original destination.
+        addr: IpAddr,
+    },
+}
+
+impl Deny {
+    /// A short stable code for metrics labels and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Deny::InvalidHost(_) => "invalid_host",
+            Deny::NoRuleForHost(_) => "no_rule_for_host",
+            Deny::PortNotAllowed { .. } => "port_not_allowed",
+            Deny::NoRuleForAddress { .. } => "no_rule_for_address",
+            Deny::PrivateAddress { .. } => "private_address",
+            Deny::Forged { .. } => "forged_host",
+        }
+    }
+}
+
+/// Step one's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetCheck {
+    /// A host rule allows the name; resolve it and call [`EgressPolicy::choose_addr`].
+    HostAllowed {
+        /// The rule, for the log.
+        rule: String,
+    },
+    /// No host rule names it, but CIDR rules exist: resolve it and let them decide.
+    ResolveForCidr,
+    /// An IP literal allowed by a CIDR rule: dial it.
+    IpAllowed {
+        /// The rule, for the log.
+        rule: String,
+    },
+    /// Denied before DNS.
+    Denied(Deny),
+}
+
+/// The compiled allowlist.
+#[derive(Debug, Clone)]
+pub struct EgressPolicy {
+    /// Enforce or report.
+    pub mode: EgressMode,
+    /// Host rules in file order.
+    pub hosts: Vec<HostRule>,
+    /// CIDR rules in file order.
+    pub cidrs: Vec<CidrRule>,
+}
+
+impl EgressPolicy {
+    /// Step one, before any DNS: decides on the name or IP and the port.
+    pub fn check_target(&self, host: &Host, port: u16) -> TargetCheck {
+        match host {
+            Host::Ip(ip) => match self.cidr_allows(*ip, port) {
+                Some(rule) => TargetCheck::IpAllowed { rule },
+                None => TargetCheck::Denied(Deny::NoRuleForAddress { addr: *ip, port }),
+            },
+            Host::Name(name) => {
+                let mut named = false;
+                for rule in &self.hosts {
+                    if rule.pattern.matches(name) {
+                        named = true;
+                        if rule.ports.allows(port) {
+                            return TargetCheck::HostAllowed {
+                                rule: describe_host_rule(rule),
+                            };
+                        }
+                    }
+                }
+                if named {
+                    TargetCheck::Denied(Deny::PortNotAllowed {
+                        host: name.clone(),
+                        port,
+                    })
+                } else if self.cidrs.iter().any(|c| c.ports.allows(port)) {
+                    TargetCheck::ResolveForCidr
+                } else {
+                    TargetCheck::Denied(Deny::NoRuleForHost(name.clone()))
+                }
+            }
+        }
+    }
+
+    /// Step two, after DNS: picks the first resolved address that may be dialled.
+    /// With `host_rule`, public addresses are fine and non-public ones need a CIDR rule;
+    /// without, every address needs a CIDR rule. Returns the address and the rule.
+    pub fn choose_addr(
+        &self,
+        name: &str,
+        port: u16,
+        host_rule: Option<&str>,
+        addrs: &[IpAddr],
+    ) -> Result<(IpAddr, String), Deny> {
+        for &addr in addrs {
+            if let Some(cidr) = self.cidr_allows(addr, port) {
+                // Name both rules when a host rule's name needed a CIDR rule for its address.
+                let rule = match host_rule {
+                    Some(h) if !is_public(addr) => format!("{h} + {cidr}"),
+                    _ => cidr,
+                };
+                return Ok((addr, rule));
+            }
+            if let Some(rule) = host_rule {
+                if is_public(addr) {
+                    return Ok((addr, rule.to_owned()));
+                }
+            }
+        }
+        match (host_rule, addrs.first()) {
+            (Some(_), Some(&addr)) => Err(Deny::PrivateAddress {
+                host: name.to_owned(),
+                addr,
+            }),
+            _ => Err(Deny::NoRuleForHost(name.to_owned())),
+        }
+    }
+
+    /// The first CIDR rule that allows this address and port, described for the log.
+    pub fn cidr_allows(&self, addr: IpAddr, port: u16) -> Option<String> {
+        let addr = canonical(addr);
+        self.cidrs
+            .iter()
+            .find(|c| c.net.contains(&addr) && c.ports.allows(port))
+            .map(|c| format!("allow[{}] cidr {}", c.index, c.net))
+    }
+}
+
+fn describe_host_rule(rule: &HostRule) -> String {
+    match &rule.pattern {
+        HostPattern::Exact(h) => format!("allow[{}] host {h}", rule.index),
+        HostPattern::Suffix(s) => format!("allow[{}] host *{s}", rule.index),
+    }
+}
+
+/// Matches IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is, so that a CIDR
+/// rule written for IPv4 covers it and a mapped loopback is seen as loopback.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Whether an address is on the public internet: not loopback, private (RFC 1918,
+/// fc00::/7), shared (100.64.0.0/10), link-local (169.254.0.0/16 with the cloud metadata
+/// address, fe80::/10), unspecified, multicast, broadcast, reserved, or an IPv6 form that
+/// embeds an IPv4 address (mapped, compatible, NAT64, 6to4), which could smuggle any of those.
+pub fn is_public(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || v6.to_ipv4_mapped().is_some()
+                || (s[0..6] == [0, 0, 0, 0, 0, 0])
+                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || s[0] == 0x2002
+                || (s[0] == 0x2001 && s[1] == 0x0db8))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> EgressPolicy {
+        EgressPolicy {
+            mode: EgressMode::Enforce,
+            hosts: vec![
+                HostRule {
+                    index: 0,
+                    pattern: HostPattern::Exact("api.example.com".into()),
+                    ports: PortSet::Any,
+                },
+                HostRule {
+                    index: 1,
+                    pattern: HostPattern::Suffix(".example.org".into()),
+                    ports: PortSet::Only(vec![443]),
+                },
+            ],
+            cidrs: vec![CidrRule {
+                index: 2,
+                net: "10.20.0.0/16".parse().unwrap_or_else(|_| IpNet::default()),
+                ports: PortSet::Only(vec![5432]),
+            }],
+        }
+    }
+
+    fn name(n: &str) -> Host {
+        Host::Name(n.into())
+    }
+
+    #[test]
+    fn suffix_matches_subdomains_only() {
+        let p = policy();
+        assert!(matches!(
+            p.check_target(&name("a.example.org"), 443),
+            TargetCheck::HostAllowed { .. }
+        ));
+        assert!(matches!(
+            p.check_target(&name("example.org"), 443),
+            TargetCheck::ResolveForCidr
+        ));
+        assert!(matches!(
+            p.check_target(&name("a.example.org"), 80),
+            TargetCheck::Denied(Deny::PortNotAllowed { .. })
+        ));
+        assert!(matches!(
+            p.check_target(&name("badexample.org"), 5432),
+            TargetCheck::ResolveForCidr
+        ));
+    }
+
+    #[test]
+    fn private_addresses_need_a_cidr_rule() {
+        let p = policy();
+        let rule = Some("allow[0] host api.example.com");
+        let private: Vec<IpAddr> = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::ffff:127.0.0.1", "fe80::1", "::", "100.64.1.1", "fd00::1", "64:ff9b::a00:1"]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        for a in &private {
+            assert!(
+                matches!(p.choose_addr("api.example.com", 80, rule, &[*a]), Err(Deny::PrivateAddress { .. })),
+                "{a} must be refused"
+            );
+        }
+        let public: IpAddr = "93.184.216.34".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(
+            p.choose_addr("api.example.com", 80, rule, &[private[1], public]).map(|r| r.0),
+            Ok(public)
+        );
+        let allowed: IpAddr = "10.20.1.1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        assert!(p.choose_addr("db", 5432, None, &[allowed]).is_ok());
+        assert!(p.choose_addr("db", 5433, None, &[allowed]).is_err());
+    }
+}

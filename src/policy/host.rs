@@ -1,0 +1,170 @@
+//! Host names as the proxy sees them: validation and normalisation of what clients send
+//! (Host headers, CONNECT targets, SNI) and of the patterns in the allowlist.
+
+use std::net::IpAddr;
+
+/// A target host after validation: a lower-case DNS name without trailing dot, or an IP.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// A DNS name, lower-case, no trailing dot.
+    Name(String),
+    /// An IP literal (IPv6 without brackets).
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Why a host string is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// Empty.
+    #[error("empty host")]
+    Empty,
+    /// A character no host name may carry (NUL, whitespace, `@`, `%`, `/` …).
+    #[error("host contains an invalid character")]
+    BadChar,
+    /// An empty label (`a..b`, leading dot) or a label over 63 bytes.
+    #[error("host has an empty or over-long label")]
+    BadLabel,
+    /// Over 253 bytes.
+    #[error("host is too long")]
+    TooLong,
+}
+
+/// Parses a host as sent by a client: case-insensitive, one trailing dot ignored,
+/// IPv6 in brackets. Refuses anything with characters a DNS name cannot have, so that
+/// a crafted Host (`evil.com@good.com`, `good.com\0.evil`) can never match a rule.
+pub fn parse_host(raw: &str) -> Result<Host, HostError> {
+    if raw.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if let Some(inner) = raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return inner
+            .parse::<std::net::Ipv6Addr>()
+            .map(|ip| Host::Ip(IpAddr::V6(ip)))
+            .map_err(|_| HostError::BadChar);
+    }
+    if let Ok(ip) = raw.parse::<std::net::Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    validate_name(name)?;
+    // A top-level label of digits only (`1.2.3`, `0x7f.1`) is no DNS name: libc would read
+    // it as a shorthand IPv4 address, so the name checked and the address dialled could differ.
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(HostError::BadChar);
+    }
+    Ok(Host::Name(name.to_ascii_lowercase()))
+}
+
+/// Checks a DNS name (no trailing dot): letters, digits, `-`, `_`; labels 1–63 bytes.
+pub fn validate_name(name: &str) -> Result<(), HostError> {
+    if name.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if name.len() > 253 {
+        return Err(HostError::TooLong);
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(HostError::BadLabel);
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(HostError::BadChar);
+        }
+    }
+    Ok(())
+}
+
+/// Splits `host:port` / `[v6]:port` into its parts. `None` when malformed.
+pub fn split_authority(authority: &str) -> Option<(&str, Option<&str>)> {
+    if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let (h, rest) = authority.split_at(end + 1);
+        return match rest {
+            "" => Some((h, None)),
+            r => r.strip_prefix(':').map(|p| (h, Some(p))),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h, Some(p))),
+        Some(_) => None,
+        None => Some((authority, None)),
+    }
+}
+
+/// Parses a port string: 1–65535, digits only.
+pub fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    p.parse::<u16>().ok().filter(|&n| n != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_case_and_one_trailing_dot() {
+        assert_eq!(
+            parse_host("API.Example.COM."),
+            Ok(Host::Name("api.example.com".into()))
+        );
+        assert_eq!(parse_host("a.com.."), Err(HostError::BadLabel));
+    }
+
+    #[test]
+    fn refuses_tricks() {
+        for bad in [
+            "evil.com@good.com",
+            "good.com\0.evil",
+            "a b.com",
+            "a\t.com",
+            "",
+            ".a.com",
+            "a..com",
+            "a/b",
+            "a%2e.com",
+            "0x7f.1",
+            "1.2.3",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn ip_literals() {
+        assert_eq!(
+            parse_host("[::1]"),
+            Ok(Host::Ip("::1".parse().unwrap_or(IpAddr::from([0u8; 4]))))
+        );
+        assert!(matches!(parse_host("10.1.2.3"), Ok(Host::Ip(_))));
+    }
+
+    #[test]
+    fn authority_split() {
+        assert_eq!(split_authority("a.com:80"), Some(("a.com", Some("80"))));
+        assert_eq!(split_authority("[::1]:443"), Some(("[::1]", Some("443"))));
+        assert_eq!(split_authority("a.com"), Some(("a.com", None)));
+        assert_eq!(split_authority("::1:80"), None);
+        assert_eq!(parse_port("0"), None);
+        assert_eq!(parse_port("65536"), None);
+        assert_eq!(parse_port("+80"), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! The admit phase: egress policy plus DNS, ending in the one address the proxy will dial.
+//! Shared by absolute-form HTTP, CONNECT, and transparent HTTP, TLS and TCP.
+
+use std::net::SocketAddr;
+
+use super::error::ProxyError;
+use super::{Inputs, State};
+use crate::config::EgressMode;
+use crate::policy::egress::{Deny, TargetCheck};
+use crate::policy::host::Host;
+
+/// The outcome of admission: where to connect, and what to log.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// The address to dial, and the only one.
+    pub addr: SocketAddr,
+    /// `allow` or `report`.
+    pub decision: &'static str,
+    /// The allowing rule.
+    pub rule: Option<String>,
+    /// In report mode, what enforcement would have denied.
+    pub reason: Option<String>,
+}
+
+/// Decides whether `host:port` may be reached and where to dial. In transparent mode
+/// (`original_dst` set) the dial address is always the original destination, and the
+/// name must resolve to it unless a CIDR rule allows the destination itself.
+pub async fn admit(
+    inputs: &Inputs,
+    state: &State,
+    host: &Host,
+    port: u16,
+    original_dst: Option<SocketAddr>,
+) -> Result<Admitted, ProxyError> {
+    let result = decide(state, host, port, original_dst).await;
+    let admitted = match result {
+        Ok(a) => a,
+        Err(ProxyError::Denied(deny))
+            if state.cfg.egress.mode == EgressMode::Report && !matches!(deny, Deny::InvalidHost(_)) =>
+        {
+            crate::metrics::record_denial(deny.code(), "report");
+            let addr = match original_dst {
+                Some(od) => od,
+                None => fallback_addr(state, host, port).await?,
+            };
+            tracing::info!(target: "egress", %deny, "report mode: would deny");
+            Admitted {
+                addr,
+                decision: "report",
+                rule: None,
+                reason: Some(deny.to_string()),
+            }
+        }
+        Err(e) => {
+            if let ProxyError::Denied(d) = &e {
+                crate::metrics::record_denial(d.code(), "deny");
+            }
+            return Err(e);
+        }
+    };
+    if original_dst.is_none() && inputs.is_own(admitted.addr) {
+        return Err(ProxyError::Loop(admitted.addr.to_string()));
+    }
+    Ok(admitted)
+}
+
+async fn decide(
+    state: &State,
+    host: &Host,
+    port: u16,
+    original_dst: Option<SocketAddr>,
+) -> Result<Admitted, ProxyError> {
+    let policy = &state.cfg.egress;
+    let allowed = |addr, rule| Admitted {
+        addr,
+        decision: "allow",
+        rule: Some(rule),
+        reason: None,
+    };
+    let (name, host_rule) = match (host, policy.check_target(host, port)) {
+        (_, TargetCheck::Denied(d)) => return Err(ProxyError::Denied(d)),
+        (Host::Ip(ip), _) => {
+            // check_target only allows an IP through a CIDR rule, so this is IpAllowed.
+            let rule = policy
+                .cidr_allows(*ip, port)
+                .ok_or(ProxyError::Denied(Deny::NoRuleForAddress { addr: *ip, port }))?;
+            if let Some(od) = original_dst {
+                if od.ip() != *ip {
+                    return Err(ProxyError::Denied(Deny::Forged {
+                        host: ip.to_string(),
+                        addr: od.ip(),
+                    }));
+                }
+            }
+            return Ok(allowed(SocketAddr::new(*ip, port), rule));
+        }
+        (Host::Name(n), TargetCheck::HostAllowed { rule }) => (n, Some(rule)),
+        (Host::Name(n), _) => (n, None),
+    };
+    if let Some(od) = original_dst {
+        // The destination itself may be allowed by address: no need to trust the name.
+        if let Some(rule) = policy.cidr_allows(od.ip(), port) {
+            return Ok(allowed(od, rule));
+        }
+        let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
+        if !addrs.contains(&od.ip()) {
+            return Err(ProxyError::Denied(Deny::Forged {
+                host: name.clone(),
+                addr: od.ip(),
+            }));
+        }
+        let (ip, rule) = policy
+            .choose_addr(name, port, host_rule.as_deref(), &[od.ip()])
+            .map_err(ProxyError::Denied)?;
+        return Ok(allowed(SocketAddr::new(ip, od.port()), rule));
+    }
+    let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
+    let (ip, rule) = policy
+        .choose_addr(name, port, host_rule.as_deref(), &addrs)
+        .map_err(ProxyError::Denied)?;
+    Ok(allowed(SocketAddr::new(ip, port), rule))
+}
+
+/// Report mode still has to reach the target: the literal IP, or the first resolved one.
+async fn fallback_addr(state: &State, host: &Host, port: u16) -> Result<SocketAddr, ProxyError> {
+    match host {
+        Host::Ip(ip) => Ok(SocketAddr::new(*ip, port)),
+        Host::Name(n) => {
+            let addrs = state.dns.lookup(n).await.map_err(ProxyError::Dns)?;
+            addrs
+                .first()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .ok_or_else(|| ProxyError::Upstream(n.clone(), "no addresses".into()))
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! One HTTP request's whole path on the outbound side, phase by phase:
+//! target → admit (policy, DNS) → rewrite (hop-by-hop, Via) → upstream (pooled) →
+//! response filters → log. CONNECT goes to `tunnel`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::admit::{admit, Admitted};
+use super::error::ProxyError;
+use super::http::{add_via, strip_hop_by_hop, wants_upgrade};
+use super::{ConnInfo, Inputs, State};
+use crate::access_log::{LogGuard, Record};
+use crate::body::{self, Body, Counted};
+use crate::net::connect::ConnectError;
+use crate::policy::host::{parse_host, parse_port, split_authority, Host};
+
+/// Serves one request from an outbound client connection. Never fails: every error becomes
+/// a response that names it.
+pub async fn handle(
+    inputs: Arc<Inputs>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::CONNECT {
+        return Ok(super::tunnel::connect(inputs, conn, req).await);
+    }
+    let state = inputs.state.load_full();
+    let mut guard = LogGuard::start(
+        state.log.clone(),
+        Record {
+            direction: "outbound",
+            mode: conn.mode(),
+            protocol: if req.version() == http::Version::HTTP_2 { "http2" } else { "http1" },
+            client: Some(conn.client),
+            original_dst: conn.original_dst,
+            method: Some(req.method().to_string()),
+            path: req.uri().path_and_query().map(|p| p.to_string()),
+            ..Record::default()
+        },
+    );
+    match forward(&inputs, &state, conn, req, &mut guard).await {
+        Ok(resp) => {
+            guard.record.status = resp.status().as_u16();
+            let counter = guard.bytes.clone();
+            Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
+        }
+        Err(e) => {
+            let resp = e.response();
+            guard.record.status = resp.status().as_u16();
+            if e.is_denial() {
+                guard.record.decision = "deny";
+                guard.record.reason = Some(e.to_string());
+            } else {
+                guard.record.error = Some(e.to_string());
+            }
+            Ok(resp)
+        }
+    }
+}
+
+async fn forward(
+    inputs: &Inputs,
+    state: &State,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+    guard: &mut LogGuard,
+) -> Result<Response<Body>, ProxyError> {
+    let (host, port, authority) = target(inputs, &req, conn)?;
+    guard.record.authority = Some(authority.clone());
+    let admitted = admit(inputs, state, &host, port, conn.original_dst).await?;
+    note_admission(guard, &admitted);
+
+    let client_version = req.version();
+    let upgrading = wants_upgrade(req.headers());
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, incoming) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrading);
+    add_via(&mut parts.headers, parts.version);
+    let host_value = HeaderValue::from_str(&authority)
+        .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
+    parts.headers.insert(header::HOST, host_value);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::try_from(format!("http://{}{}", admitted.addr, path))
+        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
+    // The upstream hop is HTTP/1.1 whatever the client spoke; the pool negotiates nothing else.
+    parts.version = http::Version::HTTP_11;
+    let counter = guard.bytes.clone();
+    let upstream_req = Request::from_parts(parts, body::boxed(Counted::new(incoming, counter, false, None::<()>)));
+
+    let sent = tokio::time::timeout(state.cfg.response_timeout, state.client.request(upstream_req)).await;
+    let mut resp = match sent {
+        Err(_) => return Err(ProxyError::ResponseTimeout(admitted.addr.to_string())),
+        Ok(Err(e)) => return Err(upstream_error(admitted.addr, &e)),
+        Ok(Ok(resp)) => resp,
+    };
+    if let (Some(client_side), true) = (client_upgrade, resp.status() == http::StatusCode::SWITCHING_PROTOCOLS) {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(super::tunnel::splice_upgrades(client_side, upstream_side));
+    }
+    let keep_upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    add_via(&mut parts.headers, parts.version);
+    // The client hears the protocol it spoke, whatever the upstream answered in.
+    parts.version = client_version;
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+/// Fills in the log fields that admission decided.
+pub fn note_admission(guard: &mut LogGuard, admitted: &Admitted) {
+    guard.record.upstream = Some(admitted.addr);
+    guard.record.decision = admitted.decision;
+    guard.record.rule = admitted.rule.clone();
+    guard.record.reason = admitted.reason.clone();
+}
+
+/// The request's target host, port and authority string. Explicit clients must send
+/// absolute-form `http://` URIs; transparent ones are routed by their Host header.
+fn target(inputs: &Inputs, req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String), ProxyError> {
+    let uri = req.uri();
+    let (authority, default_port) = match (conn.original_dst, uri.authority()) {
+        (None, Some(a)) => {
+            if uri.scheme_str() != Some("http") {
+                return Err(ProxyError::BadRequest(
+                    "only http:// URLs can be proxied in absolute form; use CONNECT for https".into(),
+                ));
+            }
+            (a.as_str().to_owned(), 80)
+        }
+        (None, None) => {
+            // An origin-form request sent to the proxy itself.
+            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            return Err(ProxyError::Loop(if host.is_empty() { "no Host".into() } else { host.into() }));
+        }
+        (Some(od), Some(a)) => (a.as_str().to_owned(), od.port()),
+        (Some(od), None) => match req.headers().get(header::HOST) {
+            Some(h) => (
+                h.to_str()
+                    .map_err(|_| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(
+                        crate::policy::host::HostError::BadChar,
+                    )))?
+                    .to_owned(),
+                od.port(),
+            ),
+            None => (od.to_string(), od.port()),
+        },
+    };
+    let _ = inputs;
+    parse_authority(&authority, default_port).map(|(h, p)| (h, p, authority))
+}
+
+/// Parses `host[:port]` strictly.
+pub fn parse_authority(authority: &str, default_port: u16) -> Result<(Host, u16), ProxyError> {
+    let invalid = |e| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(e));
+    let (h, p) = split_authority(authority).ok_or(invalid(crate::policy::host::HostError::BadChar))?;
+    let host = parse_host(h).map_err(invalid)?;
+    let port = match p {
+        None => default_port,
+        Some(p) => parse_port(p).ok_or_else(|| ProxyError::BadRequest(format!("invalid port in {authority:?}")))?,
+    };
+    Ok((host, port))
+}
+
+/// Classifies a pooled-client failure: connect errors keep their kind (timeout → 504).
+fn upstream_error(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(ce) = s.downcast_ref::<ConnectError>() {
+            return ProxyError::Connect(match ce {
+                ConnectError::Timeout(a) => ConnectError::Timeout(*a),
+                ConnectError::Io { addr, source } => ConnectError::Io {
+                    addr: *addr,
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
+                ConnectError::NoAddress(u) => ConnectError::NoAddress(u.clone()),
+            });
+        }
+        source = s.source();
+    }
+    let detail = match std::error::Error::source(e) {
+        Some(s) => s.to_string(),
+        None => e.to_string(),
+    };
+    ProxyError::Upstream(addr.to_string(), detail)
+}

@@ -1,0 +1,113 @@
+//! The data path: outbound (explicit proxy and transparent capture) and inbound.
+//!
+//! Every connection task gets one `Arc<Inputs>`; the swappable [`State`] inside it is what
+//! a config reload replaces, so a request uses one consistent config from start to end.
+
+pub mod admit;
+pub mod detect;
+pub mod error;
+pub mod forward;
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::access_log::AccessLog;
+use crate::body::Body;
+use crate::config::Compiled;
+use crate::net::connect::CheckedConnector;
+use crate::net::dns::Dns;
+
+/// The pooled upstream HTTP client.
+pub type HttpClient = Client<CheckedConnector, Body>;
+
+/// What a config produces at run time. Replaced whole on reload.
+pub struct State {
+    /// The compiled config.
+    pub cfg: Compiled,
+    /// The resolver (with `dns.hosts`).
+    pub dns: Dns,
+    /// The access log.
+    pub log: AccessLog,
+    /// Pooled upstream connections, keyed by checked address.
+    pub client: HttpClient,
+}
+
+impl State {
+    /// Builds the run-time state; `prev` lets a reload keep the access-log writer.
+    pub fn build(cfg: Compiled, prev: Option<&State>) -> Result<Self, String> {
+        let dns = Dns::new(cfg.dns_hosts.clone()).map_err(|e| e.to_string())?;
+        let log = match prev {
+            Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
+            _ => AccessLog::open(&cfg.access_log)
+                .map_err(|e| format!("access_log.output: cannot open {:?}: {e}", cfg.access_log))?,
+        };
+        let connector = CheckedConnector {
+            timeout: cfg.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Ok(Self { cfg, dns, log, client })
+    }
+}
+
+/// Shared by every connection task.
+pub struct Inputs {
+    /// The current state; swapped on reload.
+    pub state: ArcSwap<State>,
+    /// The addresses this process listens on, for loop detection.
+    pub own_addrs: Vec<SocketAddr>,
+    /// Tunnels and other detached tasks, so that shutdown can wait for them.
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+impl Inputs {
+    /// Whether dialling `addr` would reach one of this process's own listeners.
+    pub fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own_addrs.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip()
+                    || own.ip().is_unspecified()
+                    || (own.ip().is_loopback() && addr.ip().is_loopback())
+                    || addr.ip().is_unspecified())
+        })
+    }
+}
+
+/// A client connection's addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client.
+    pub client: SocketAddr,
+    /// The original destination, for transparent connections.
+    pub original_dst: Option<SocketAddr>,
+}
+
+impl ConnInfo {
+    /// `explicit` or `transparent`, for the log.
+    pub fn mode(&self) -> &'static str {
+        if self.original_dst.is_some() {
+            "transparent"
+        } else {
+            "explicit"
+        }
+    }
+}
+
+/// Shares one state for tests and the server.
+pub fn inputs(state: State, own_addrs: Vec<SocketAddr>) -> Arc<Inputs> {
+    Arc::new(Inputs {
+        state: ArcSwap::from_pointee(state),
+        own_addrs,
+        tasks: tokio_util::task::TaskTracker::new(),
+    })
+}

@@ -1,0 +1,150 @@
+//! The outbound listener's per-connection logic: explicit proxy client or transparent
+//! capture (by the original destination), then protocol detection for transparent ones.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::admit::admit;
+use super::detect::{detect, Protocol, Rewind};
+use super::forward::note_admission;
+use super::tunnel::splice;
+use super::{ConnInfo, Inputs};
+use crate::access_log::{LogGuard, Record};
+use crate::net::connect;
+use crate::policy::host::{parse_host, Host};
+
+/// Serves one accepted outbound connection. `original_dst` is `None` for explicit clients
+/// (including those whose original destination is the listener itself).
+pub async fn serve(
+    inputs: Arc<Inputs>,
+    stream: TcpStream,
+    client: SocketAddr,
+    original_dst: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) {
+    let _gauge = crate::metrics::ConnectionGauge::open();
+    let _ = stream.set_nodelay(true);
+    let conn = ConnInfo { client, original_dst };
+    let Some(od) = original_dst else {
+        return serve_http(inputs, stream, conn, shutdown).await;
+    };
+    let state = inputs.state.load_full();
+    if state.cfg.server_first_ports.contains(&od.port()) {
+        return tunnel_tcp(inputs, stream, bytes::Bytes::new(), conn, Protocol::Tcp { timed_out: false }).await;
+    }
+    let mut stream = stream;
+    let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "client closed during detection");
+            return;
+        }
+    };
+    if let Protocol::Tcp { timed_out: true } = protocol {
+        // Fails open to opaque TCP (still subject to CIDR policy), and is counted.
+        metrics::counter!("outrider_detect_timeouts_total").increment(1);
+    }
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, Rewind::new(prefix, stream), conn, shutdown).await,
+        other => tunnel_tcp(inputs, stream, prefix, conn, other).await,
+    }
+}
+
+/// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.
+async fn serve_http<I>(inputs: Arc<Inputs>, io: I, conn: ConnInfo, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| super::forward::handle(inputs.clone(), conn, req));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(connection);
+    tokio::select! {
+        res = connection.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// TLS (checked on its SNI) and opaque TCP (checked on the destination address): admitted,
+/// dialled at the original destination, the detected bytes replayed, then spliced.
+async fn tunnel_tcp(
+    inputs: Arc<Inputs>,
+    stream: TcpStream,
+    prefix: bytes::Bytes,
+    conn: ConnInfo,
+    protocol: Protocol,
+) {
+    let Some(od) = conn.original_dst else { return };
+    let state = inputs.state.load_full();
+    let sni = match &protocol {
+        Protocol::Tls { sni } => sni.clone(),
+        _ => None,
+    };
+    let mut guard = LogGuard::start(
+        state.log.clone(),
+        Record {
+            direction: "outbound",
+            mode: "transparent",
+            protocol: protocol.name(),
+            client: Some(conn.client),
+            original_dst: Some(od),
+            authority: Some(od.to_string()),
+            sni: sni.clone(),
+            ..Record::default()
+        },
+    );
+    // Without an SNI, the destination address is all there is to check.
+    let host = match sni.as_deref().map(parse_host) {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => {
+            guard.record.decision = "deny";
+            guard.record.reason = Some(format!("invalid SNI: {e}"));
+            crate::metrics::record_denial("invalid_host", "deny");
+            return;
+        }
+        None => Host::Ip(od.ip()),
+    };
+    let admitted = match admit(&inputs, &state, &host, od.port(), Some(od)).await {
+        Ok(a) => a,
+        Err(e) => {
+            // Denied TLS/TCP: the connection is closed (dropped here), and logged.
+            if e.is_denial() {
+                guard.record.decision = "deny";
+                guard.record.reason = Some(e.to_string());
+            } else {
+                guard.record.error = Some(e.to_string());
+            }
+            return;
+        }
+    };
+    note_admission(&mut guard, &admitted);
+    let mut upstream = match connect::connect(admitted.addr, state.cfg.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            guard.record.error = Some(e.to_string());
+            return;
+        }
+    };
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            guard.record.error = Some(format!("upstream write failed: {e}"));
+            return;
+        }
+        guard.bytes.inbound.fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    splice(stream, upstream, guard).await;
+}

@@ -1,0 +1,247 @@
+//! Process lifecycle: bind every listener first, then serve; reload on SIGHUP without
+//! dropping connections; on SIGTERM stop accepting and drain up to `shutdown.drain_timeout`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Compiled, Config};
+use crate::proxy::{self, Inputs, State};
+
+/// How the outbound listener learns a connection's original destination. The default asks
+/// the kernel; tests substitute their own so that transparent mode runs without iptables.
+pub type OrigDstFn = Arc<dyn Fn(&TcpStream) -> Option<SocketAddr> + Send + Sync>;
+
+/// Startup failures, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot listen on {key} {addr}: {source}")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The runtime state could not be built.
+    #[error("{0}")]
+    State(String),
+}
+
+/// A bound, not yet running proxy.
+pub struct Server {
+    inputs: Arc<Inputs>,
+    outbound: TcpListener,
+    inbound: Option<TcpListener>,
+    admin: TcpListener,
+    handle: ServerHandle,
+    orig_dst: OrigDstFn,
+}
+
+/// Controls a running server: reload, shutdown, addresses.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inputs: Arc<Inputs>,
+    shutdown: CancellationToken,
+    ready: Arc<AtomicBool>,
+    config_path: Option<PathBuf>,
+    /// Bound outbound address.
+    pub outbound_addr: SocketAddr,
+    /// Bound inbound address, if any.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // `[::]:15006` should serve IPv4 too, like the usual dual-stack default.
+            let _ = sock.set_only_v6(false);
+        }
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        sock.listen(4096)?;
+        TcpListener::from_std(sock.into())
+    };
+    bind().map_err(|source| StartError::Bind { key, addr, source })
+}
+
+impl Server {
+    /// Binds every listener (so that a bad address fails before anything runs).
+    pub async fn bind(cfg: Compiled, config_path: Option<PathBuf>) -> Result<Self, StartError> {
+        let admin = bind("admin.listen", cfg.admin_listen).await?;
+        let outbound = bind("outbound.listen", cfg.outbound_listen).await?;
+        let inbound = match cfg.inbound_listen {
+            Some(a) => Some(bind("inbound.listen", a).await?),
+            None => None,
+        };
+        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let outbound_addr = local(&outbound, cfg.outbound_listen);
+        let admin_addr = local(&admin, cfg.admin_listen);
+        let inbound_addr = inbound.as_ref().zip(cfg.inbound_listen).map(|(l, a)| local(l, a));
+        let mut own = vec![outbound_addr, admin_addr];
+        own.extend(inbound_addr);
+        crate::metrics::install();
+        let state = State::build(cfg, None).map_err(StartError::State)?;
+        let inputs = proxy::inputs(state, own);
+        let handle = ServerHandle {
+            inputs: inputs.clone(),
+            shutdown: CancellationToken::new(),
+            ready: Arc::new(AtomicBool::new(false)),
+            config_path,
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+        };
+        Ok(Self {
+            inputs,
+            outbound,
+            inbound,
+            admin,
+            handle,
+            orig_dst: Arc::new(kernel_orig_dst),
+        })
+    }
+
+    /// Replaces how original destinations are found (the in-process test seam).
+    pub fn with_orig_dst(mut self, f: OrigDstFn) -> Self {
+        self.orig_dst = f;
+        self
+    }
+
+    /// The control handle.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until shutdown, then drains.
+    pub async fn run(self) {
+        let Server {
+            inputs,
+            outbound,
+            inbound,
+            admin,
+            handle,
+            orig_dst,
+        } = self;
+        let shutdown = handle.shutdown.clone();
+        let admin_task = tokio::spawn(crate::admin::serve(admin, handle.clone()));
+        let out_task = tokio::spawn(accept_outbound(outbound, inputs.clone(), orig_dst, shutdown.clone()));
+        let in_task = inbound.map(|l| tokio::spawn(crate::proxy::inbound::accept(l, inputs.clone(), shutdown.clone())));
+        handle.ready.store(true, Ordering::SeqCst);
+        tracing::info!(outbound = %handle.outbound_addr, admin = %handle.admin_addr, inbound = ?handle.inbound_addr, "outrider ready");
+        shutdown.cancelled().await;
+        handle.ready.store(false, Ordering::SeqCst);
+        let _ = out_task.await;
+        if let Some(t) = in_task {
+            let _ = t.await;
+        }
+        inputs.tasks.close();
+        let drain = inputs.state.load().cfg.drain_timeout;
+        if tokio::time::timeout(drain, inputs.tasks.wait()).await.is_err() {
+            tracing::warn!(remaining = inputs.tasks.len(), "drain timeout: closing remaining connections");
+        }
+        admin_task.abort();
+        tracing::info!("outrider stopped");
+    }
+}
+
+impl ServerHandle {
+    /// Whether the proxy reports ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.shutdown.is_cancelled()
+    }
+
+    /// Stops accepting and starts draining.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The effective config, for the admin page.
+    pub fn config(&self) -> Config {
+        self.inputs.state.load().cfg.source.clone()
+    }
+
+    /// Re-reads the config file; a valid one applies to new requests, an invalid one is
+    /// refused and the running config stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("running on the embedded default: nothing to reload".into());
+        };
+        let cfg = Config::load(Some(path)).map_err(|e| e.to_string())?;
+        let old = self.inputs.state.load_full();
+        if cfg.outbound_listen != old.cfg.outbound_listen
+            || cfg.admin_listen != old.cfg.admin_listen
+            || cfg.inbound_listen != old.cfg.inbound_listen
+        {
+            tracing::warn!("listen addresses changed: they apply after a restart");
+        }
+        let state = State::build(cfg, Some(&old))?;
+        self.inputs.state.store(Arc::new(state));
+        Ok(())
+    }
+}
+
+/// The kernel's answer, except that a connection to the listener itself is explicit.
+fn kernel_orig_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let od = crate::net::orig_dst::original_dst(stream)?;
+    (Some(od) != stream.local_addr().ok()).then_some(od)
+}
+
+async fn accept_outbound(listener: TcpListener, inputs: Arc<Inputs>, orig_dst: OrigDstFn, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let od = orig_dst(&stream);
+                let task = crate::proxy::outbound::serve(inputs.clone(), stream, client, od, shutdown.clone());
+                inputs.tasks.spawn(task);
+            }
+            Err(e) => {
+                // EMFILE and the like: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.
+pub async fn run_with_signals(server: Server) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let handle = server.handle();
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let h = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match h.reload() {
+                    Ok(()) => tracing::info!("config reloaded"),
+                    Err(e) => tracing::error!(error = %e, "config reload refused; keeping the running config"),
+                },
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); h.shutdown(); return; }
+                _ = int.recv() => { tracing::info!("SIGINT: draining"); h.shutdown(); return; }
+            }
+        }
+    });
+    server.run().await;
+    Ok(())
+}
