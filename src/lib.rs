@@ -14,3 +14,5 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+#[cfg(feature = "test-support")]
+pub mod testing;

