@@ -37,10 +37,14 @@ OUTRIDER_BIN=$(realpath "$OUTRIDER_BIN")
 
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
-PIDS=()
 cleanup() {
-    # Processes first: a namespace with processes in it outlives `ip netns del`.
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # Processes first: a namespace with processes in it outlives `ip netns del`. Everything
+    # running in these two namespaces was started by this script.
+    local ns pids
+    for ns in "$POD" "$OUTSIDE"; do
+        mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null || true)
+        if ((${#pids[@]})); then kill "${pids[@]}" 2>/dev/null || true; fi
+    done
     wait 2>/dev/null || true
     ip netns del "$POD" 2>/dev/null || true
     ip netns del "$OUTSIDE" 2>/dev/null || true
@@ -87,14 +91,12 @@ for port in 8000 9000; do
     echo "hello from the outside server on port $port" >"$WORK/outside-$port/index.html"
     in_outside "$PYTHON" -m http.server "$port" --bind "$OUTSIDE_IP" \
         --directory "$WORK/outside-$port" >/dev/null 2>&1 &
-    PIDS+=($!)
 done
 
 # ---- pod: the app, the capture rules, the sidecar -----------------------------------------------
 mkdir -p "$WORK/app"
 echo "hello from the app in the pod" >"$WORK/app/index.html"
 in_pod_as "$APP_UID" "$PYTHON" -m http.server 8080 --directory "$WORK/app" >/dev/null 2>&1 &
-PIDS+=($!)
 
 step "iptables/outrider-iptables.sh apply (in the pod)"
 in_pod iptables/outrider-iptables.sh apply
@@ -102,7 +104,6 @@ in_pod iptables -t nat -S | grep outrider
 
 step "outrider run --config $CONFIG (as uid 1337, in the pod)"
 in_pod_as 1337 "$OUTRIDER_BIN" run --config "$CONFIG" >"$WORK/outrider.log" 2>&1 &
-PIDS+=($!)
 # The admin port is never captured, so root can poll it from inside the pod.
 wait_http "$POD" http://127.0.0.1:15000/ready || { cat "$WORK/outrider.log"; exit 1; }
 wait_http "$OUTSIDE" "http://$OUTSIDE_IP:8000/"
