@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::process::Output;
 
 use common::netns::{self, NetNs, TagReply, PROXY_UID};
@@ -339,7 +340,7 @@ fn reply(r: Result<TagReply, String>) -> TagReply {
 
 /// Real traffic between a "pod" and an "outside" namespace: the app's connections land on
 /// 15001 with the original destination recoverable, the proxy uid's go straight out, loopback
-/// and excluded ports are left alone, and inbound connections land on 15006.
+/// and excluded ports and CIDRs are left alone, and inbound connections land on 15006.
 #[test]
 fn captured_traffic_reaches_the_proxy_ports() {
     for f in flavours() {
@@ -352,8 +353,17 @@ fn captured_traffic_reaches_the_proxy_ports() {
             link.b_ip6.unwrap().to_string(),
         );
 
+        // A second outside address whose /32 is excluded from capture.
+        let [a, b, c, _] = link.a_ip.octets();
+        let excluded = Ipv4Addr::new(a, b, c, 3).to_string();
+        outside.exec_ok(
+            "ip",
+            &["addr", "add", &format!("{excluded}/24"), "dev", &link.a_if],
+        );
+
         let _servers = [
             netns::tag_server(&outside, &server, 8000, "server"),
+            netns::tag_server(&outside, &excluded, 8000, "excluded-cidr"),
             netns::tag_server(&outside, &server, 8001, "server"),
             netns::tag_server(&outside, &server6, 8000, "server6"),
             netns::tag_server(&pod, "127.0.0.1", 15001, "outbound"),
@@ -376,7 +386,10 @@ fn captured_traffic_reaches_the_proxy_ports() {
 
         script_ok(
             &pod,
-            &[("OUTRIDER_EXCLUDE_INBOUND_PORTS", "2222")],
+            &[
+                ("OUTRIDER_EXCLUDE_INBOUND_PORTS", "2222"),
+                ("OUTRIDER_EXCLUDE_OUTBOUND_CIDRS", &format!("{excluded}/32")),
+            ],
             &[
                 "apply",
                 "--iptables-cmd",
@@ -412,7 +425,13 @@ fn captured_traffic_reaches_the_proxy_ports() {
             "server6"
         );
 
-        // Excluded port and loopback are left alone (the proxy forwarding to 127.0.0.1:8080).
+        // Excluded port, excluded CIDR and loopback are left alone (the last is the proxy
+        // forwarding an inbound request to the app on 127.0.0.1:8080).
+        assert_eq!(
+            reply(netns::tcp_probe(&pod, None, &excluded, 8000)).tag,
+            "excluded-cidr",
+            "{f:?}"
+        );
         assert_eq!(
             reply(netns::tcp_probe(&pod, None, &server, 8001)).tag,
             "server",
