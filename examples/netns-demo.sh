@@ -34,6 +34,9 @@ if [[ ! -x $OUTRIDER_BIN ]]; then
     cargo build --release --bin outrider
 fi
 OUTRIDER_BIN=$(realpath "$OUTRIDER_BIN")
+# The sidecar runs as uid 1337: a checkout under a private home directory would be invisible to it.
+setpriv --reuid 1337 --regid 1337 --clear-groups -- test -x "$OUTRIDER_BIN" -a -r "$CONFIG" ||
+    { echo "netns-demo: uid 1337 cannot run $OUTRIDER_BIN or read $CONFIG" >&2; exit 1; }
 
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
