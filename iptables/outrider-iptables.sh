@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# outrider-iptables.sh: install, remove or print the nat rules that send a pod's TCP traffic
+# through the Outrider sidecar. See iptables/README.md for every flag and example.
+#
+#   outrider-iptables.sh apply  [flags]   install (or refresh) the rules; safe to run again
+#   outrider-iptables.sh remove [flags]   delete exactly the rules and chains that apply added
+#   outrider-iptables.sh print  [flags]   print what apply would install; changes nothing
+#
+# Each family (IPv4, IPv6) is changed in one iptables-restore --noflush transaction, so a
+# re-apply never leaves a window in which traffic bypasses the proxy, and a failed apply
+# leaves the previous rules in place.
+set -euo pipefail
+
+readonly OUT_CHAIN=OUTRIDER_OUTPUT
+readonly IN_CHAIN=OUTRIDER_INBOUND
+readonly TAG=(-m comment --comment outrider)
+
+usage() {
+    cat <<'EOF'
+usage: outrider-iptables.sh apply|remove|print [flags]
+
+flags (each has an environment variable; the flag wins):
+  --proxy-uid UID                  OUTRIDER_PROXY_UID              default 1337
+  --outbound-port PORT             OUTRIDER_OUTBOUND_PORT          default 15001
+  --inbound-port PORT              OUTRIDER_INBOUND_PORT           default 15006
+  --admin-port PORT                OUTRIDER_ADMIN_PORT             default 15000
+  --exclude-outbound-ports LIST    OUTRIDER_EXCLUDE_OUTBOUND_PORTS e.g. 22,5432,8000:8100
+  --exclude-inbound-ports LIST     OUTRIDER_EXCLUDE_INBOUND_PORTS  e.g. 22
+  --exclude-outbound-cidrs LIST    OUTRIDER_EXCLUDE_OUTBOUND_CIDRS e.g. 169.254.169.254/32,fd00::/8
+  --exclude-inbound-cidrs LIST     OUTRIDER_EXCLUDE_INBOUND_CIDRS  source CIDRs, e.g. 10.0.0.5/32
+  --iptables-cmd CMD               OUTRIDER_IPTABLES               default iptables
+  --ip6tables-cmd CMD              OUTRIDER_IP6TABLES              default derived from --iptables-cmd
+  --no-ipv6                        OUTRIDER_NO_IPV6=1              leave IPv6 alone
+  -h, --help
+EOF
+}
+
+die() {
+    echo "outrider-iptables: $*" >&2
+    exit 2
+}
+
+# ---- configuration: environment first, then flags -------------------------------------------
+
+PROXY_UID=${OUTRIDER_PROXY_UID:-1337}
+OUTBOUND_PORT=${OUTRIDER_OUTBOUND_PORT:-15001}
+INBOUND_PORT=${OUTRIDER_INBOUND_PORT:-15006}
+ADMIN_PORT=${OUTRIDER_ADMIN_PORT:-15000}
+EXCLUDE_OUTBOUND_PORTS=${OUTRIDER_EXCLUDE_OUTBOUND_PORTS:-}
+EXCLUDE_INBOUND_PORTS=${OUTRIDER_EXCLUDE_INBOUND_PORTS:-}
+EXCLUDE_OUTBOUND_CIDRS=${OUTRIDER_EXCLUDE_OUTBOUND_CIDRS:-}
+EXCLUDE_INBOUND_CIDRS=${OUTRIDER_EXCLUDE_INBOUND_CIDRS:-}
+IPTABLES=${OUTRIDER_IPTABLES:-iptables}
+IP6TABLES=${OUTRIDER_IP6TABLES:-}
+NO_IPV6=${OUTRIDER_NO_IPV6:-0}
+
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+ACTION=$1
+shift
+case $ACTION in
+    apply | remove | print) ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown action '$ACTION' (expected apply, remove or print)" ;;
+esac
+
+while [[ $# -gt 0 ]]; do
+    flag=$1
+    value=
+    # Accept both "--flag value" and "--flag=value".
+    if [[ $flag == --*=* ]]; then
+        value=${flag#*=}
+        flag=${flag%%=*}
+    elif [[ $flag != --no-ipv6 && $flag != -h && $flag != --help ]]; then
+        [[ $# -ge 2 ]] || die "$flag needs a value"
+        value=$2
+        shift
+    fi
+    case $flag in
+        --proxy-uid) PROXY_UID=$value ;;
+        --outbound-port) OUTBOUND_PORT=$value ;;
+        --inbound-port) INBOUND_PORT=$value ;;
+        --admin-port) ADMIN_PORT=$value ;;
+        --exclude-outbound-ports) EXCLUDE_OUTBOUND_PORTS=$value ;;
+        --exclude-inbound-ports) EXCLUDE_INBOUND_PORTS=$value ;;
+        --exclude-outbound-cidrs) EXCLUDE_OUTBOUND_CIDRS=$value ;;
+        --exclude-inbound-cidrs) EXCLUDE_INBOUND_CIDRS=$value ;;
+        --iptables-cmd) IPTABLES=$value ;;
+        --ip6tables-cmd) IP6TABLES=$value ;;
+        --no-ipv6) NO_IPV6=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown flag '$flag' (see --help)" ;;
+    esac
+    shift
+done
+
+# ---- validation: a typo must fail here, not half-way through a ruleset ------------------------
+
+is_port() { [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
+
+[[ $PROXY_UID =~ ^[0-9]+$ ]] || die "--proxy-uid: '$PROXY_UID' is not a numeric uid"
+for pair in "outbound-port:$OUTBOUND_PORT" "inbound-port:$INBOUND_PORT" "admin-port:$ADMIN_PORT"; do
+    is_port "${pair#*:}" || die "--${pair%%:*}: '${pair#*:}' is not a port (1-65535)"
+done
+
+# split_list NAME VALUE: print the comma list one item a line, without blanks.
+split_list() {
+    local item
+    local -a items
+    IFS=',' read -r -a items <<<"$2"
+    for item in "${items[@]}"; do
+        item=${item//[[:space:]]/}
+        [[ -n $item ]] && printf '%s\n' "$item"
+    done
+    return 0
+}
+
+# Ports are single ports or iptables ranges "low:high".
+check_ports() {
+    local name=$1 port
+    while read -r port; do
+        if [[ $port == *:* ]]; then
+            is_port "${port%%:*}" && is_port "${port#*:}" && ((10#${port%%:*} <= 10#${port#*:})) ||
+                die "--$name: '$port' is not a port range (low:high)"
+        else
+            is_port "$port" || die "--$name: '$port' is not a port (1-65535)"
+        fi
+    done < <(split_list "$name" "$2")
+}
+
+check_cidrs() {
+    local name=$1 cidr
+    while read -r cidr; do
+        [[ $cidr =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}(/[0-9]{1,2})?$ || $cidr =~ ^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?$ ]] ||
+            die "--$name: '$cidr' is not an IPv4 or IPv6 address or CIDR"
+    done < <(split_list "$name" "$2")
+}
+
+check_ports exclude-outbound-ports "$EXCLUDE_OUTBOUND_PORTS"
+check_ports exclude-inbound-ports "$EXCLUDE_INBOUND_PORTS"
+check_cidrs exclude-outbound-cidrs "$EXCLUDE_OUTBOUND_CIDRS"
+check_cidrs exclude-inbound-cidrs "$EXCLUDE_INBOUND_CIDRS"
+
+# iptables-nft -> ip6tables-nft, /usr/sbin/iptables-legacy -> /usr/sbin/ip6tables-legacy.
+if [[ -z $IP6TABLES ]]; then
+    base=${IPTABLES##*/}
+    dir=
+    [[ $IPTABLES == */* ]] && dir=${IPTABLES%/*}/
+    IP6TABLES=${dir}${base/#iptables/ip6tables}
+fi
+
+# ---- the ruleset --------------------------------------------------------------------------------
+
+# ruleset FAMILY: print the chains and rules for "4" or "6" in iptables-restore syntax (without the
+# table header, COMMIT, or the jumps from the built-in chains, which apply handles separately).
+ruleset() {
+    local family=$1 loopback item
+    if [[ $family == 4 ]]; then loopback=127.0.0.0/8; else loopback=::1/128; fi
+
+    # Outbound: every TCP connection a local process opens, unless it is the proxy's own.
+    echo "-A $OUT_CHAIN -m owner --uid-owner $PROXY_UID ${TAG[*]} -j RETURN"
+    echo "-A $OUT_CHAIN -o lo ${TAG[*]} -j RETURN"
+    echo "-A $OUT_CHAIN -d $loopback ${TAG[*]} -j RETURN"
+    echo "-A $OUT_CHAIN -p tcp -m tcp --dport $ADMIN_PORT ${TAG[*]} -j RETURN"
+    while read -r item; do
+        echo "-A $OUT_CHAIN -p tcp -m tcp --dport $item ${TAG[*]} -j RETURN"
+    done < <(split_list ports "$EXCLUDE_OUTBOUND_PORTS")
+    while read -r item; do
+        family_of "$item" "$family" && echo "-A $OUT_CHAIN -d $item ${TAG[*]} -j RETURN"
+    done < <(split_list cidrs "$EXCLUDE_OUTBOUND_CIDRS")
+    echo "-A $OUT_CHAIN -p tcp ${TAG[*]} -j REDIRECT --to-ports $OUTBOUND_PORT"
+
+    # Inbound: every TCP connection arriving from another host.
+    echo "-A $IN_CHAIN -i lo ${TAG[*]} -j RETURN"
+    echo "-A $IN_CHAIN -p tcp -m tcp --dport $ADMIN_PORT ${TAG[*]} -j RETURN"
+    while read -r item; do
+        echo "-A $IN_CHAIN -p tcp -m tcp --dport $item ${TAG[*]} -j RETURN"
+    done < <(split_list ports "$EXCLUDE_INBOUND_PORTS")
+    while read -r item; do
+        family_of "$item" "$family" && echo "-A $IN_CHAIN -s $item ${TAG[*]} -j RETURN"
+    done < <(split_list cidrs "$EXCLUDE_INBOUND_CIDRS")
+    echo "-A $IN_CHAIN -p tcp ${TAG[*]} -j REDIRECT --to-ports $INBOUND_PORT"
+}
+
+# The jumps are inserted first so that no earlier rule can let traffic skip the proxy.
+jump_rules() {
+    echo "-I OUTPUT 1 -p tcp ${TAG[*]} -j $OUT_CHAIN"
+    echo "-I PREROUTING 1 -p tcp ${TAG[*]} -j $IN_CHAIN"
+}
+
+# family_of ADDR FAMILY: true when ADDR belongs to the family ("6" when it has a colon).
+family_of() {
+    if [[ $1 == *:* ]]; then [[ $2 == 6 ]]; else [[ $2 == 4 ]]; fi
+}
+
+# ---- talking to iptables -----------------------------------------------------------------------
+
+# existing_jumps CMD CHAIN TARGET: the rules in CHAIN that jump to TARGET, as "-A ..." lines.
+# Listing a built-in chain only fails when iptables itself cannot work (not root, no nat table),
+# and then nothing may be changed, so that is fatal.
+existing_jumps() {
+    local rules
+    rules=$("$1" -w -t nat -S "$2") || die "cannot list the nat $2 chain with $1"
+    grep -E -- "-j $3( |\$)" <<<"$rules" || true
+}
+
+# delete_jumps CMD: restore lines deleting every jump to our chains from OUTPUT and PREROUTING.
+delete_jumps() {
+    local jumps jump
+    jumps=$(existing_jumps "$1" OUTPUT "$OUT_CHAIN")
+    jumps+=$'\n'$(existing_jumps "$1" PREROUTING "$IN_CHAIN")
+    while read -r jump; do
+        [[ -n $jump ]] && echo "-D ${jump#-A }"
+    done <<<"$jumps"
+    return 0
+}
+
+chain_exists() {
+    "$1" -w -t nat -S "$2" >/dev/null 2>&1
+}
+
+# restore CMD: feed stdin to CMD-restore in one transaction that leaves other rules alone.
+restore() {
+    "$1-restore" -w --noflush
+}
+
+apply_family() {
+    local cmd=$1 family=$2 deletes
+    deletes=$(delete_jumps "$cmd")
+    {
+        echo "*nat"
+        # With --noflush, declaring a chain creates it, or empties it if it exists.
+        echo ":$OUT_CHAIN - [0:0]"
+        echo ":$IN_CHAIN - [0:0]"
+        # Drop whatever jumps exist (one from a previous apply, or stale ones), then add one each.
+        [[ -n $deletes ]] && echo "$deletes"
+        ruleset "$family"
+        jump_rules
+        echo "COMMIT"
+    } | restore "$cmd"
+    echo "outrider-iptables: applied IPv$family rules with $cmd" >&2
+}
+
+remove_family() {
+    local cmd=$1 family=$2 chain body
+    body=$(delete_jumps "$cmd")
+    [[ -n $body ]] && body+=$'\n'
+    for chain in "$OUT_CHAIN" "$IN_CHAIN"; do
+        chain_exists "$cmd" "$chain" && body+="-F $chain"$'\n'"-X $chain"$'\n'
+    done
+    if [[ -z $body ]]; then
+        echo "outrider-iptables: no IPv$family rules to remove with $cmd" >&2
+        return 0
+    fi
+    printf '*nat\n%sCOMMIT\n' "$body" | restore "$cmd"
+    echo "outrider-iptables: removed IPv$family rules with $cmd" >&2
+}
+
+print_family() {
+    local cmd=$1 family=$2
+    echo "# IPv$family ($cmd-restore --noflush)"
+    echo "*nat"
+    echo ":$OUT_CHAIN - [0:0]"
+    echo ":$IN_CHAIN - [0:0]"
+    ruleset "$family"
+    jump_rules
+    echo "COMMIT"
+}
+
+# IPv6 is handled when its tools exist and the kernel has an IPv6 nat table; otherwise it is
+# skipped with a note, because a host without IPv6 has no IPv6 traffic to capture.
+ipv6_usable() {
+    [[ $NO_IPV6 == 1 ]] && return 1
+    if ! command -v "$IP6TABLES" >/dev/null 2>&1 || ! command -v "$IP6TABLES-restore" >/dev/null 2>&1; then
+        echo "outrider-iptables: $IP6TABLES not found; skipping IPv6 (use --no-ipv6 to silence)" >&2
+        return 1
+    fi
+    if [[ $ACTION != print ]] && ! "$IP6TABLES" -w -t nat -S OUTPUT >/dev/null 2>&1; then
+        echo "outrider-iptables: $IP6TABLES has no usable nat table; skipping IPv6" >&2
+        return 1
+    fi
+}
+
+main() {
+    if [[ $ACTION != print ]]; then
+        command -v "$IPTABLES" >/dev/null 2>&1 || die "$IPTABLES not found (set --iptables-cmd or OUTRIDER_IPTABLES)"
+        command -v "$IPTABLES-restore" >/dev/null 2>&1 || die "$IPTABLES-restore not found next to $IPTABLES"
+    fi
+    "${ACTION}_family" "$IPTABLES" 4
+    if ipv6_usable; then
+        "${ACTION}_family" "$IP6TABLES" 6
+    fi
+}
+
+main
