@@ -15,14 +15,20 @@ use hyper_util::rt::TokioIo;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("demo origin listening on {addr}");
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(async move {
             let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                let text = format!("hello from the demo origin: {} {}\n", req.method(), req.uri().path());
+                let text = format!(
+                    "hello from the demo origin: {} {}\n",
+                    req.method(),
+                    req.uri().path()
+                );
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
             });
             let _ = hyper::server::conn::http1::Builder::new()

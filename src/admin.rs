@@ -28,10 +28,17 @@ pub async fn serve(listener: TcpListener, handle: ServerHandle) {
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<Body> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<Body> {
     let mut r = Response::new(body::full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -48,12 +55,20 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
         }
         (&Method::GET, "/metrics") => match crate::metrics::install() {
             Some(h) => text(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
-            None => text(StatusCode::SERVICE_UNAVAILABLE, plain, "metrics recorder unavailable\n"),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                "metrics recorder unavailable\n",
+            ),
         },
         (&Method::GET, "/config") => match serde_json::to_vec_pretty(&handle.config()) {
             Ok(json) => text(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, e.to_string()),
         },
-        _ => text(StatusCode::NOT_FOUND, plain, "not found: try /live, /ready, /metrics, /config\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            "not found: try /live, /ready, /metrics, /config\n",
+        ),
     })
 }

@@ -13,7 +13,9 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An empty body.
 pub fn empty() -> Body {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body held whole in memory (error pages, cached objects).
@@ -47,7 +49,12 @@ pin_project_lite::pin_project! {
 
 impl<B, G> Counted<B, G> {
     /// Counts into `counter.outbound` (to the client) or `counter.inbound` (from it).
-    pub fn new(inner: B, counter: std::sync::Arc<crate::access_log::Bytes>, outbound: bool, guard: Option<G>) -> Self {
+    pub fn new(
+        inner: B,
+        counter: std::sync::Arc<crate::access_log::Bytes>,
+        outbound: bool,
+        guard: Option<G>,
+    ) -> Self {
         Self {
             inner,
             counter,
@@ -73,7 +80,11 @@ where
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 let n = data.len() as u64;
-                let c = if *this.outbound { &this.counter.outbound } else { &this.counter.inbound };
+                let c = if *this.outbound {
+                    &this.counter.outbound
+                } else {
+                    &this.counter.inbound
+                };
                 c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             }
         }

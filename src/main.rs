@@ -8,7 +8,11 @@ use outrider::config::Config;
 use outrider::server::{run_with_signals, Server};
 
 #[derive(Parser)]
-#[command(name = "outrider", version, about = "A sidecar proxy: egress allowlist, inbound routing, mesh mTLS")]
+#[command(
+    name = "outrider",
+    version,
+    about = "A sidecar proxy: egress allowlist, inbound routing, mesh mTLS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

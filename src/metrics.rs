@@ -31,7 +31,9 @@ pub fn install() -> Option<PrometheusHandle> {
                     Some(handle)
                 }
                 Err(_) => {
-                    tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                    tracing::warn!(
+                        "a metrics recorder was already installed; /metrics will be empty"
+                    );
                     None
                 }
             }
@@ -40,19 +42,41 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
-    metrics::describe_counter!("outrider_requests_total", "Requests and tunnels, by direction, decision and status class");
-    metrics::describe_histogram!("outrider_request_duration_seconds", "Time from request start to the end of the response or tunnel");
-    metrics::describe_counter!("outrider_bytes_in_total", "Body bytes received from clients");
+    metrics::describe_counter!(
+        "outrider_requests_total",
+        "Requests and tunnels, by direction, decision and status class"
+    );
+    metrics::describe_histogram!(
+        "outrider_request_duration_seconds",
+        "Time from request start to the end of the response or tunnel"
+    );
+    metrics::describe_counter!(
+        "outrider_bytes_in_total",
+        "Body bytes received from clients"
+    );
     metrics::describe_counter!("outrider_bytes_out_total", "Body bytes sent to clients");
     metrics::describe_gauge!("outrider_connections_open", "Client connections open now");
     metrics::describe_counter!("outrider_connections_total", "Client connections accepted");
     metrics::describe_counter!("outrider_dns_lookups_total", "Name lookups");
     metrics::describe_counter!("outrider_dns_failures_total", "Name lookups that failed");
-    metrics::describe_counter!("outrider_upstream_connect_errors_total", "Upstream connects that failed or timed out");
-    metrics::describe_counter!("outrider_egress_denied_total", "Egress denials (and report-mode would-be denials), by reason");
-    metrics::describe_counter!("outrider_detect_timeouts_total", "Transparent connections treated as opaque TCP after the detection timeout");
+    metrics::describe_counter!(
+        "outrider_upstream_connect_errors_total",
+        "Upstream connects that failed or timed out"
+    );
+    metrics::describe_counter!(
+        "outrider_egress_denied_total",
+        "Egress denials (and report-mode would-be denials), by reason"
+    );
+    metrics::describe_counter!(
+        "outrider_detect_timeouts_total",
+        "Transparent connections treated as opaque TCP after the detection timeout"
+    );
     // Touch the counters that a quiet proxy would otherwise not show at all.
-    for name in ["outrider_dns_lookups_total", "outrider_dns_failures_total", "outrider_upstream_connect_errors_total"] {
+    for name in [
+        "outrider_dns_lookups_total",
+        "outrider_dns_failures_total",
+        "outrider_upstream_connect_errors_total",
+    ] {
         metrics::counter!(name).increment(0);
     }
     metrics::gauge!("outrider_connections_open").set(0.0);
@@ -78,7 +102,8 @@ pub fn record_request(r: &Record) {
 
 /// Counts an egress denial (or, in report mode, a would-be denial).
 pub fn record_denial(code: &'static str, decision: &'static str) {
-    metrics::counter!("outrider_egress_denied_total", "reason" => code, "decision" => decision).increment(1);
+    metrics::counter!("outrider_egress_denied_total", "reason" => code, "decision" => decision)
+        .increment(1);
 }
 
 /// Tracks one open client connection for the gauge; decrements on drop.

@@ -91,7 +91,10 @@ impl Server {
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let outbound_addr = local(&outbound, cfg.outbound_listen);
         let admin_addr = local(&admin, cfg.admin_listen);
-        let inbound_addr = inbound.as_ref().zip(cfg.inbound_listen).map(|(l, a)| local(l, a));
+        let inbound_addr = inbound
+            .as_ref()
+            .zip(cfg.inbound_listen)
+            .map(|(l, a)| local(l, a));
         let mut own = vec![outbound_addr, admin_addr];
         own.extend(inbound_addr);
         crate::metrics::install();
@@ -139,8 +142,19 @@ impl Server {
         } = self;
         let shutdown = handle.shutdown.clone();
         let admin_task = tokio::spawn(crate::admin::serve(admin, handle.clone()));
-        let out_task = tokio::spawn(accept_outbound(outbound, inputs.clone(), orig_dst, shutdown.clone()));
-        let in_task = inbound.map(|l| tokio::spawn(crate::proxy::inbound::accept(l, inputs.clone(), shutdown.clone())));
+        let out_task = tokio::spawn(accept_outbound(
+            outbound,
+            inputs.clone(),
+            orig_dst,
+            shutdown.clone(),
+        ));
+        let in_task = inbound.map(|l| {
+            tokio::spawn(crate::proxy::inbound::accept(
+                l,
+                inputs.clone(),
+                shutdown.clone(),
+            ))
+        });
         handle.ready.store(true, Ordering::SeqCst);
         tracing::info!(outbound = %handle.outbound_addr, admin = %handle.admin_addr, inbound = ?handle.inbound_addr, "outrider ready");
         shutdown.cancelled().await;
@@ -151,8 +165,14 @@ impl Server {
         }
         inputs.tasks.close();
         let drain = inputs.state.load().cfg.drain_timeout;
-        if tokio::time::timeout(drain, inputs.tasks.wait()).await.is_err() {
-            tracing::warn!(remaining = inputs.tasks.len(), "drain timeout: closing remaining connections");
+        if tokio::time::timeout(drain, inputs.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = inputs.tasks.len(),
+                "drain timeout: closing remaining connections"
+            );
         }
         admin_task.abort();
         tracing::info!("outrider stopped");
@@ -201,7 +221,12 @@ fn kernel_orig_dst(stream: &TcpStream) -> Option<SocketAddr> {
     (Some(od) != stream.local_addr().ok()).then_some(od)
 }
 
-async fn accept_outbound(listener: TcpListener, inputs: Arc<Inputs>, orig_dst: OrigDstFn, shutdown: CancellationToken) {
+async fn accept_outbound(
+    listener: TcpListener,
+    inputs: Arc<Inputs>,
+    orig_dst: OrigDstFn,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -210,7 +235,13 @@ async fn accept_outbound(listener: TcpListener, inputs: Arc<Inputs>, orig_dst: O
         match accepted {
             Ok((stream, client)) => {
                 let od = orig_dst(&stream);
-                let task = crate::proxy::outbound::serve(inputs.clone(), stream, client, od, shutdown.clone());
+                let task = crate::proxy::outbound::serve(
+                    inputs.clone(),
+                    stream,
+                    client,
+                    od,
+                    shutdown.clone(),
+                );
                 inputs.tasks.spawn(task);
             }
             Err(e) => {

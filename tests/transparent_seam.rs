@@ -26,7 +26,11 @@ impl Proxy {
         Self::start_with_detect(egress_and_more, original_dst, "300ms").await
     }
 
-    async fn start_with_detect(egress_and_more: &str, original_dst: SocketAddr, detect: &str) -> Self {
+    async fn start_with_detect(
+        egress_and_more: &str,
+        original_dst: SocketAddr,
+        detect: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
         let yaml = format!(
@@ -40,14 +44,21 @@ impl Proxy {
             .with_orig_dst(Arc::new(move |_s: &TcpStream| Some(original_dst)));
         let handle = server.handle();
         tokio::spawn(server.run());
-        Proxy { handle, log, _dir: dir }
+        Proxy {
+            handle,
+            log,
+            _dir: dir,
+        }
     }
 
     async fn log_lines(&self) -> Vec<serde_json::Value> {
         for _ in 0..50 {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             if !text.is_empty() {
-                return text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+                return text
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -68,11 +79,17 @@ async fn http_origin() -> SocketAddr {
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
                 let host = req
                     .lines()
-                    .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
+                    .find_map(|l| {
+                        l.strip_prefix("host: ")
+                            .or_else(|| l.strip_prefix("Host: "))
+                    })
                     .unwrap_or("")
                     .to_string();
                 let body = format!("origin saw host {host}");
-                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = s.write_all(resp.as_bytes()).await;
             });
         }
@@ -151,7 +168,11 @@ async fn transparent_http_with_forged_host_is_refused() {
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
-    assert!(resp.to_lowercase().contains("x-outrider-error: good.test does not resolve to the original destination"), "{resp}");
+    assert!(
+        resp.to_lowercase()
+            .contains("x-outrider-error: good.test does not resolve to the original destination"),
+        "{resp}"
+    );
     let lines = p.log_lines().await;
     assert_eq!(lines[0]["decision"], "deny");
 }
@@ -173,10 +194,15 @@ async fn transparent_http_denied_without_rule() {
 async fn opaque_tcp_is_checked_on_the_destination_address() {
     let echo = echo_server(None).await;
     let allowed = Proxy::start("  egress:\n    allow:\n      - cidr: 127.0.0.0/8\n", echo).await;
-    let mut s = TcpStream::connect(allowed.handle.outbound_addr).await.unwrap();
+    let mut s = TcpStream::connect(allowed.handle.outbound_addr)
+        .await
+        .unwrap();
     s.write_all(b"\x00\x01hello").await.unwrap();
     let mut buf = [0u8; 7];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"\x00\x01hello");
     drop(s);
     let lines = allowed.log_lines().await;
@@ -184,14 +210,24 @@ async fn opaque_tcp_is_checked_on_the_destination_address() {
     assert_eq!(lines[0]["decision"], "allow");
 
     let denied = Proxy::start("  egress:\n    allow:\n      - cidr: 10.0.0.0/8\n", echo).await;
-    let mut s = TcpStream::connect(denied.handle.outbound_addr).await.unwrap();
+    let mut s = TcpStream::connect(denied.handle.outbound_addr)
+        .await
+        .unwrap();
     s.write_all(b"\x00\x01hello").await.unwrap();
     let mut out = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap();
-    assert!(n.is_err() || out.is_empty(), "denied TCP must be closed without data");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        n.is_err() || out.is_empty(),
+        "denied TCP must be closed without data"
+    );
     let lines = denied.log_lines().await;
     assert_eq!(lines[0]["decision"], "deny");
-    assert!(lines[0]["reason"].as_str().unwrap().contains("no rule for address 127.0.0.1"));
+    assert!(lines[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no rule for address 127.0.0.1"));
 }
 
 #[tokio::test]
@@ -202,10 +238,16 @@ async fn silent_client_fails_open_to_tcp_after_the_detection_timeout() {
     // The client waits for the server to speak; after the 300 ms detection timeout the
     // proxy connects and the banner arrives.
     let mut buf = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"220 banner\r\n");
     let metrics = admin_get(p.handle.admin_addr, "/metrics").await;
-    assert!(metrics.contains("outrider_detect_timeouts_total"), "{metrics}");
+    assert!(
+        metrics.contains("outrider_detect_timeouts_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -230,10 +272,18 @@ async fn server_first_port_skips_detection() {
     let od: SocketAddr = "127.0.0.1:2525".parse().unwrap();
     // Detection would wait a minute for a client that never speaks: only skipping it for
     // the server-first port lets the banner through.
-    let p = Proxy::start_with_detect("  egress:\n    allow:\n      - cidr: 127.0.0.0/8\n", od, "60s").await;
+    let p = Proxy::start_with_detect(
+        "  egress:\n    allow:\n      - cidr: 127.0.0.0/8\n",
+        od,
+        "60s",
+    )
+    .await;
     let mut s = TcpStream::connect(p.handle.outbound_addr).await.unwrap();
     let mut buf = [0u8; 11];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"220 hello\r\n");
     drop(s);
     let lines = p.log_lines().await;
@@ -241,7 +291,11 @@ async fn server_first_port_skips_detection() {
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> String {
-    raw_request(admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")).await
+    raw_request(
+        admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 mod tls {
@@ -260,7 +314,9 @@ mod tls {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
-        let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -312,11 +368,19 @@ mod tls {
         .await;
         let tcp = TcpStream::connect(p.handle.outbound_addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(client);
-        let result = connector.connect(ServerName::try_from("good.test").unwrap(), tcp).await;
-        assert!(result.is_err(), "the proxy must close a connection whose SNI does not match its destination");
+        let result = connector
+            .connect(ServerName::try_from("good.test").unwrap(), tcp)
+            .await;
+        assert!(
+            result.is_err(),
+            "the proxy must close a connection whose SNI does not match its destination"
+        );
         let lines = p.log_lines().await;
         assert_eq!(lines[0]["decision"], "deny");
         assert_eq!(lines[0]["sni"], "good.test");
-        assert!(lines[0]["reason"].as_str().unwrap().contains("does not resolve to the original destination"));
+        assert!(lines[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not resolve to the original destination"));
     }
 }

@@ -68,8 +68,9 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         let mut ips = Vec::new();
         for a in addrs.iter() {
             ips.push(
-                a.parse::<IpAddr>()
-                    .map_err(|_| ConfigError::invalid(&key, format!("{a:?} is not an IP address")))?,
+                a.parse::<IpAddr>().map_err(|_| {
+                    ConfigError::invalid(&key, format!("{a:?} is not an IP address"))
+                })?,
             );
         }
         dns_hosts.insert(lower, ips);
@@ -79,7 +80,10 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
     let connect_timeout = duration("outbound.timeouts.connect", &t.connect)?;
     let response_timeout = duration("outbound.timeouts.response", &t.response)?;
     let detect_timeout = duration("outbound.detect.timeout", &config.outbound.detect.timeout)?;
-    let server_first_ports = ports("outbound.detect.server_first_ports", &config.outbound.detect.server_first_ports)?;
+    let server_first_ports = ports(
+        "outbound.detect.server_first_ports",
+        &config.outbound.detect.server_first_ports,
+    )?;
     let drain_timeout = duration("shutdown.drain_timeout", &config.shutdown.drain_timeout)?;
 
     let (inbound_mtls, routes, app_host) = match &config.inbound {
@@ -87,10 +91,17 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
             i.mtls,
             compile_routes(i)?,
             i.app_host.parse::<IpAddr>().map_err(|_| {
-                ConfigError::invalid("inbound.app_host", format!("{:?} is not an IP address", i.app_host))
+                ConfigError::invalid(
+                    "inbound.app_host",
+                    format!("{:?} is not an IP address", i.app_host),
+                )
             })?,
         ),
-        None => (MtlsMode::Disabled, Routes::default(), IpAddr::from([127, 0, 0, 1])),
+        None => (
+            MtlsMode::Disabled,
+            Routes::default(),
+            IpAddr::from([127, 0, 0, 1]),
+        ),
     };
     if config.access_log.output.is_empty() {
         return Err(ConfigError::invalid(
@@ -183,7 +194,10 @@ fn compile_egress(config: &Config) -> Result<EgressPolicy, ConfigError> {
                 ports: port_set,
             }),
             (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(&base, "has both host and cidr: give one per rule"))
+                return Err(ConfigError::invalid(
+                    &base,
+                    "has both host and cidr: give one per rule",
+                ))
             }
             (None, None) => return Err(ConfigError::invalid(&base, "needs a host or a cidr")),
         }
@@ -196,14 +210,17 @@ fn compile_egress(config: &Config) -> Result<EgressPolicy, ConfigError> {
 }
 
 fn host_pattern(path: &str, raw: &str) -> Result<HostPattern, ConfigError> {
-    let bad = |why: &str| ConfigError::invalid(path, format!("{raw:?} is not a host pattern: {why}"));
+    let bad =
+        |why: &str| ConfigError::invalid(path, format!("{raw:?} is not a host pattern: {why}"));
     if let Some(suffix) = raw.strip_prefix("*.") {
         if suffix.contains('*') {
             return Err(bad("only one leading `*.` is allowed"));
         }
         return match parse_host(suffix) {
             Ok(Host::Name(n)) => Ok(HostPattern::Suffix(format!(".{n}"))),
-            Ok(Host::Ip(_)) => Err(bad("a wildcard needs a domain, use a cidr rule for addresses")),
+            Ok(Host::Ip(_)) => Err(bad(
+                "a wildcard needs a domain, use a cidr rule for addresses",
+            )),
             Err(e) => Err(bad(&e.to_string())),
         };
     }
@@ -228,17 +245,23 @@ fn ports(path: &str, list: &[i64]) -> Result<Vec<u16>, ConfigError> {
     list.iter()
         .enumerate()
         .map(|(i, &p)| {
-            u16::try_from(p)
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| ConfigError::invalid(format!("{path}[{i}]"), format!("{p} is not a port (1-65535)")))
+            u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
+                ConfigError::invalid(
+                    format!("{path}[{i}]"),
+                    format!("{p} is not a port (1-65535)"),
+                )
+            })
         })
         .collect()
 }
 
 fn duration(path: &str, raw: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(raw)
-        .map_err(|e| ConfigError::invalid(path, format!("{raw:?} is not a duration (e.g. 5s, 500ms): {e}")))
+    humantime::parse_duration(raw).map_err(|e| {
+        ConfigError::invalid(
+            path,
+            format!("{raw:?} is not a duration (e.g. 5s, 500ms): {e}"),
+        )
+    })
 }
 
 fn compile_routes(inbound: &super::InboundConfig) -> Result<Routes, ConfigError> {
@@ -246,25 +269,37 @@ fn compile_routes(inbound: &super::InboundConfig) -> Result<Routes, ConfigError>
     for (i, r) in inbound.routes.iter().enumerate() {
         let base = format!("inbound.routes[{i}]");
         let to = r.to.parse::<SocketAddr>().map_err(|_| {
-            ConfigError::invalid(format!("{base}.to"), format!("{:?} is not an address (IP:PORT)", r.to))
+            ConfigError::invalid(
+                format!("{base}.to"),
+                format!("{:?} is not an address (IP:PORT)", r.to),
+            )
         })?;
         let mut headers = Vec::new();
         for (name, value) in &r.matches.headers {
             let h = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                ConfigError::invalid(format!("{base}.match.headers"), format!("{name:?} is not a header name"))
+                ConfigError::invalid(
+                    format!("{base}.match.headers"),
+                    format!("{name:?} is not a header name"),
+                )
             })?;
             headers.push((h, value.clone()));
         }
         if let Some(p) = &r.matches.path_prefix {
             if !p.starts_with('/') {
-                return Err(ConfigError::invalid(format!("{base}.match.path_prefix"), format!("{p:?} must start with /")));
+                return Err(ConfigError::invalid(
+                    format!("{base}.match.path_prefix"),
+                    format!("{p:?} must start with /"),
+                ));
             }
         }
         let host = match &r.matches.host {
             Some(h) => match parse_host(h) {
                 Ok(host) => Some(host.to_string()),
                 Err(e) => {
-                    return Err(ConfigError::invalid(format!("{base}.match.host"), format!("{h:?}: {e}")))
+                    return Err(ConfigError::invalid(
+                        format!("{base}.match.host"),
+                        format!("{h:?}: {e}"),
+                    ))
                 }
             },
             None => None,

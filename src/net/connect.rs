@@ -80,7 +80,10 @@ impl tower_service::Service<Uri> for CheckedConnector {
 /// The socket address in a URI whose host is an IP literal.
 fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
     let host = uri.host()?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let ip = host.parse().ok()?;
     Some(SocketAddr::new(ip, uri.port_u16().unwrap_or(80)))
 }

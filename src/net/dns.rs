@@ -32,7 +32,10 @@ impl Dns {
     pub fn new(statics: HashMap<String, Vec<IpAddr>>) -> Result<Self, DnsError> {
         let mut builder = TokioResolver::builder_tokio().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no usable system DNS config; using defaults");
-            TokioResolver::builder_with_config(ResolverConfig::default(), TokioRuntimeProvider::default())
+            TokioResolver::builder_with_config(
+                ResolverConfig::default(),
+                TokioRuntimeProvider::default(),
+            )
         });
         builder.options_mut().use_hosts_file = ResolveHosts::Always;
         let resolver = builder.build().map_err(|e| DnsError {

@@ -346,19 +346,33 @@ mod tests {
     fn private_addresses_need_a_cidr_rule() {
         let p = policy();
         let rule = Some("allow[0] host api.example.com");
-        let private: Vec<IpAddr> = ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::ffff:127.0.0.1", "fe80::1", "::", "100.64.1.1", "fd00::1", "64:ff9b::a00:1"]
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect();
+        let private: Vec<IpAddr> = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+            "::",
+            "100.64.1.1",
+            "fd00::1",
+            "64:ff9b::a00:1",
+        ]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
         for a in &private {
             assert!(
-                matches!(p.choose_addr("api.example.com", 80, rule, &[*a]), Err(Deny::PrivateAddress { .. })),
+                matches!(
+                    p.choose_addr("api.example.com", 80, rule, &[*a]),
+                    Err(Deny::PrivateAddress { .. })
+                ),
                 "{a} must be refused"
             );
         }
         let public: IpAddr = "93.184.216.34".parse().unwrap_or(IpAddr::from([0u8; 4]));
         assert_eq!(
-            p.choose_addr("api.example.com", 80, rule, &[private[1], public]).map(|r| r.0),
+            p.choose_addr("api.example.com", 80, rule, &[private[1], public])
+                .map(|r| r.0),
             Ok(public)
         );
         let allowed: IpAddr = "10.20.1.1".parse().unwrap_or(IpAddr::from([0u8; 4]));

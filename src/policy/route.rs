@@ -23,7 +23,12 @@ pub struct Routes(pub Vec<Route>);
 
 impl Routes {
     /// The destination of the first route the request matches.
-    pub fn pick(&self, host: Option<&str>, path: &str, headers: &http::HeaderMap) -> Option<SocketAddr> {
+    pub fn pick(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<SocketAddr> {
         let host = host.map(|h| {
             let h = crate::policy::host::split_authority(h).map_or(h, |(h, _)| h);
             h.trim_end_matches('.').to_ascii_lowercase()
@@ -31,10 +36,16 @@ impl Routes {
         self.0
             .iter()
             .find(|r| {
-                r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
-                    && r.host.as_ref().is_none_or(|want| host.as_deref() == Some(want.as_str()))
+                r.path_prefix
+                    .as_ref()
+                    .is_none_or(|p| path.starts_with(p.as_str()))
+                    && r.host
+                        .as_ref()
+                        .is_none_or(|want| host.as_deref() == Some(want.as_str()))
                     && r.headers.iter().all(|(name, value)| {
-                        headers.get(name).is_some_and(|v| v.as_bytes() == value.as_bytes())
+                        headers
+                            .get(name)
+                            .is_some_and(|v| v.as_bytes() == value.as_bytes())
                     })
             })
             .map(|r| r.to)

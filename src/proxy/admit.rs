@@ -36,7 +36,8 @@ pub async fn admit(
     let admitted = match result {
         Ok(a) => a,
         Err(ProxyError::Denied(deny))
-            if state.cfg.egress.mode == EgressMode::Report && !matches!(deny, Deny::InvalidHost(_)) =>
+            if state.cfg.egress.mode == EgressMode::Report
+                && !matches!(deny, Deny::InvalidHost(_)) =>
         {
             crate::metrics::record_denial(deny.code(), "report");
             let addr = match original_dst {
@@ -81,9 +82,9 @@ async fn decide(
         (_, TargetCheck::Denied(d)) => return Err(ProxyError::Denied(d)),
         (Host::Ip(ip), _) => {
             // check_target only allows an IP through a CIDR rule, so this is IpAllowed.
-            let rule = policy
-                .cidr_allows(*ip, port)
-                .ok_or(ProxyError::Denied(Deny::NoRuleForAddress { addr: *ip, port }))?;
+            let rule = policy.cidr_allows(*ip, port).ok_or(ProxyError::Denied(
+                Deny::NoRuleForAddress { addr: *ip, port },
+            ))?;
             if let Some(od) = original_dst {
                 if od.ip() != *ip {
                     return Err(ProxyError::Denied(Deny::Forged {

@@ -47,7 +47,10 @@ const MAX_PEEK: usize = 16 * 1024;
 
 /// Reads from `io` until the protocol is known, the peek limit is reached, or `timeout`
 /// passes; returns the protocol and the bytes read.
-pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> io::Result<(Protocol, Bytes)> {
+pub async fn detect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> io::Result<(Protocol, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -55,7 +58,11 @@ pub async fn detect<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> io::
             return Ok((p, buf.freeze()));
         }
         if buf.len() >= MAX_PEEK {
-            let p = if buf[0] == 0x16 { Protocol::Tls { sni: None } } else { Protocol::Tcp { timed_out: false } };
+            let p = if buf[0] == 0x16 {
+                Protocol::Tls { sni: None }
+            } else {
+                Protocol::Tcp { timed_out: false }
+            };
             return Ok((p, buf.freeze()));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
@@ -97,7 +104,11 @@ fn tls_client_hello_sni(buf: &[u8]) -> Option<Option<String>> {
     }
     let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     if buf.len() < 5 + record_len {
-        return if 5 + record_len > MAX_PEEK { Some(None) } else { None };
+        return if 5 + record_len > MAX_PEEK {
+            Some(None)
+        } else {
+            None
+        };
     }
     Some(parse_sni(&buf[5..5 + record_len]))
 }
@@ -158,7 +169,8 @@ impl<'a> Reader<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u24(&mut self) -> Option<usize> {
-        self.take(3).map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
+        self.take(3)
+            .map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
     }
 }
 
@@ -176,7 +188,11 @@ impl<T> Rewind<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
@@ -188,7 +204,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -197,7 +217,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -213,9 +237,15 @@ mod tests {
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Protocol::Http2));
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Protocol::Http2)
+        );
         assert_eq!(classify(b"PRI * HT"), None);
-        assert_eq!(classify(b"\x00\x01binary"), Some(Protocol::Tcp { timed_out: false }));
+        assert_eq!(
+            classify(b"\x00\x01binary"),
+            Some(Protocol::Tcp { timed_out: false })
+        );
         assert_eq!(classify(b"\x16\x03\x01\x00"), None);
     }
 }

@@ -42,7 +42,9 @@ impl ProxyError {
     /// The status the client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Denied(Deny::InvalidHost(_)) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Denied(Deny::InvalidHost(_)) | ProxyError::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Denied(_) | ProxyError::Loop(_) => StatusCode::FORBIDDEN,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
@@ -63,7 +65,10 @@ impl ProxyError {
         let mut resp = Response::new(body::full(format!("outrider: {reason}\n")));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         headers.insert(ERROR_HEADER, header_safe(&reason));
         resp
     }

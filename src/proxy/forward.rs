@@ -33,7 +33,11 @@ pub async fn handle(
         Record {
             direction: "outbound",
             mode: conn.mode(),
-            protocol: if req.version() == http::Version::HTTP_2 { "http2" } else { "http1" },
+            protocol: if req.version() == http::Version::HTTP_2 {
+                "http2"
+            } else {
+                "http1"
+            },
             client: Some(conn.client),
             original_dst: conn.original_dst,
             method: Some(req.method().to_string()),
@@ -88,15 +92,25 @@ async fn forward(
     // The upstream hop is HTTP/1.1 whatever the client spoke; the pool negotiates nothing else.
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
-    let upstream_req = Request::from_parts(parts, body::boxed(Counted::new(incoming, counter, false, None::<()>)));
+    let upstream_req = Request::from_parts(
+        parts,
+        body::boxed(Counted::new(incoming, counter, false, None::<()>)),
+    );
 
-    let sent = tokio::time::timeout(state.cfg.response_timeout, state.client.request(upstream_req)).await;
+    let sent = tokio::time::timeout(
+        state.cfg.response_timeout,
+        state.client.request(upstream_req),
+    )
+    .await;
     let mut resp = match sent {
         Err(_) => return Err(ProxyError::ResponseTimeout(admitted.addr.to_string())),
         Ok(Err(e)) => return Err(upstream_error(admitted.addr, &e)),
         Ok(Ok(resp)) => resp,
     };
-    if let (Some(client_side), true) = (client_upgrade, resp.status() == http::StatusCode::SWITCHING_PROTOCOLS) {
+    if let (Some(client_side), true) = (
+        client_upgrade,
+        resp.status() == http::StatusCode::SWITCHING_PROTOCOLS,
+    ) {
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(super::tunnel::splice_upgrades(client_side, upstream_side));
     }
@@ -119,29 +133,44 @@ pub fn note_admission(guard: &mut LogGuard, admitted: &Admitted) {
 
 /// The request's target host, port and authority string. Explicit clients must send
 /// absolute-form `http://` URIs; transparent ones are routed by their Host header.
-fn target(inputs: &Inputs, req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String), ProxyError> {
+fn target(
+    inputs: &Inputs,
+    req: &Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<(Host, u16, String), ProxyError> {
     let uri = req.uri();
     let (authority, default_port) = match (conn.original_dst, uri.authority()) {
         (None, Some(a)) => {
             if uri.scheme_str() != Some("http") {
                 return Err(ProxyError::BadRequest(
-                    "only http:// URLs can be proxied in absolute form; use CONNECT for https".into(),
+                    "only http:// URLs can be proxied in absolute form; use CONNECT for https"
+                        .into(),
                 ));
             }
             (a.as_str().to_owned(), 80)
         }
         (None, None) => {
             // An origin-form request sent to the proxy itself.
-            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-            return Err(ProxyError::Loop(if host.is_empty() { "no Host".into() } else { host.into() }));
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            return Err(ProxyError::Loop(if host.is_empty() {
+                "no Host".into()
+            } else {
+                host.into()
+            }));
         }
         (Some(od), Some(a)) => (a.as_str().to_owned(), od.port()),
         (Some(od), None) => match req.headers().get(header::HOST) {
             Some(h) => (
                 h.to_str()
-                    .map_err(|_| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(
-                        crate::policy::host::HostError::BadChar,
-                    )))?
+                    .map_err(|_| {
+                        ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(
+                            crate::policy::host::HostError::BadChar,
+                        ))
+                    })?
                     .to_owned(),
                 od.port(),
             ),
@@ -155,11 +184,13 @@ fn target(inputs: &Inputs, req: &Request<Incoming>, conn: ConnInfo) -> Result<(H
 /// Parses `host[:port]` strictly.
 pub fn parse_authority(authority: &str, default_port: u16) -> Result<(Host, u16), ProxyError> {
     let invalid = |e| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(e));
-    let (h, p) = split_authority(authority).ok_or(invalid(crate::policy::host::HostError::BadChar))?;
+    let (h, p) =
+        split_authority(authority).ok_or(invalid(crate::policy::host::HostError::BadChar))?;
     let host = parse_host(h).map_err(invalid)?;
     let port = match p {
         None => default_port,
-        Some(p) => parse_port(p).ok_or_else(|| ProxyError::BadRequest(format!("invalid port in {authority:?}")))?,
+        Some(p) => parse_port(p)
+            .ok_or_else(|| ProxyError::BadRequest(format!("invalid port in {authority:?}")))?,
     };
     Ok((host, port))
 }

@@ -35,8 +35,11 @@ pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: Cancel
         match accepted {
             Ok((stream, client)) => {
                 let local = stream.local_addr().ok();
-                let od = crate::net::orig_dst::original_dst(&stream).filter(|od| Some(*od) != local);
-                inputs.tasks.spawn(serve(inputs.clone(), stream, client, od, shutdown.clone()));
+                let od =
+                    crate::net::orig_dst::original_dst(&stream).filter(|od| Some(*od) != local);
+                inputs
+                    .tasks
+                    .spawn(serve(inputs.clone(), stream, client, od, shutdown.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "inbound accept failed");
@@ -56,7 +59,10 @@ pub async fn serve(
 ) {
     let _gauge = crate::metrics::ConnectionGauge::open();
     let _ = stream.set_nodelay(true);
-    let conn = ConnInfo { client, original_dst };
+    let conn = ConnInfo {
+        client,
+        original_dst,
+    };
     let timeout = inputs.state.load().cfg.detect_timeout;
     let (protocol, prefix) = match detect(&mut stream, timeout).await {
         Ok(found) => found,
@@ -66,7 +72,8 @@ pub async fn serve(
         Protocol::Http1 | Protocol::Http2 => {
             let svc = service_fn(move |req| handle(inputs.clone(), conn, req));
             let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), svc);
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), svc);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -80,7 +87,13 @@ pub async fn serve(
     }
 }
 
-async fn pass_through(inputs: Arc<Inputs>, stream: TcpStream, prefix: bytes::Bytes, conn: ConnInfo, protocol: &'static str) {
+async fn pass_through(
+    inputs: Arc<Inputs>,
+    stream: TcpStream,
+    prefix: bytes::Bytes,
+    conn: ConnInfo,
+    protocol: &'static str,
+) {
     let state = inputs.state.load_full();
     let mut guard = LogGuard::start(
         state.log.clone(),
@@ -94,7 +107,8 @@ async fn pass_through(inputs: Arc<Inputs>, stream: TcpStream, prefix: bytes::Byt
         },
     );
     let Some(od) = conn.original_dst else {
-        guard.record.error = Some("no original destination and not HTTP: nowhere to send it".into());
+        guard.record.error =
+            Some("no original destination and not HTTP: nowhere to send it".into());
         return;
     };
     let app = SocketAddr::new(state.cfg.app_host, od.port());
@@ -110,12 +124,19 @@ async fn pass_through(inputs: Arc<Inputs>, stream: TcpStream, prefix: bytes::Byt
     if upstream.write_all(&prefix).await.is_err() {
         return;
     }
-    guard.bytes.inbound.fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    guard
+        .bytes
+        .inbound
+        .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     splice(stream, upstream, guard).await;
 }
 
 /// One inbound HTTP request: route, add forwarding headers, send to the app, log.
-async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    inputs: Arc<Inputs>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let state = inputs.state.load_full();
     let request_id = req
         .headers()
@@ -128,7 +149,11 @@ async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> 
         Record {
             direction: "inbound",
             mode: conn.mode(),
-            protocol: if req.version() == http::Version::HTTP_2 { "http2" } else { "http1" },
+            protocol: if req.version() == http::Version::HTTP_2 {
+                "http2"
+            } else {
+                "http1"
+            },
             client: Some(conn.client),
             original_dst: conn.original_dst,
             method: Some(req.method().to_string()),
@@ -148,9 +173,14 @@ async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> 
         .cfg
         .routes
         .pick(host.as_deref(), req.uri().path(), req.headers())
-        .or_else(|| conn.original_dst.map(|od| SocketAddr::new(state.cfg.app_host, od.port())));
+        .or_else(|| {
+            conn.original_dst
+                .map(|od| SocketAddr::new(state.cfg.app_host, od.port()))
+        });
     let Some(target) = target else {
-        let e = ProxyError::BadRequest("no inbound route matches and the connection has no original destination".into());
+        let e = ProxyError::BadRequest(
+            "no inbound route matches and the connection has no original destination".into(),
+        );
         guard.record.status = 404;
         guard.record.error = Some(e.to_string());
         let mut resp = e.response();
@@ -169,7 +199,10 @@ async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> 
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
-    let up = Request::from_parts(parts, body::boxed(Counted::new(incoming, counter, false, None::<()>)));
+    let up = Request::from_parts(
+        parts,
+        body::boxed(Counted::new(incoming, counter, false, None::<()>)),
+    );
     let result = tokio::time::timeout(state.cfg.response_timeout, state.client.request(up)).await;
     let resp = match result {
         Err(_) => Err(ProxyError::ResponseTimeout(target.to_string())),
@@ -183,7 +216,10 @@ async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> 
             add_via(&mut parts.headers, http::Version::HTTP_11);
             guard.record.status = parts.status.as_u16();
             let counter = guard.bytes.clone();
-            Ok(Response::from_parts(parts, body::boxed(Counted::new(incoming, counter, true, Some(guard)))))
+            Ok(Response::from_parts(
+                parts,
+                body::boxed(Counted::new(incoming, counter, true, Some(guard))),
+            ))
         }
         Err(e) => {
             let resp = e.response();
@@ -194,7 +230,12 @@ async fn handle(inputs: Arc<Inputs>, conn: ConnInfo, req: Request<Incoming>) -> 
     }
 }
 
-fn add_forwarding(headers: &mut http::HeaderMap, conn: ConnInfo, host: Option<&str>, request_id: &str) {
+fn add_forwarding(
+    headers: &mut http::HeaderMap,
+    conn: ConnInfo,
+    host: Option<&str>,
+    request_id: &str,
+) {
     let ip = conn.client.ip();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
@@ -203,7 +244,11 @@ fn add_forwarding(headers: &mut http::HeaderMap, conn: ConnInfo, host: Option<&s
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    let for_ = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+    let for_ = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
     let mut fwd = format!("for={for_};proto=http");
     if let Some(h) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic())) {
         fwd.push_str(&format!(";host=\"{h}\""));

@@ -56,7 +56,12 @@ impl State {
             .pool_idle_timeout(std::time::Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Ok(Self { cfg, dns, log, client })
+        Ok(Self {
+            cfg,
+            dns,
+            log,
+            client,
+        })
     }
 }
 

@@ -31,13 +31,23 @@ pub async fn serve(
 ) {
     let _gauge = crate::metrics::ConnectionGauge::open();
     let _ = stream.set_nodelay(true);
-    let conn = ConnInfo { client, original_dst };
+    let conn = ConnInfo {
+        client,
+        original_dst,
+    };
     let Some(od) = original_dst else {
         return serve_http(inputs, stream, conn, shutdown).await;
     };
     let state = inputs.state.load_full();
     if state.cfg.server_first_ports.contains(&od.port()) {
-        return tunnel_tcp(inputs, stream, bytes::Bytes::new(), conn, Protocol::Tcp { timed_out: false }).await;
+        return tunnel_tcp(
+            inputs,
+            stream,
+            bytes::Bytes::new(),
+            conn,
+            Protocol::Tcp { timed_out: false },
+        )
+        .await;
     }
     let mut stream = stream;
     let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
@@ -52,7 +62,9 @@ pub async fn serve(
         metrics::counter!("outrider_detect_timeouts_total").increment(1);
     }
     match protocol {
-        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, Rewind::new(prefix, stream), conn, shutdown).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_http(inputs, Rewind::new(prefix, stream), conn, shutdown).await
+        }
         other => tunnel_tcp(inputs, stream, prefix, conn, other).await,
     }
 }
@@ -144,7 +156,10 @@ async fn tunnel_tcp(
             guard.record.error = Some(format!("upstream write failed: {e}"));
             return;
         }
-        guard.bytes.inbound.fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        guard
+            .bytes
+            .inbound
+            .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     splice(stream, upstream, guard).await;
 }

@@ -23,7 +23,11 @@ use crate::body::{self, Body};
 use crate::net::connect;
 
 /// Serves a `CONNECT host:port` request.
-pub async fn connect(inputs: Arc<Inputs>, conn: ConnInfo, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn connect(
+    inputs: Arc<Inputs>,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let state = inputs.state.load_full();
     let authority = req.uri().authority().map(|a| a.to_string());
     let mut guard = LogGuard::start(
@@ -40,7 +44,8 @@ pub async fn connect(inputs: Arc<Inputs>, conn: ConnInfo, mut req: Request<Incom
         },
     );
     let result = async {
-        let authority = authority.ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+        let authority =
+            authority.ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
         if req.uri().port().is_none() {
             return Err(ProxyError::BadRequest("CONNECT needs host:port".into()));
         }
@@ -116,7 +121,11 @@ struct CountingIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
@@ -126,7 +135,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.bytes.outbound.fetch_add(*n as u64, Ordering::Relaxed);
