@@ -254,14 +254,13 @@ fn store_or_pass(
             let headers = stored_headers(&rparts.headers, f.timing);
             let store = inner.store.clone();
             let on_done: OnDone = Box::new(move |body: Option<Bytes>| {
-                let (Some(body), Ok(rt)) = (body, tokio::runtime::Handle::try_current()) else {
-                    return; // dropping `guard` releases the followers
-                };
-                rt.spawn(async move {
+                // On `None`, dropping `guard` releases the followers.
+                let body = body?;
+                Some(Box::pin(async move {
                     let obj = finished(status, headers, body, f.timing, &f.req_headers);
                     store.put(f.key, Arc::new(obj), f.req_headers).await;
                     drop(guard);
-                });
+                }))
             });
             let tee = TeeBody::new(rbody, inner.max_object_bytes, on_done);
             add_cache_status(&mut rparts.headers, &format!("{fwd}; stored"));

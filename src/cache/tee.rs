@@ -1,15 +1,21 @@
 //! A body that streams to the client while keeping a copy (up to a limit) for storage.
+//!
+//! When the body completes within the limit, the store operation runs before the body
+//! reports its end, so the next request already finds the response stored. If the body
+//! is dropped while that store is still running, it is finished in the background.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::body::{Body, BoxError};
 
-/// Called once: with the whole body when it completed within the limit, else `None`.
-pub type OnDone = Box<dyn FnOnce(Option<Bytes>) + Send>;
+/// Called once: with the whole body when it completed within the limit (returning the
+/// store operation to run), or with `None` when it did not.
+pub type OnDone = Box<dyn FnOnce(Option<Bytes>) -> Option<BoxFuture<'static, ()>> + Send>;
 
 /// Streams `inner` through unchanged, copying its data while it stays under `limit`.
 pub struct TeeBody {
@@ -17,6 +23,7 @@ pub struct TeeBody {
     buf: Option<BytesMut>,
     limit: usize,
     on_done: Option<OnDone>,
+    storing: Option<BoxFuture<'static, ()>>,
 }
 
 impl TeeBody {
@@ -27,8 +34,9 @@ impl TeeBody {
             buf: Some(BytesMut::new()),
             limit,
             on_done: Some(on_done),
+            storing: None,
         };
-        // An empty body may never be polled (hyper checks `is_end_stream` first).
+        // An empty body may never be polled for data.
         if tee.inner.is_end_stream() {
             tee.finish(true);
         }
@@ -42,8 +50,18 @@ impl TeeBody {
             } else {
                 None
             };
-            done(body);
+            self.storing = done(body);
         }
+    }
+
+    fn poll_storing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(fut) = self.storing.as_mut() {
+            if fut.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.storing = None;
+        }
+        Poll::Ready(())
     }
 }
 
@@ -56,6 +74,9 @@ impl HttpBody for TeeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.on_done.is_none() && this.storing.is_some() {
+            return this.poll_storing(cx).map(|()| None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -82,14 +103,14 @@ impl HttpBody for TeeBody {
             }
             Poll::Ready(None) => {
                 this.finish(true);
-                Poll::Ready(None)
+                this.poll_storing(cx).map(|()| None)
             }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.on_done.is_none() && self.storing.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -101,5 +122,9 @@ impl Drop for TeeBody {
     fn drop(&mut self) {
         // A client that went away mid-body leaves an incomplete copy: never store it.
         self.finish(false);
+        // A complete copy still being stored is finished in the background.
+        if let (Some(fut), Ok(rt)) = (self.storing.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(fut);
+        }
     }
 }
