@@ -235,3 +235,47 @@ impl HttpCache {
         self.inner.store.stored_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bypass_matches_exact_hosts_and_subdomains_of_wildcards() {
+        let m = HostMatcher::new(&["api.example.com".into(), "*.example.org".into()]);
+        assert!(m.matches("api.example.com"));
+        assert!(m.matches("API.example.com."));
+        assert!(!m.matches("x.api.example.com"));
+        assert!(m.matches("a.example.org"));
+        assert!(m.matches("a.b.example.org"));
+        assert!(
+            !m.matches("example.org"),
+            "*.suffix does not match the suffix itself"
+        );
+        assert!(!m.matches("badexample.org"));
+    }
+
+    #[test]
+    fn outcome_names_for_the_access_log() {
+        let all = [
+            CacheOutcome::Hit,
+            CacheOutcome::Miss,
+            CacheOutcome::Stale,
+            CacheOutcome::Revalidated,
+            CacheOutcome::Bypass,
+            CacheOutcome::Uncacheable,
+        ];
+        let names: Vec<&str> = all.iter().map(CacheOutcome::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "hit",
+                "miss",
+                "stale",
+                "revalidated",
+                "bypass",
+                "uncacheable"
+            ]
+        );
+    }
+}

@@ -684,3 +684,7 @@ fn if_range_matches(if_range: &HeaderValue, stored: &HeaderMap) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

@@ -221,3 +221,27 @@ pub fn origin(uri: &Uri) -> Option<String> {
     };
     Some(format!("{scheme}://{host}{port}"))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_key_normalises_scheme_host_and_default_port() {
+        let key = |s: &str| primary_key(&s.parse::<Uri>().unwrap());
+        assert_eq!(
+            key("HTTP://Example.COM:80/a?b=1").as_deref(),
+            Some("http://example.com/a?b=1")
+        );
+        assert_eq!(
+            key("http://example.com").as_deref(),
+            Some("http://example.com/")
+        );
+        assert_eq!(
+            key("http://example.com:8080/").as_deref(),
+            Some("http://example.com:8080/")
+        );
+        assert_eq!(key("/relative"), None);
+    }
+}
