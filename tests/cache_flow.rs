@@ -295,3 +295,43 @@ async fn stale_if_error_serves_stale_on_5xx_and_on_upstream_failure() {
     let g = get(&c, &up, &o.url("/must"), &[]).await;
     assert_eq!(g.status, StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_a_stale_response_share_one_revalidation() {
+    let o = origin_async(|_, n| {
+        Box::pin(async move {
+            if n == 1 {
+                let cc = [
+                    ("cache-control", "max-age=10, must-revalidate"),
+                    ("age", "20"),
+                    ("etag", "\"a\""),
+                ];
+                return resp(200, &cc, "v1");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            resp(
+                304,
+                &[("cache-control", "max-age=60"), ("etag", "\"a\"")],
+                "",
+            )
+        })
+    })
+    .await;
+    let (c, up) = (cache(), upstream());
+    let url = o.url("/stale");
+    get(&c, &up, &url, &[]).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, up, url) = (c.clone(), up.clone(), url.clone());
+            tokio::spawn(async move { get(&c, &up, &url, &[]).await })
+        })
+        .collect();
+    let mut revalidated = 0;
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!((g.status, g.text().as_str()), (StatusCode::OK, "v1"));
+        revalidated += usize::from(g.outcome == CacheOutcome::Revalidated);
+    }
+    assert_eq!(revalidated, 1);
+    assert_eq!(o.hits(), 2, "one revalidation for ten concurrent requests");
+}

@@ -2,7 +2,7 @@
 //! (unsafe methods) → lookup → serve / revalidate / collapse → fetch → store.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use bytes::BytesMut;
@@ -10,7 +10,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 
-use super::collapse::Role;
+use super::collapse::{LeaderGuard, Role, Waiter};
 use super::policy::{self, Directives, Timing, Usability};
 use super::respond::{self, add_cache_status};
 use super::store::{self, StoredResponse};
@@ -115,7 +115,20 @@ async fn read(
                 return (Ok(respond::only_if_cached_miss()), CacheOutcome::Miss);
             }
             Usability::Revalidate { forced } => {
-                return revalidate(inner, parts, key, obj, forced, up).await;
+                // Concurrent requests for a stale response share one validation; a
+                // request that itself demands validation (no-cache, max-age) does not wait.
+                let mut guard = None;
+                if !forced {
+                    match inner.collapser.join(&key) {
+                        Role::Leader(g) => guard = Some(g),
+                        Role::Follower(waiter) => {
+                            if let Some(done) = after_leader(inner, &parts, &key, waiter).await {
+                                return done;
+                            }
+                        }
+                    }
+                }
+                return revalidate(inner, parts, key, obj, forced, up, guard).await;
             }
         }
     }
@@ -153,24 +166,8 @@ async fn fetch(
         match inner.collapser.join(&key) {
             Role::Leader(g) => guard = Some(g),
             Role::Follower(waiter) => {
-                waiter.wait().await;
-                if let Some(obj) = inner.store.lookup(&key, &parts.headers).await {
-                    let now = SystemTime::now();
-                    let req_cc = Directives::from_headers(&parts.headers);
-                    let usable = policy::usability(
-                        &parts.headers,
-                        &req_cc,
-                        &obj.cc,
-                        obj.lifetime,
-                        obj.age(now),
-                    );
-                    if usable == Usability::Fresh {
-                        let member = format!("hit; ttl={}; collapsed", respond::ttl(&obj, now));
-                        return (
-                            Ok(respond::from_store(&parts, &obj, now, &member)),
-                            CacheOutcome::Hit,
-                        );
-                    }
+                if let Some(done) = after_leader(inner, &parts, &key, waiter).await {
+                    return done;
                 }
                 // The leader's response was not reusable: go upstream ourselves.
             }
@@ -201,6 +198,38 @@ async fn fetch(
     (Ok(resp), outcome)
 }
 
+/// How long a collapsed request waits for the leader before going upstream itself
+/// (the leader's body moves at the pace of the leader's client).
+const COLLAPSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for the leader's fetch, then serves its stored response if it is fresh for
+/// this request; `None` means: go upstream yourself.
+async fn after_leader(
+    inner: &Arc<Inner>,
+    parts: &request::Parts,
+    key: &str,
+    waiter: Waiter,
+) -> Option<Handled> {
+    if tokio::time::timeout(COLLAPSE_WAIT, waiter.wait())
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    let obj = inner.store.lookup(key, &parts.headers).await?;
+    let now = SystemTime::now();
+    let req_cc = Directives::from_headers(&parts.headers);
+    let usable = policy::usability(&parts.headers, &req_cc, &obj.cc, obj.lifetime, obj.age(now));
+    if usable != Usability::Fresh {
+        return None;
+    }
+    let member = format!("hit; ttl={}; collapsed", respond::ttl(&obj, now));
+    Some((
+        Ok(respond::from_store(parts, &obj, now, &member)),
+        CacheOutcome::Hit,
+    ))
+}
+
 /// What the cache knows about a forwarded request once its response arrived.
 struct Fetched {
     key: String,
@@ -218,7 +247,7 @@ fn store_or_pass(
     resp: Response<Body>,
     f: Fetched,
     fwd: &str,
-    guard: Option<super::collapse::LeaderGuard>,
+    guard: Option<LeaderGuard>,
 ) -> (Response<Body>, CacheOutcome) {
     let (mut rparts, rbody) = resp.into_parts();
     let verdict = policy::storable(
@@ -341,6 +370,7 @@ async fn revalidate(
     obj: Arc<StoredResponse>,
     forced: bool,
     up: Arc<dyn Upstream>,
+    guard: Option<LeaderGuard>,
 ) -> Handled {
     metrics::counter!("outrider_cache_revalidations_total").increment(1);
     let fwd = if forced { "fwd=request" } else { "fwd=stale" };
@@ -404,7 +434,7 @@ async fn revalidate(
         timing,
     };
     let fwd = format!("{fwd}; fwd-status={}", status.as_u16());
-    let (resp, outcome) = store_or_pass(inner, resp, fetched, &fwd, None);
+    let (resp, outcome) = store_or_pass(inner, resp, fetched, &fwd, guard);
     (Ok(resp), outcome)
 }
 
