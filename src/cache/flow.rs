@@ -382,7 +382,9 @@ async fn revalidate(
     };
     let now = timing.response_time;
     let req_cc = Directives::from_headers(&parts.headers);
-    let may_serve_stale = policy::stale_if_error(&req_cc, &obj.cc, obj.lifetime, obj.age(now));
+    // A client that demanded validation (no-cache, max-age) does not get the old copy.
+    let may_serve_stale =
+        !forced && policy::stale_if_error(&req_cc, &obj.cc, obj.lifetime, obj.age(now));
     let resp = match result {
         // The origin's failure is replaced by the stale response.
         Err(_) if may_serve_stale => {

@@ -20,6 +20,12 @@ pub const HEURISTIC_CAP: Duration = Duration::from_secs(24 * 3600);
 /// RFC 9111 §1.2.2: delta-seconds too large to represent count as 2^31.
 const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
 
+/// Statuses whose caching semantics this cache implements (for `must-understand`);
+/// 206 is not stored (ranges are answered from complete responses instead).
+const UNDERSTOOD_STATUSES: &[u16] = &[
+    200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501,
+];
+
 /// Statuses that are heuristically cacheable (RFC 9110 §15.1).
 const HEURISTIC_STATUSES: &[u16] = &[200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
 
@@ -91,6 +97,31 @@ impl Directives {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The same directives without `name`.
+    pub fn without(&self, name: &str) -> Self {
+        let mut out = self.clone();
+        out.entries.retain(|(n, _)| n != name);
+        out
+    }
+
+    /// `headers` with `Cache-Control` replaced by these directives.
+    pub fn into_headers(self, headers: &HeaderMap) -> HeaderMap {
+        let mut out = headers.clone();
+        out.remove(header::CACHE_CONTROL);
+        let text: Vec<String> = self
+            .entries
+            .into_iter()
+            .map(|(n, v)| match v {
+                Some(v) => format!("{n}=\"{v}\""),
+                None => n,
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&text.join(", ")) {
+            out.insert(header::CACHE_CONTROL, v);
+        }
+        out
     }
 
     /// `no-cache` without field names: the stored response must be revalidated every time.
@@ -303,7 +334,13 @@ pub fn storable(
     if req_cc.has("no-store") {
         return Err(NotStorable::RequestNoStore);
     }
-    if res_cc.has("no-store") {
+    // must-understand (RFC 9111 §5.2.2.3): store only statuses we understand, and for
+    // those, ignore the no-store that accompanies it for older caches.
+    let must_understand = res_cc.has("must-understand");
+    if must_understand && !UNDERSTOOD_STATUSES.contains(&status.as_u16()) {
+        return Err(NotStorable::Status);
+    }
+    if res_cc.has("no-store") && !must_understand {
         return Err(NotStorable::NoStore);
     }
     if res_cc.has("private") {
@@ -327,6 +364,13 @@ pub fn storable(
     {
         return Err(NotStorable::SetCookie);
     }
+    let without_no_store;
+    let lib_view = if must_understand {
+        without_no_store = res_cc.without("no-store").into_headers(res_headers);
+        &without_no_store
+    } else {
+        res_headers
+    };
     let policy = http_cache_semantics::CachePolicy::new(
         &ReqView {
             method,
@@ -335,7 +379,7 @@ pub fn storable(
         },
         &ResView {
             status,
-            headers: res_headers,
+            headers: lib_view,
         },
     );
     if !policy.is_storable() {

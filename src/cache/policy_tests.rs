@@ -293,6 +293,13 @@ fn storability_rules_for_a_shared_cache() {
         store_verdict(&[("cache-control", "no-store")], 200, &[ma]),
         Err(NotStorable::RequestNoStore)
     );
+    let mu = ("cache-control", "max-age=60, must-understand, no-store");
+    assert_eq!(
+        store_verdict(&[], 200, &[mu]),
+        Ok(()),
+        "must-understand overrides no-store"
+    );
+    assert_eq!(store_verdict(&[], 299, &[mu]), Err(NotStorable::Status));
 }
 
 #[test]
