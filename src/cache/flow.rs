@@ -93,42 +93,23 @@ async fn read(
         let ttl = respond::ttl(&obj, now);
         match policy::usability(&parts.headers, &req_cc, &obj.cc, obj.lifetime, age) {
             Usability::Fresh => {
-                let resp = respond::from_store(&parts, &obj, now, &format!("hit; ttl={ttl}"));
-                return (Ok(resp), CacheOutcome::Hit);
+                let member = format!("hit; ttl={ttl}");
+                return served(&parts, &obj, now, &member, CacheOutcome::Hit);
             }
             Usability::StaleAccepted => {
                 let member = format!("hit; ttl={ttl}; detail=max-stale");
-                return (
-                    Ok(respond::from_store(&parts, &obj, now, &member)),
-                    CacheOutcome::Stale,
-                );
+                return served(&parts, &obj, now, &member, CacheOutcome::Stale);
             }
             Usability::StaleWhileRevalidate => {
                 spawn_refresh(inner, &parts, key, Arc::clone(&obj), up);
                 let member = format!("hit; ttl={ttl}; detail=stale-while-revalidate");
-                return (
-                    Ok(respond::from_store(&parts, &obj, now, &member)),
-                    CacheOutcome::Stale,
-                );
+                return served(&parts, &obj, now, &member, CacheOutcome::Stale);
             }
             Usability::Revalidate { .. } if only_if_cached => {
                 return (Ok(respond::only_if_cached_miss()), CacheOutcome::Miss);
             }
             Usability::Revalidate { forced } => {
-                // Concurrent requests for a stale response share one validation; a
-                // request that itself demands validation (no-cache, max-age) does not wait.
-                let mut guard = None;
-                if !forced {
-                    match inner.collapser.join(&key) {
-                        Role::Leader(g) => guard = Some(g),
-                        Role::Follower(waiter) => {
-                            if let Some(done) = after_leader(inner, &parts, &key, waiter).await {
-                                return done;
-                            }
-                        }
-                    }
-                }
-                return revalidate(inner, parts, key, obj, forced, up, guard).await;
+                return revalidate_collapsed(inner, parts, key, obj, forced, up).await;
             }
         }
     }
@@ -136,6 +117,41 @@ async fn read(
         return (Ok(respond::only_if_cached_miss()), CacheOutcome::Miss);
     }
     fetch(inner, parts, body, key, up, true).await
+}
+
+/// A stored response answered to this request, with `Cache-Status` member `member`.
+fn served(
+    parts: &request::Parts,
+    obj: &StoredResponse,
+    now: SystemTime,
+    member: &str,
+    outcome: CacheOutcome,
+) -> Handled {
+    (Ok(respond::from_store(parts, obj, now, member)), outcome)
+}
+
+/// Concurrent requests for a stale response share one validation; a request that
+/// itself demands validation (no-cache, max-age) does not wait for others.
+async fn revalidate_collapsed(
+    inner: &Arc<Inner>,
+    parts: request::Parts,
+    key: String,
+    obj: Arc<StoredResponse>,
+    forced: bool,
+    up: Arc<dyn Upstream>,
+) -> Handled {
+    let mut guard = None;
+    if !forced {
+        match inner.collapser.join(&key) {
+            Role::Leader(g) => guard = Some(g),
+            Role::Follower(waiter) => {
+                if let Some(done) = after_leader(inner, &parts, &key, waiter).await {
+                    return done;
+                }
+            }
+        }
+    }
+    revalidate(inner, parts, key, obj, forced, up, guard).await
 }
 
 /// Conditional headers and ranges make the leader's response unusable for others.
@@ -392,10 +408,7 @@ async fn revalidate(
                 "{fwd}; ttl={}; detail=stale-if-error",
                 respond::ttl(&obj, now)
             );
-            return (
-                Ok(respond::from_store(&parts, &obj, now, &member)),
-                CacheOutcome::Stale,
-            );
+            return served(&parts, &obj, now, &member, CacheOutcome::Stale);
         }
         Err(e) => return (Err(e), CacheOutcome::Miss),
         Ok(resp) => resp,
@@ -407,15 +420,10 @@ async fn revalidate(
             return fetch(inner, parts, body::empty(), key, up, false).await;
         }
         let fresh = Arc::new(updated(&obj, resp.headers(), timing, &parts.headers));
-        inner
-            .store
-            .put(key, Arc::clone(&fresh), parts.headers.clone())
-            .await;
         let member = format!("{fwd}; fwd-status=304; ttl={}", respond::ttl(&fresh, now));
-        return (
-            Ok(respond::from_store(&parts, &fresh, now, &member)),
-            CacheOutcome::Revalidated,
-        );
+        let headers = parts.headers.clone();
+        inner.store.put(key, Arc::clone(&fresh), headers).await;
+        return served(&parts, &fresh, now, &member, CacheOutcome::Revalidated);
     }
     if status.is_server_error() && may_serve_stale {
         let member = format!(
@@ -423,10 +431,7 @@ async fn revalidate(
             status.as_u16(),
             respond::ttl(&obj, now)
         );
-        return (
-            Ok(respond::from_store(&parts, &obj, now, &member)),
-            CacheOutcome::Stale,
-        );
+        return served(&parts, &obj, now, &member, CacheOutcome::Stale);
     }
     let fetched = Fetched {
         key,

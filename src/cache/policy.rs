@@ -364,8 +364,30 @@ pub fn storable(
     {
         return Err(NotStorable::SetCookie);
     }
+    if !semantics_allow_storing(method, uri, req_headers, status, res_headers, &res_cc) {
+        return Err(NotStorable::Status);
+    }
+    let has_validator =
+        res_headers.contains_key(header::ETAG) || res_headers.contains_key(header::LAST_MODIFIED);
+    let lifetime = freshness_lifetime(status, res_headers, &res_cc, SystemTime::now());
+    if lifetime.is_zero() && !has_validator && !res_cc.has("stale-while-revalidate") {
+        return Err(NotStorable::Useless);
+    }
+    Ok(())
+}
+
+/// The `http-cache-semantics` verdict (method, status, directives, Authorization).
+/// With `must-understand`, it is asked without the `no-store` that accompanies it.
+fn semantics_allow_storing(
+    method: &Method,
+    uri: &Uri,
+    req_headers: &HeaderMap,
+    status: StatusCode,
+    res_headers: &HeaderMap,
+    res_cc: &Directives,
+) -> bool {
     let without_no_store;
-    let lib_view = if must_understand {
+    let lib_view = if res_cc.has("must-understand") {
         without_no_store = res_cc.without("no-store").into_headers(res_headers);
         &without_no_store
     } else {
@@ -382,16 +404,7 @@ pub fn storable(
             headers: lib_view,
         },
     );
-    if !policy.is_storable() {
-        return Err(NotStorable::Status);
-    }
-    let has_validator =
-        res_headers.contains_key(header::ETAG) || res_headers.contains_key(header::LAST_MODIFIED);
-    let lifetime = freshness_lifetime(status, res_headers, &res_cc, SystemTime::now());
-    if lifetime.is_zero() && !has_validator && !res_cc.has("stale-while-revalidate") {
-        return Err(NotStorable::Useless);
-    }
-    Ok(())
+    policy.is_storable()
 }
 
 /// Headers a cache must not store: hop-by-hop ones, the fields `Connection` names,
