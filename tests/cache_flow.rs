@@ -335,3 +335,51 @@ async fn concurrent_requests_for_a_stale_response_share_one_revalidation() {
     assert_eq!(revalidated, 1);
     assert_eq!(o.hits(), 2, "one revalidation for ten concurrent requests");
 }
+
+#[tokio::test]
+async fn a_body_the_client_abandons_midway_is_not_stored() {
+    // Two chunks 200 ms apart: the client leaves after the first.
+    let o = origin_async(|_, _| {
+        let chunks = futures_util::stream::unfold(0, |i| async move {
+            match i {
+                0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from("first "))), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Some((Ok(Frame::data(Bytes::from("second"))), 2))
+                }
+                _ => None,
+            }
+        });
+        let mut r = Response::new(body::boxed(StreamBody::new(chunks)));
+        r.headers_mut()
+            .insert("cache-control", "max-age=60".parse().unwrap());
+        Box::pin(async move { r })
+    })
+    .await;
+    let (c, up) = (cache(), upstream());
+    let req = http::Request::get(o.url("/partial"))
+        .body(body::empty())
+        .unwrap();
+    let (res, _) = c.handle(req, up.clone()).await;
+    let mut body = res.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let g = get(
+        &c,
+        &up,
+        &o.url("/partial"),
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(
+        g.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "an incomplete copy is never served"
+    );
+    let g = get(&c, &up, &o.url("/partial"), &[]).await;
+    assert_eq!(g.text(), "first second");
+    assert_eq!(
+        get(&c, &up, &o.url("/partial"), &[]).await.outcome,
+        CacheOutcome::Hit
+    );
+}
