@@ -425,9 +425,15 @@ async fn client_conditional_requests_are_answered_304_from_the_cache() {
     let now = http_date(0);
     let g = get(&c, &up, &o.url("/"), &[("if-modified-since", &now)]).await;
     assert_eq!(g.status, StatusCode::NOT_MODIFIED);
+    let g = get(&c, &up, &o.url("/"), &[("if-match", "\"nope\"")]).await;
+    assert_eq!(
+        g.outcome,
+        CacheOutcome::Miss,
+        "preconditions go to the origin"
+    );
     let g = get(&c, &up, &o.url("/"), &[("if-none-match", "\"other\"")]).await;
     assert_eq!((g.status, g.text().as_str()), (StatusCode::OK, "body"));
-    assert_eq!(o.hits(), 1);
+    assert_eq!(o.hits(), 2);
 }
 
 #[tokio::test]

@@ -87,7 +87,16 @@ async fn read(
     let (parts, body) = req.into_parts();
     let req_cc = Directives::from_headers(&parts.headers);
     let only_if_cached = req_cc.has("only-if-cached");
-    if let Some(obj) = inner.store.lookup(&key, &parts.headers).await {
+    // If-Match / If-Unmodified-Since are preconditions only the origin can evaluate
+    // (a 412 must not be answered with a stored 200).
+    let preconditions = parts.headers.contains_key(header::IF_MATCH)
+        || parts.headers.contains_key(header::IF_UNMODIFIED_SINCE);
+    let stored = if preconditions {
+        None
+    } else {
+        inner.store.lookup(&key, &parts.headers).await
+    };
+    if let Some(obj) = stored {
         let now = SystemTime::now();
         let age = obj.age(now);
         let ttl = respond::ttl(&obj, now);
