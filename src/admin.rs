@@ -65,10 +65,44 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
             Ok(json) => text(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, e.to_string()),
         },
+        (&Method::POST, "/cache/purge") => {
+            let url = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("url=")))
+                .map(percent_decode);
+            let n = handle.purge_cache(url.as_deref());
+            text(StatusCode::OK, plain, format!("purged {n}\n"))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             plain,
-            "not found: try /live, /ready, /metrics, /config\n",
+            "not found: try /live, /ready, /metrics, /config, POST /cache/purge\n",
         ),
     })
+}
+
+/// Decodes `%XX` escapes in a query value (`+` stays as is: URLs don't use it for spaces).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|&b| hex(b)),
+            bytes.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -190,6 +190,15 @@ impl ServerHandle {
         self.shutdown.cancel();
     }
 
+    /// Drops cached responses: one URL's, or all. Returns how many.
+    pub fn purge_cache(&self, url: Option<&str>) -> usize {
+        let state = self.inputs.state.load();
+        match url {
+            Some(u) => state.cache.purge_url(u),
+            None => state.cache.purge_all(),
+        }
+    }
+
     /// The effective config, for the admin page.
     pub fn config(&self) -> Config {
         self.inputs.state.load().cfg.source.clone()

@@ -103,6 +103,8 @@ pub struct OutboundConfig {
     pub timeouts: TimeoutsConfig,
     /// Transparent-capture protocol detection.
     pub detect: DetectConfig,
+    /// The shared HTTP cache (off by default).
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for OutboundConfig {
@@ -112,6 +114,7 @@ impl Default for OutboundConfig {
             egress: EgressConfig::default(),
             timeouts: TimeoutsConfig::default(),
             detect: DetectConfig::default(),
+            cache: crate::cache::CacheConfig::default(),
         }
     }
 }

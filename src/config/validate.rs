@@ -46,6 +46,8 @@ pub struct Compiled {
     pub access_log: String,
     /// SIGTERM drain timeout.
     pub drain_timeout: Duration,
+    /// The HTTP cache settings.
+    pub cache: crate::cache::CacheConfig,
 }
 
 /// Validates and compiles a parsed config.
@@ -103,6 +105,14 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
             IpAddr::from([127, 0, 0, 1]),
         ),
     };
+    config
+        .outbound
+        .cache
+        .validate("outbound.cache")
+        .map_err(|msg| match msg.split_once(": ") {
+            Some((path, message)) => ConfigError::invalid(path, message),
+            None => ConfigError::invalid("outbound.cache", msg),
+        })?;
     if config.access_log.output.is_empty() {
         return Err(ConfigError::invalid(
             "access_log.output",
@@ -124,6 +134,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         app_host,
         access_log: config.access_log.output.clone(),
         drain_timeout,
+        cache: config.outbound.cache.clone(),
         source: config,
     })
 }

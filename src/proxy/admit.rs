@@ -20,6 +20,11 @@ pub struct Admitted {
     pub rule: Option<String>,
     /// In report mode, what enforcement would have denied.
     pub reason: Option<String>,
+    /// Whether the request's name is known to belong to `addr`, so that a response may be
+    /// cached under it. False when a transparent client's Host was not checked (its
+    /// destination was allowed by address) or in report mode: caching those would let one
+    /// client plant a response for a name it does not own.
+    pub name_verified: bool,
 }
 
 /// Decides whether `host:port` may be reached and where to dial. In transparent mode
@@ -50,6 +55,7 @@ pub async fn admit(
                 decision: "report",
                 rule: None,
                 reason: Some(deny.to_string()),
+                name_verified: false,
             }
         }
         Err(e) => {
@@ -77,6 +83,7 @@ async fn decide(
         decision: "allow",
         rule: Some(rule),
         reason: None,
+        name_verified: true,
     };
     let (name, host_rule) = match (host, policy.check_target(host, port)) {
         (_, TargetCheck::Denied(d)) => return Err(ProxyError::Denied(d)),
@@ -101,7 +108,10 @@ async fn decide(
     if let Some(od) = original_dst {
         // The destination itself may be allowed by address: no need to trust the name.
         if let Some(rule) = policy.cidr_allows(od.ip(), port) {
-            return Ok(allowed(od, rule));
+            return Ok(Admitted {
+                name_verified: false,
+                ..allowed(od, rule)
+            });
         }
         let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
         if !addrs.contains(&od.ip()) {

@@ -33,6 +33,14 @@ pub enum ProxyError {
     /// The upstream took too long to answer.
     #[error("upstream {0} did not respond in time")]
     ResponseTimeout(String),
+    /// The cache phase reported an upstream failure with its status.
+    #[error("{reason}")]
+    Gateway {
+        /// 502 or 504.
+        status: StatusCode,
+        /// What went wrong.
+        reason: String,
+    },
     /// The upstream failed mid-way (reset, protocol error).
     #[error("upstream {0} failed: {1}")]
     Upstream(String, String),
@@ -51,6 +59,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Connect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Gateway { status, .. } => *status,
         }
     }
 

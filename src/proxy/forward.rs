@@ -86,8 +86,10 @@ async fn forward(
     let host_value = HeaderValue::from_str(&authority)
         .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
     parts.headers.insert(header::HOST, host_value);
+    // The cache keys on the URL as the client named it; the pooled client dials the checked
+    // address (`Pooled` rewrites the URI just before sending).
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("http://{}{}", admitted.addr, path))
+    parts.uri = Uri::try_from(format!("http://{authority}{path}"))
         .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
     // The upstream hop is HTTP/1.1 whatever the client spoke; the pool negotiates nothing else.
     parts.version = http::Version::HTTP_11;
@@ -96,16 +98,21 @@ async fn forward(
         parts,
         body::boxed(Counted::new(incoming, counter, false, None::<()>)),
     );
-
-    let sent = tokio::time::timeout(
-        state.cfg.response_timeout,
-        state.client.request(upstream_req),
-    )
-    .await;
-    let mut resp = match sent {
-        Err(_) => return Err(ProxyError::ResponseTimeout(admitted.addr.to_string())),
-        Ok(Err(e)) => return Err(upstream_error(admitted.addr, &e)),
-        Ok(Ok(resp)) => resp,
+    let pooled = Pooled {
+        client: state.client.clone(),
+        addr: admitted.addr,
+        timeout: state.cfg.response_timeout,
+    };
+    let use_cache = state.cfg.cache.enabled && admitted.name_verified && !upgrading;
+    let mut resp = if use_cache {
+        let (result, outcome) = state.cache.handle(upstream_req, Arc::new(pooled)).await;
+        guard.record.cache = Some(outcome.as_str());
+        result.map_err(|e| ProxyError::Gateway {
+            status: e.status,
+            reason: e.reason,
+        })?
+    } else {
+        pooled.send_to_origin(upstream_req).await?
     };
     if let (Some(client_side), true) = (
         client_upgrade,
@@ -115,12 +122,55 @@ async fn forward(
         tokio::spawn(super::tunnel::splice_upgrades(client_side, upstream_side));
     }
     let keep_upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-    let (mut parts, incoming) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, keep_upgrade);
     add_via(&mut parts.headers, parts.version);
     // The client hears the protocol it spoke, whatever the upstream answered in.
     parts.version = client_version;
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The upstream phase: one request on a pooled connection to the checked address, with
+/// the response-head timeout. Also what the cache calls on a miss or revalidation.
+struct Pooled {
+    client: super::HttpClient,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+}
+
+impl Pooled {
+    async fn send_to_origin(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = Uri::try_from(format!("http://{}{}", self.addr, path))
+            .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
+            Ok(Err(e)) => Err(upstream_error(self.addr, &e)),
+            Ok(Ok(resp)) => Ok(resp.map(body::boxed)),
+        }
+    }
+}
+
+impl crate::cache::Upstream for Pooled {
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Response<Body>, crate::cache::UpstreamError>>
+    {
+        let me = Pooled {
+            client: self.client.clone(),
+            addr: self.addr,
+            timeout: self.timeout,
+        };
+        Box::pin(async move {
+            me.send_to_origin(req)
+                .await
+                .map_err(|e| crate::cache::UpstreamError {
+                    status: e.status(),
+                    reason: e.to_string(),
+                })
+        })
+    }
 }
 
 /// Fills in the log fields that admission decided.

@@ -38,6 +38,8 @@ pub struct State {
     pub log: AccessLog,
     /// Pooled upstream connections, keyed by checked address.
     pub client: HttpClient,
+    /// The shared HTTP cache (kept across reloads unless its settings change).
+    pub cache: crate::cache::HttpCache,
 }
 
 impl State {
@@ -56,11 +58,16 @@ impl State {
             .pool_idle_timeout(std::time::Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .build(connector);
+        let cache = match prev {
+            Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),
+            _ => crate::cache::HttpCache::new(&cfg.cache),
+        };
         Ok(Self {
             cfg,
             dns,
             log,
             client,
+            cache,
         })
     }
 }
