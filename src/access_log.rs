@@ -122,6 +122,9 @@ pub struct Record {
     /// Cache outcome, when the cache saw the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<&'static str>,
+    /// The caller's verified SPIFFE ID (inbound mTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
     /// The request id (inbound).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,

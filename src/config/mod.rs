@@ -69,6 +69,8 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     /// Name resolution.
     pub dns: DnsConfig,
+    /// Which destinations are other sidecars, reached with mTLS.
+    pub mesh: MeshConfig,
     /// Where access-log records go.
     pub access_log: AccessLogConfig,
     /// Shutdown behaviour.
@@ -201,6 +203,8 @@ pub struct InboundConfig {
     pub mtls: MtlsMode,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
+    /// Who may call what; none: all allowed.
+    pub authorization: Vec<AuthzRuleConfig>,
     /// The app's address when no route matches and there is no original destination
     /// (explicitly addressed connections): default `127.0.0.1`, port from the original destination.
     pub app_host: String,
@@ -212,6 +216,7 @@ impl Default for InboundConfig {
             listen: "0.0.0.0:15006".into(),
             mtls: MtlsMode::default(),
             routes: Vec::new(),
+            authorization: Vec::new(),
             app_host: "127.0.0.1".into(),
         }
     }
@@ -239,6 +244,20 @@ pub struct RouteConfig {
     pub matches: RouteMatch,
     /// Local `host:port` to send it to.
     pub to: String,
+}
+
+/// One `inbound.authorization[]` rule: every present condition must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthzRuleConfig {
+    /// Caller SPIFFE IDs, exact or ending in `/*`.
+    pub from: Vec<String>,
+    /// Destination ports.
+    pub ports: Vec<i64>,
+    /// Path prefixes.
+    pub paths: Vec<String>,
+    /// Methods.
+    pub methods: Vec<String>,
 }
 
 /// The match part of an inbound route; every present field must match.
@@ -279,6 +298,14 @@ impl OneOrMany {
             Self::Many(v) => v.iter(),
         }
     }
+}
+
+/// `mesh`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// CIDRs whose destinations get mTLS to their sidecar.
+    pub networks: Vec<String>,
 }
 
 /// `access_log`.

@@ -46,6 +46,10 @@ pub struct Compiled {
     pub access_log: String,
     /// SIGTERM drain timeout.
     pub drain_timeout: Duration,
+    /// Inbound authorization.
+    pub authz: crate::policy::authz::Authz,
+    /// Mesh networks: destinations reached with mTLS.
+    pub mesh_networks: Vec<IpNet>,
     /// The HTTP cache settings.
     pub cache: crate::cache::CacheConfig,
 }
@@ -88,6 +92,17 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
     )?;
     let drain_timeout = duration("shutdown.drain_timeout", &config.shutdown.drain_timeout)?;
 
+    let authz = match &config.inbound {
+        Some(i) => compile_authz(&i.authorization)?,
+        None => crate::policy::authz::Authz::default(),
+    };
+    let mesh_networks = config
+        .mesh
+        .networks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cidr(&format!("mesh.networks[{i}]"), c))
+        .collect::<Result<Vec<_>, _>>()?;
     let (inbound_mtls, routes, app_host) = match &config.inbound {
         Some(i) => (
             i.mtls,
@@ -135,6 +150,8 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         access_log: config.access_log.output.clone(),
         drain_timeout,
         cache: config.outbound.cache.clone(),
+        authz,
+        mesh_networks,
         source: config,
     })
 }
@@ -330,4 +347,47 @@ impl Compiled {
     pub fn enforcing(&self) -> bool {
         self.egress.mode == EgressMode::Enforce
     }
+}
+
+fn compile_authz(
+    rules: &[super::AuthzRuleConfig],
+) -> Result<crate::policy::authz::Authz, ConfigError> {
+    use crate::policy::authz::{Authz, AuthzRule, IdPattern};
+    let mut out = Vec::new();
+    for (index, r) in rules.iter().enumerate() {
+        let base = format!("inbound.authorization[{index}]");
+        let mut from = Vec::new();
+        for (i, id) in r.from.iter().enumerate() {
+            from.push(
+                IdPattern::parse(id)
+                    .map_err(|m| ConfigError::invalid(format!("{base}.from[{i}]"), m))?,
+            );
+        }
+        for (i, p) in r.paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    format!("{base}.paths[{i}]"),
+                    format!("{p:?} must start with /"),
+                ));
+            }
+        }
+        let mut methods = Vec::new();
+        for (i, m) in r.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(ConfigError::invalid(
+                    format!("{base}.methods[{i}]"),
+                    format!("{m:?} is not an HTTP method"),
+                ));
+            }
+            methods.push(m.to_ascii_uppercase());
+        }
+        out.push(AuthzRule {
+            index,
+            from,
+            ports: ports(&format!("{base}.ports"), &r.ports)?,
+            paths: r.paths.clone(),
+            methods,
+        });
+    }
+    Ok(Authz(out))
 }

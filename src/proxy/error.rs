@@ -21,6 +21,12 @@ pub enum ProxyError {
     /// The client's request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Inbound authorization said no.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No inbound route matches and there is no original destination to fall back on.
+    #[error("no inbound route matches and the connection has no original destination")]
+    NoRoute,
     /// The request is addressed to the proxy itself.
     #[error("loop: request addressed to the proxy itself ({0})")]
     Loop(String),
@@ -53,7 +59,10 @@ impl ProxyError {
             ProxyError::Denied(Deny::InvalidHost(_)) | ProxyError::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::Denied(_) | ProxyError::Loop(_) => StatusCode::FORBIDDEN,
+            ProxyError::Denied(_) | ProxyError::Loop(_) | ProxyError::Unauthorized(_) => {
+                StatusCode::FORBIDDEN
+            }
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -65,7 +74,10 @@ impl ProxyError {
 
     /// Whether this is a policy decision (logged as `deny`) rather than a failure.
     pub fn is_denial(&self) -> bool {
-        matches!(self, ProxyError::Denied(_) | ProxyError::Loop(_))
+        matches!(
+            self,
+            ProxyError::Denied(_) | ProxyError::Loop(_) | ProxyError::Unauthorized(_)
+        )
     }
 
     /// The response for the client.

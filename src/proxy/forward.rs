@@ -132,14 +132,18 @@ async fn forward(
 
 /// The upstream phase: one request on a pooled connection to the checked address, with
 /// the response-head timeout. Also what the cache calls on a miss or revalidation.
-struct Pooled {
-    client: super::HttpClient,
-    addr: std::net::SocketAddr,
-    timeout: std::time::Duration,
+pub(super) struct Pooled {
+    pub(super) client: super::HttpClient,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) timeout: std::time::Duration,
 }
 
 impl Pooled {
-    async fn send_to_origin(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    /// Sends to `addr` (the URI's authority is replaced by it; Host stays).
+    pub(super) async fn send_to_origin(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = Uri::try_from(format!("http://{}{}", self.addr, path))
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;

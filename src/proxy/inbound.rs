@@ -7,12 +7,12 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,9 @@ use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
 use crate::body::{self, Body, Counted};
+use crate::config::MtlsMode;
 use crate::net::connect;
+use crate::policy::authz;
 
 /// Accepts inbound connections until shutdown.
 pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: CancellationToken) {
@@ -49,7 +51,9 @@ pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: Cancel
     }
 }
 
-/// Serves one inbound connection.
+/// Serves one inbound connection: mesh mTLS is terminated (once identity is configured),
+/// plaintext is accepted unless `inbound.mtls` is strict, then HTTP is proxied per request
+/// and anything else passed through to the app.
 pub async fn serve(
     inputs: Arc<Inputs>,
     mut stream: TcpStream,
@@ -63,39 +67,37 @@ pub async fn serve(
         client,
         original_dst,
     };
-    let timeout = inputs.state.load().cfg.detect_timeout;
-    let (protocol, prefix) = match detect(&mut stream, timeout).await {
+    let state = inputs.state.load_full();
+    let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
         Ok(found) => found,
         Err(_) => return,
     };
+    let io = Rewind::new(prefix, stream);
+    if state.cfg.inbound_mtls == MtlsMode::Strict {
+        // Strict: plaintext (anything but mesh TLS) is refused and logged.
+        refuse(
+            &state,
+            conn,
+            protocol.name(),
+            "plaintext refused: inbound.mtls is strict",
+        );
+        return;
+    }
     match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let svc = service_fn(move |req| handle(inputs.clone(), conn, req));
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), svc);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        }
-        other => pass_through(inputs, stream, prefix, conn, other.name()).await,
+        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, io, conn, None, shutdown).await,
+        other => pass_through(inputs, io, conn, None, other.name()).await,
     }
 }
 
-async fn pass_through(
-    inputs: Arc<Inputs>,
-    stream: TcpStream,
-    prefix: bytes::Bytes,
-    conn: ConnInfo,
-    protocol: &'static str,
-) {
-    let state = inputs.state.load_full();
-    let mut guard = LogGuard::start(
+/// Logs a refused connection; dropping it closes it.
+fn refuse(state: &super::State, conn: ConnInfo, protocol: &'static str, reason: &str) {
+    let mut guard = inbound_guard(state, conn, protocol);
+    guard.record.decision = "deny";
+    guard.record.reason = Some(reason.to_owned());
+}
+
+fn inbound_guard(state: &super::State, conn: ConnInfo, protocol: &'static str) -> LogGuard {
+    LogGuard::start(
         state.log.clone(),
         Record {
             direction: "inbound",
@@ -105,36 +107,81 @@ async fn pass_through(
             original_dst: conn.original_dst,
             ..Record::default()
         },
-    );
+    )
+}
+
+/// HTTP/1 or HTTP/2 from a caller (plaintext, or inside terminated mTLS with `peer` set).
+async fn serve_http<I>(
+    inputs: Arc<Inputs>,
+    io: I,
+    conn: ConnInfo,
+    peer: Option<Arc<str>>,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(inputs.clone(), conn, peer.clone(), req));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Non-HTTP traffic: authorized on identity and port only, then spliced to the app.
+async fn pass_through<I>(
+    inputs: Arc<Inputs>,
+    io: I,
+    conn: ConnInfo,
+    peer: Option<Arc<str>>,
+    protocol: &'static str,
+) where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = inputs.state.load_full();
+    let mut guard = inbound_guard(&state, conn, protocol);
+    guard.record.peer_identity = peer.as_deref().map(str::to_owned);
     let Some(od) = conn.original_dst else {
-        guard.record.error =
-            Some("no original destination and not HTTP: nowhere to send it".into());
+        guard.fail("no original destination and not HTTP: nowhere to send it".into());
         return;
     };
+    guard.record.authority = Some(od.to_string());
+    let asked = authz::Request {
+        identity: peer.as_deref(),
+        port: od.port(),
+        path: None,
+        method: None,
+    };
+    match state.cfg.authz.check(asked) {
+        Ok(rule) => guard.record.rule = Some(rule),
+        Err(reason) => {
+            guard.record.decision = "deny";
+            guard.record.reason = Some(reason);
+            return;
+        }
+    }
     let app = SocketAddr::new(state.cfg.app_host, od.port());
     guard.record.upstream = Some(app);
-    guard.record.authority = Some(od.to_string());
-    let mut upstream = match connect::connect(app, state.cfg.connect_timeout).await {
+    let upstream = match connect::connect(app, state.cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            guard.record.error = Some(e.to_string());
+            guard.fail(e.to_string());
             return;
         }
     };
-    if upstream.write_all(&prefix).await.is_err() {
-        return;
-    }
-    guard
-        .bytes
-        .inbound
-        .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    splice(stream, upstream, guard).await;
+    splice(io, upstream, guard).await;
 }
 
 /// One inbound HTTP request: route, add forwarding headers, send to the app, log.
 async fn handle(
     inputs: Arc<Inputs>,
     conn: ConnInfo,
+    peer: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let state = inputs.state.load_full();
@@ -168,6 +215,36 @@ async fn handle(
             ..Record::default()
         },
     );
+    guard.record.peer_identity = peer.as_deref().map(str::to_owned);
+    match to_app(&state, conn, peer.as_deref(), req, &request_id, &mut guard).await {
+        Ok(resp) => {
+            guard.record.status = resp.status().as_u16();
+            let counter = guard.bytes.clone();
+            Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
+        }
+        Err(e) => {
+            let resp = e.response();
+            guard.record.status = resp.status().as_u16();
+            if e.is_denial() {
+                guard.record.decision = "deny";
+                guard.record.reason = Some(e.to_string());
+            } else {
+                guard.fail(e.to_string());
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// Route → authorize → forwarding headers → the app (pooled) → response filters.
+async fn to_app(
+    state: &super::State,
+    conn: ConnInfo,
+    peer: Option<&str>,
+    req: Request<Incoming>,
+    request_id: &str,
+    guard: &mut LogGuard,
+) -> Result<Response<Body>, ProxyError> {
     let host = guard.record.authority.clone();
     let target = state
         .cfg
@@ -176,58 +253,51 @@ async fn handle(
         .or_else(|| {
             conn.original_dst
                 .map(|od| SocketAddr::new(state.cfg.app_host, od.port()))
-        });
-    let Some(target) = target else {
-        let e = ProxyError::BadRequest(
-            "no inbound route matches and the connection has no original destination".into(),
-        );
-        guard.record.status = 404;
-        guard.record.error = Some(e.to_string());
-        let mut resp = e.response();
-        *resp.status_mut() = http::StatusCode::NOT_FOUND;
-        return Ok(resp);
-    };
+        })
+        .ok_or(ProxyError::NoRoute)?;
     guard.record.upstream = Some(target);
+    let asked = authz::Request {
+        identity: peer,
+        port: conn.original_dst.map_or(target.port(), |od| od.port()),
+        path: Some(req.uri().path()),
+        method: Some(req.method().as_str()),
+    };
+    guard.record.rule = Some(
+        state
+            .cfg
+            .authz
+            .check(asked)
+            .map_err(ProxyError::Unauthorized)?,
+    );
+
     let (mut parts, incoming) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    add_forwarding(&mut parts.headers, conn, host.as_deref(), &request_id);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = Uri::try_from(format!("http://{target}{path}")) else {
-        guard.record.status = 400;
-        return Ok(ProxyError::BadRequest("bad request target".into()).response());
-    };
-    parts.uri = uri;
+    add_forwarding(&mut parts.headers, conn, host.as_deref(), request_id);
+    // Only the proxy may say who the caller is: a caller's own XFCC header is dropped.
+    parts.headers.remove("x-forwarded-client-cert");
+    if let Some(id) = peer {
+        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+            parts.headers.insert("x-forwarded-client-cert", v);
+        }
+    }
+    let client_version = parts.version;
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
     let up = Request::from_parts(
         parts,
         body::boxed(Counted::new(incoming, counter, false, None::<()>)),
     );
-    let result = tokio::time::timeout(state.cfg.response_timeout, state.client.request(up)).await;
-    let resp = match result {
-        Err(_) => Err(ProxyError::ResponseTimeout(target.to_string())),
-        Ok(Err(e)) => Err(ProxyError::Upstream(target.to_string(), format!("{e}"))),
-        Ok(Ok(r)) => Ok(r),
+    let pooled = super::forward::Pooled {
+        client: state.client.clone(),
+        addr: target,
+        timeout: state.cfg.response_timeout,
     };
-    match resp {
-        Ok(resp) => {
-            let (mut parts, incoming) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, false);
-            add_via(&mut parts.headers, http::Version::HTTP_11);
-            guard.record.status = parts.status.as_u16();
-            let counter = guard.bytes.clone();
-            Ok(Response::from_parts(
-                parts,
-                body::boxed(Counted::new(incoming, counter, true, Some(guard))),
-            ))
-        }
-        Err(e) => {
-            let resp = e.response();
-            guard.record.status = resp.status().as_u16();
-            guard.record.error = Some(e.to_string());
-            Ok(resp)
-        }
-    }
+    let resp = pooled.send_to_origin(up).await?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    add_via(&mut parts.headers, parts.version);
+    parts.version = client_version;
+    Ok(Response::from_parts(parts, body))
 }
 
 fn add_forwarding(

@@ -1,0 +1,186 @@
+//! The inbound listener as a reverse proxy, in-process: routes by path prefix, host and
+//! header; forwarding headers; request ids; authorization of plaintext callers; a caller's
+//! own `x-forwarded-client-cert` never reaches the app. (With real iptables redirection and
+//! original destinations: tests/netns_transparent.rs; with mTLS identities: tests/netns_mesh.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use outrider::testing::TestProxy;
+
+/// An app that answers with its name and the request headers it saw, as JSON.
+async fn app(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let headers: serde_json::Map<String, serde_json::Value> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                            .collect();
+                        let body = serde_json::json!({"app": name, "path": req.uri().path(), "headers": headers});
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                            body.to_string(),
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn send(
+    inbound: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn inbound_config(api: SocketAddr, web: SocketAddr, canary: SocketAddr, authz: &str) -> String {
+    format!(
+        "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: /api, headers: {{ x-canary: \"1\" }} }}\n      to: {canary}\n    - match: {{ path_prefix: /api }}\n      to: {api}\n    - match: {{ host: shop.local }}\n      to: {web}\n{authz}"
+    )
+}
+
+#[tokio::test]
+async fn routes_by_path_header_and_host_with_forwarding_headers() {
+    let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
+    let p = TestProxy::start(&inbound_config(api, web, canary, "")).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+
+    let (s, _, body) = send(inbound, "GET", "/api/items", &[("host", "shop.local")]).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["app"], "api", "path prefix wins before host: first match");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert!(v["headers"]["forwarded"]
+        .as_str()
+        .unwrap()
+        .contains("for=127.0.0.1"));
+    let rid = v["headers"]["x-request-id"].as_str().unwrap().to_string();
+    assert_eq!(rid.len(), 32, "a request id is added when missing");
+
+    let (_, _, body) = send(
+        inbound,
+        "GET",
+        "/api/items",
+        &[("host", "shop.local"), ("x-canary", "1")],
+    )
+    .await;
+    assert!(body.contains("\"app\":\"canary\""), "{body}");
+
+    let (_, _, body) = send(
+        inbound,
+        "GET",
+        "/",
+        &[("host", "SHOP.local"), ("x-request-id", "given-id")],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["app"], "web");
+    assert_eq!(
+        v["headers"]["x-request-id"], "given-id",
+        "an existing request id is kept"
+    );
+
+    // No route and no original destination: 404 naming why.
+    let (s, h, _) = send(inbound, "GET", "/", &[("host", "other.local")]).await;
+    assert_eq!(s, 404);
+    assert!(h["x-outrider-error"]
+        .to_str()
+        .unwrap()
+        .contains("no inbound route"));
+
+    let lines = p.log_lines().await;
+    assert!(lines.iter().all(|l| l["direction"] == "inbound"));
+    assert!(lines.iter().any(|l| l["request_id"] == "given-id"));
+}
+
+#[tokio::test]
+async fn authorization_denies_what_no_rule_allows_and_xfcc_is_never_forwarded() {
+    let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
+    let authz = "  authorization:\n    - paths: [/api/]\n      methods: [GET]\n";
+    let p = TestProxy::start(&inbound_config(api, web, canary, authz)).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+
+    let forged = (
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/admin/sa/root",
+    );
+    let (s, _, body) = send(inbound, "GET", "/api/items", &[forged]).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["headers"].get("x-forwarded-client-cert").is_none(),
+        "a caller cannot claim an identity: {body}"
+    );
+
+    let (s, h, _) = send(inbound, "POST", "/api/items", &[]).await;
+    assert_eq!(s, 403);
+    assert!(h["x-outrider-error"]
+        .to_str()
+        .unwrap()
+        .contains("no authorization rule allows"));
+    let (s, _, _) = send(inbound, "GET", "/admin", &[("host", "shop.local")]).await;
+    assert_eq!(s, 403);
+
+    let lines = p.log_lines().await;
+    let denied: Vec<_> = lines.iter().filter(|l| l["decision"] == "deny").collect();
+    assert_eq!(denied.len(), 2);
+}
+
+#[tokio::test]
+async fn strict_mtls_refuses_plaintext() {
+    let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
+    let cfg = inbound_config(api, web, canary, "").replace("mtls: disabled", "mtls: strict");
+    let p = TestProxy::start(&cfg).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/api/x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(
+        sender.send_request(req).await.is_err(),
+        "plaintext must be refused in strict mode"
+    );
+    let lines = p.log_lines().await;
+    assert_eq!(lines[0]["decision"], "deny");
+    assert!(lines[0]["reason"].as_str().unwrap().contains("strict"));
+}
