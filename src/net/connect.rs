@@ -9,8 +9,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Why an upstream connection failed; maps to 502 (refused, reset, unreachable) or 504 (timeout).
@@ -25,6 +30,14 @@ pub enum ConnectError {
         /// The address.
         addr: SocketAddr,
         /// The OS error.
+        source: io::Error,
+    },
+    /// The mesh mTLS handshake with the peer's sidecar failed (wrong CA, wrong identity).
+    #[error("mTLS to mesh peer {addr} failed: {source}")]
+    Mtls {
+        /// The address.
+        addr: SocketAddr,
+        /// The TLS error.
         source: io::Error,
     },
     /// The URI given to the connector carried no IP address (a bug upstream of here).
@@ -52,15 +65,141 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     }
 }
 
-/// The pooled client's connector: dials the IP in the URI, never resolves a name.
-#[derive(Clone, Debug)]
+/// Mesh mTLS for outbound connections: destinations in `networks` are other sidecars,
+/// reached with TLS 1.3 and this workload's certificate.
+#[derive(Clone)]
+pub struct MeshClient {
+    /// The mesh client config (our identity, the mesh roots, SPIFFE checks).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// CIDRs that are in the mesh.
+    pub networks: Arc<Vec<IpNet>>,
+}
+
+impl MeshClient {
+    /// Whether `addr` is a mesh destination.
+    pub fn covers(&self, addr: SocketAddr) -> bool {
+        self.networks.iter().any(|n| n.contains(&addr.ip()))
+    }
+
+    /// Wraps a connection to a mesh peer in mTLS.
+    pub async fn handshake(
+        &self,
+        addr: SocketAddr,
+        tcp: TcpStream,
+    ) -> Result<MaybeTls, ConnectError> {
+        // The peer is checked by its SPIFFE ID, not by name: the server name is only a label.
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        match connector.connect(name, tcp).await {
+            Ok(tls) => Ok(MaybeTls::Tls(Box::new(tls))),
+            Err(source) => {
+                metrics::counter!("outrider_upstream_connect_errors_total").increment(1);
+                Err(ConnectError::Mtls { addr, source })
+            }
+        }
+    }
+}
+
+/// Dials `addr`, wrapping it in mesh mTLS when the destination is in the mesh.
+pub async fn connect_maybe_mesh(
+    addr: SocketAddr,
+    timeout: Duration,
+    mesh: Option<&MeshClient>,
+) -> Result<MaybeTls, ConnectError> {
+    let tcp = connect(addr, timeout).await?;
+    match mesh.filter(|m| m.covers(addr)) {
+        Some(m) => m.handshake(addr, tcp).await,
+        None => Ok(MaybeTls::Plain(tcp)),
+    }
+}
+
+/// An upstream connection: plain TCP, or mTLS to another sidecar.
+pub enum MaybeTls {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mesh mTLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl MaybeTls {
+    /// Whether this is a mesh mTLS connection.
+    pub fn is_mesh(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
+    }
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl Connection for MaybeTls {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// The pooled client's connector: dials the IP in the URI, never resolves a name, and speaks
+/// mesh mTLS to mesh destinations (so HTTP between sidecars reuses pooled mTLS connections).
+#[derive(Clone)]
 pub struct CheckedConnector {
     /// Connect timeout.
     pub timeout: Duration,
+    /// Mesh mTLS, when this workload has an identity.
+    pub mesh: Option<MeshClient>,
 }
 
 impl tower_service::Service<Uri> for CheckedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<MaybeTls>;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -70,9 +209,12 @@ impl tower_service::Service<Uri> for CheckedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = self.timeout;
+        let mesh = self.mesh.clone();
         Box::pin(async move {
             let addr = uri_addr(&uri).ok_or_else(|| ConnectError::NoAddress(uri.to_string()))?;
-            connect(addr, timeout).await.map(TokioIo::new)
+            connect_maybe_mesh(addr, timeout, mesh.as_ref())
+                .await
+                .map(TokioIo::new)
         })
     }
 }

@@ -261,6 +261,10 @@ fn upstream_error(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Er
                     source: std::io::Error::new(source.kind(), source.to_string()),
                 },
                 ConnectError::NoAddress(u) => ConnectError::NoAddress(u.clone()),
+                ConnectError::Mtls { addr, source } => ConnectError::Mtls {
+                    addr: *addr,
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
             });
         }
         source = s.source();

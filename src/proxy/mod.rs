@@ -53,6 +53,7 @@ impl State {
         };
         let connector = CheckedConnector {
             timeout: cfg.connect_timeout,
+            mesh: None,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
