@@ -12,7 +12,6 @@ use rustls::SignatureScheme;
 use rustls_pki_types::ServerName;
 
 use super::ca_server::{ErrorBody, SignRequest, SignResponse};
-use super::identity::IdentityConfig;
 use super::mtls::TrustBundle;
 
 // A CA that doesn't answer within this is treated as down; the caller retries.
@@ -68,33 +67,31 @@ impl ResolvesClientCert for Fixed {
     }
 }
 
-/// Sends one sign request. `client_cert` authenticates a renewal; `token` a bootstrap.
-pub(crate) async fn sign(
-    cfg: &IdentityConfig,
+/// Sends one `POST /v1/sign` to the CA at `ca_url` (`https://host:port`), verifying the CA's
+/// certificate against `bundle`. `client_cert` authenticates a renewal; `req.token` a bootstrap.
+pub async fn sign(
+    ca_url: &str,
     bundle: &TrustBundle,
-    csr_pem: &str,
-    token: Option<&str>,
-    ttl: Option<Duration>,
+    req: &SignRequest,
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Result<SignResponse, FetchError> {
-    let url = cfg.ca_url.clone();
+    let url = ca_url.to_owned();
     let unreachable = |reason: String| FetchError::Unreachable {
         url: url.clone(),
         reason,
     };
-    let uri: http::Uri = cfg
-        .ca_url
+    let uri: http::Uri = ca_url
         .parse()
-        .map_err(|e| FetchError::Local(format!("identity.ca_url: {e}")))?;
+        .map_err(|e| FetchError::Local(format!("CA URL {ca_url:?}: {e}")))?;
     let host = uri
         .host()
-        .ok_or_else(|| FetchError::Local("identity.ca_url has no host".into()))?
+        .ok_or_else(|| FetchError::Local("the CA URL has no host".into()))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let server_name = ServerName::try_from(host.clone())
-        .map_err(|e| FetchError::Local(format!("identity.ca_url host: {e}")))?;
+        .map_err(|e| FetchError::Local(format!("CA URL host: {e}")))?;
     let path = format!("{}/v1/sign", uri.path().trim_end_matches('/'));
 
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -109,12 +106,7 @@ pub(crate) async fn sign(
     };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
 
-    let body = serde_json::to_vec(&SignRequest {
-        csr: csr_pem.to_owned(),
-        token: token.map(str::to_owned),
-        ttl_seconds: ttl.map(|t| t.as_secs()),
-    })
-    .map_err(|e| FetchError::Local(e.to_string()))?;
+    let body = serde_json::to_vec(req).map_err(|e| FetchError::Local(e.to_string()))?;
     let authority = uri
         .authority()
         .map(|a| a.to_string())

@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
 use super::ca_client::{self, FetchError};
+use super::ca_server::SignRequest;
 use super::spiffe::SpiffeId;
 use super::token::unix_seconds;
 
@@ -348,7 +349,12 @@ async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, Fetch
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| FetchError::Local(e.to_string()))?;
-    let ttl = cfg.requested_ttl();
+    let ttl_seconds = cfg.requested_ttl().map(|t| t.as_secs());
+    let request = |token: Option<&str>| SignRequest {
+        csr: csr.clone(),
+        token: token.map(str::to_owned),
+        ttl_seconds,
+    };
 
     // Renew with the certificate we hold while it's valid; otherwise (or if the CA says no)
     // use the bootstrap token.
@@ -358,11 +364,12 @@ async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, Fetch
         None
     };
     let resp = match current {
-        Some(cert) => match ca_client::sign(cfg, &shared.bundle, &csr, None, ttl, Some(cert)).await
-        {
-            Err(FetchError::Refused { status, .. }) if status == 401 || status == 400 => None,
-            other => Some(other?),
-        },
+        Some(cert) => {
+            match ca_client::sign(&cfg.ca_url, &shared.bundle, &request(None), Some(cert)).await {
+                Err(FetchError::Refused { status, .. }) if status == 401 || status == 400 => None,
+                other => Some(other?),
+            }
+        }
         None => None,
     };
     let resp = match resp {
@@ -374,7 +381,13 @@ async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, Fetch
                     cfg.token_file.display()
                 ))
             })?;
-            ca_client::sign(cfg, &shared.bundle, &csr, Some(token.trim()), ttl, None).await?
+            ca_client::sign(
+                &cfg.ca_url,
+                &shared.bundle,
+                &request(Some(token.trim())),
+                None,
+            )
+            .await?
         }
     };
 

@@ -1,13 +1,13 @@
 //! TLS: the mesh CA, workload identity, and the rustls client and server configs.
 //!
 //! - [`ca`]: the CA's files, tokens, issuing; `outrider ca init|token|serve` ([`ca::CaCommand`]).
-//! - [`ca_server`]: the CA's HTTPS endpoint `POST /v1/sign`.
+//! - [`ca_server`]: the CA's HTTPS endpoint `POST /v1/sign`; [`ca_client`] calls it.
 //! - [`identity`]: a workload's key and certificate, renewed in the background.
 //! - [`mtls`]: rustls configs and verifiers for mesh mTLS, [`mtls::peer_spiffe_id`].
 //! - [`spiffe`]: the [`spiffe::SpiffeId`] type and authorization patterns.
 
 pub mod ca;
-mod ca_client;
+pub mod ca_client;
 pub mod ca_server;
 pub mod identity;
 pub mod mtls;
