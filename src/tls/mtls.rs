@@ -80,7 +80,7 @@ impl TrustBundle {
 }
 
 /// Why a peer's certificate is not a mesh identity; carried in rustls' error.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub(crate) enum PeerIdError {
     #[error("peer certificate cannot be parsed")]
     Parse,
@@ -92,6 +92,13 @@ pub(crate) enum PeerIdError {
     TrustDomain(String, String),
     #[error("peer identity {0} is not one of the expected identities")]
     Unexpected(String),
+}
+
+// rustls prints the inner error with Debug; make that the readable sentence.
+impl std::fmt::Debug for PeerIdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn reject(e: PeerIdError) -> rustls::Error {
