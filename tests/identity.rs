@@ -493,3 +493,36 @@ fn identity_config_errors_name_the_key() {
     let err = serde_json::from_value::<IdentityConfig>(unknown).unwrap_err();
     assert!(err.to_string().contains("ca_urll"), "{err}");
 }
+
+#[tokio::test]
+async fn expiry_gauge_follows_the_current_certificate() {
+    // The only recorder in this test binary; gauges are labelled by identity, so other tests
+    // running alongside don't disturb the line checked here.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let mesh = Mesh::new().await;
+    let id = mesh.identity("ns/metrics/sa/probe", Some("4s")).await;
+    let line = |not_after: u64| {
+        format!(
+            "outrider_identity_cert_expiry_timestamp_seconds{{identity=\"spiffe://mesh.test/ns/metrics/sa/probe\"}} {not_after}"
+        )
+    };
+    let first = id.not_after().unwrap();
+    assert!(
+        metrics.render().contains(&line(first)),
+        "{}",
+        metrics.render()
+    );
+    eventually(Duration::from_secs(6), "a renewal", || {
+        id.stats().issued >= 2
+    })
+    .await;
+    let renewed = id.not_after().unwrap();
+    assert!(renewed > first);
+    assert!(
+        metrics.render().contains(&line(renewed)),
+        "{}",
+        metrics.render()
+    );
+}

@@ -163,6 +163,32 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     Ok((SerialNumber::from_slice(&bytes), hex(&bytes)))
 }
 
+/// A root that signs only end-entity certificates (path length 0).
+fn root_params(
+    trust_domain: &str,
+    now: SystemTime,
+    root_ttl: Duration,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "outrider");
+    dn.push(
+        DnType::CommonName,
+        format!("outrider mesh root {trust_domain}"),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = to_offset(now - BACKDATE);
+    params.not_after = to_offset(now + root_ttl);
+    params.serial_number = Some(random_serial()?.0);
+    Ok(params)
+}
+
 fn cert_not_after(der: &[u8]) -> Option<u64> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     u64::try_from(cert.validity().not_after.timestamp()).ok()
@@ -195,23 +221,7 @@ impl MeshCa {
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "outrider");
-        dn.push(
-            DnType::CommonName,
-            format!("outrider mesh root {trust_domain}"),
-        );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = to_offset(now - BACKDATE);
-        params.not_after = to_offset(now + root_ttl);
-        params.serial_number = Some(random_serial()?.0);
+        let params = root_params(trust_domain, now, root_ttl)?;
         let cert = params.self_signed(&key)?;
 
         let mut secret = [0u8; 32];

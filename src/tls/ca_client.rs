@@ -67,6 +67,56 @@ impl ResolvesClientCert for Fixed {
     }
 }
 
+/// Where the CA is, from its URL.
+struct Target {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    path: String,
+    authority: String,
+}
+
+impl Target {
+    fn parse(ca_url: &str) -> Result<Target, FetchError> {
+        let local = |what: String| FetchError::Local(format!("CA URL {ca_url:?}: {what}"));
+        let uri: http::Uri = ca_url.parse().map_err(|e| local(format!("{e}")))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| local("no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = ServerName::try_from(host.clone()).map_err(|e| local(format!("{e}")))?;
+        Ok(Target {
+            port: uri.port_u16().unwrap_or(443),
+            server_name,
+            path: format!("{}/v1/sign", uri.path().trim_end_matches('/')),
+            authority: uri
+                .authority()
+                .map_or_else(|| host.clone(), |a| a.to_string()),
+            host,
+        })
+    }
+}
+
+/// TLS to the CA: its certificate must chain to the mesh root and name the URL's host.
+fn tls_config(
+    bundle: &TrustBundle,
+    client_cert: Option<Arc<CertifiedKey>>,
+) -> Result<rustls::ClientConfig, FetchError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FetchError::Local(e.to_string()))?
+        .with_root_certificates(bundle.roots());
+    let mut tls = match client_cert {
+        Some(cert) => builder.with_client_cert_resolver(Arc::new(Fixed(cert))),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
 /// Sends one `POST /v1/sign` to the CA at `ca_url` (`https://host:port`), verifying the CA's
 /// certificate against `bundle`. `client_cert` authenticates a renewal; `req.token` a bootstrap.
 pub async fn sign(
@@ -75,76 +125,18 @@ pub async fn sign(
     req: &SignRequest,
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Result<SignResponse, FetchError> {
-    let url = ca_url.to_owned();
+    let target = Target::parse(ca_url)?;
+    let tls = tls_config(bundle, client_cert)?;
+    let body = serde_json::to_vec(req).map_err(|e| FetchError::Local(e.to_string()))?;
     let unreachable = |reason: String| FetchError::Unreachable {
-        url: url.clone(),
+        url: ca_url.to_owned(),
         reason,
     };
-    let uri: http::Uri = ca_url
-        .parse()
-        .map_err(|e| FetchError::Local(format!("CA URL {ca_url:?}: {e}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| FetchError::Local("the CA URL has no host".into()))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(443);
-    let server_name = ServerName::try_from(host.clone())
-        .map_err(|e| FetchError::Local(format!("CA URL host: {e}")))?;
-    let path = format!("{}/v1/sign", uri.path().trim_end_matches('/'));
-
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| FetchError::Local(e.to_string()))?
-    .with_root_certificates(bundle.roots());
-    let mut tls = match client_cert {
-        Some(cert) => builder.with_client_cert_resolver(Arc::new(Fixed(cert))),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-
-    let body = serde_json::to_vec(req).map_err(|e| FetchError::Local(e.to_string()))?;
-    let authority = uri
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| host.clone());
-
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| unreachable(format!("connect: {e}")))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| unreachable(format!("TLS: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(format!("HTTP: {e}")))?;
-        let conn_task = tokio::spawn(conn);
-        let req = http::Request::post(path.as_str())
-            .header(http::header::HOST, authority.as_str())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| FetchError::Local(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(format!("HTTP: {e}")))?;
-        let status = resp.status();
-        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| unreachable(format!("reading the response: {e}")))?
-            .to_bytes();
-        conn_task.abort();
-        Ok::<_, FetchError>((status, bytes))
-    };
-    let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange(target, tls, body))
         .await
-        .map_err(|_| unreachable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))??;
+        .map_err(|_| format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))
+        .and_then(|r| r)
+        .map_err(unreachable)?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| FetchError::BadResponse(e.to_string()));
     }
@@ -157,4 +149,40 @@ pub async fn sign(
         error: err.error,
         message: err.message,
     })
+}
+
+/// Connect, TLS, one HTTP/1.1 request. Errors say which step failed.
+async fn exchange(
+    target: Target,
+    tls: rustls::ClientConfig,
+    body: Vec<u8>,
+) -> Result<(http::StatusCode, Bytes), String> {
+    let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(target.server_name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::post(target.path.as_str())
+        .header(http::header::HOST, target.authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let status = resp.status();
+    let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the response: {e}"))?
+        .to_bytes();
+    conn_task.abort();
+    Ok((status, bytes))
 }

@@ -273,30 +273,40 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Byte
     resp
 }
 
-fn refuse(
+/// A refused request: the status, a stable code and a sentence, as sent to the caller.
+struct Refusal {
     status: StatusCode,
-    code: &str,
+    code: &'static str,
     message: String,
-    peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    tracing::warn!(%peer, status = status.as_u16(), error = code, reason = %message, "CA refused to sign");
-    json(
-        status,
-        &ErrorBody {
-            error: code.to_owned(),
-            message,
-        },
-    )
 }
 
-fn token_refusal(e: &TokenError) -> (StatusCode, &'static str) {
-    match e {
-        TokenError::Malformed(_) => (StatusCode::BAD_REQUEST, "token_malformed"),
-        TokenError::UnknownVersion(_) => (StatusCode::BAD_REQUEST, "token_unknown_version"),
-        TokenError::BadSignature => (StatusCode::UNAUTHORIZED, "token_invalid_signature"),
-        TokenError::Expired { .. } => (StatusCode::UNAUTHORIZED, "token_expired"),
-        TokenError::WrongTrustDomain(..) => (StatusCode::UNAUTHORIZED, "token_wrong_trust_domain"),
-        TokenError::Random => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Refusal {
+        Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Refusal {
+        let (status, code) = match &e {
+            TokenError::Malformed(_) => (StatusCode::BAD_REQUEST, "token_malformed"),
+            TokenError::UnknownVersion(_) => (StatusCode::BAD_REQUEST, "token_unknown_version"),
+            TokenError::BadSignature => (StatusCode::UNAUTHORIZED, "token_invalid_signature"),
+            TokenError::Expired { .. } => (StatusCode::UNAUTHORIZED, "token_expired"),
+            TokenError::WrongTrustDomain(..) => {
+                (StatusCode::UNAUTHORIZED, "token_wrong_trust_domain")
+            }
+            TokenError::Random => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Refusal::new(status, code, e.to_string())
     }
 }
 
@@ -306,65 +316,28 @@ async fn handle(
     peer: SocketAddr,
     cert_id: Option<SpiffeId>,
 ) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/v1/sign" {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such endpoint {}: use POST /v1/sign", req.uri().path()),
-            peer,
-        );
+    match sign(state, req, peer, cert_id).await {
+        Ok(resp) => json(StatusCode::OK, &resp),
+        Err(r) => {
+            tracing::warn!(%peer, status = r.status.as_u16(), error = r.code, reason = %r.message, "CA refused to sign");
+            let body = ErrorBody {
+                error: r.code.to_owned(),
+                message: r.message,
+            };
+            json(r.status, &body)
+        }
     }
-    if req.method() != Method::POST {
-        return refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use POST /v1/sign".into(),
-            peer,
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read the body: {e}"),
-                peer,
-            )
-        }
-    };
-    let sign: SignRequest = match serde_json::from_slice(&body) {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the body is not a sign request: {e}"),
-                peer,
-            )
-        }
-    };
-    let (id, via) = match (&sign.token, cert_id) {
-        (Some(token), _) => match state.ca.check_token(token) {
-            Ok(claims) => {
-                let via = format!("token {}", claims.jti);
-                (claims.sub, via)
-            }
-            Err(e) => {
-                let (status, code) = token_refusal(&e);
-                return refuse(status, code, e.to_string(), peer);
-            }
-        },
-        (None, Some(id)) => (id, "renewal with current certificate".to_owned()),
-        (None, None) => {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "no token and no mesh client certificate: send a bootstrap token".into(),
-                peer,
-            )
-        }
-    };
+}
+
+/// The whole of `POST /v1/sign`: read, authenticate, issue, log.
+async fn sign(
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    cert_id: Option<SpiffeId>,
+) -> Result<SignResponse, Refusal> {
+    let sign = read_request(req).await?;
+    let (id, via) = authenticate(state, &sign, cert_id)?;
     let ttl = match sign.ttl_seconds {
         Some(s) => Duration::from_secs(s).min(state.max_ttl),
         None => state.max_ttl,
@@ -372,30 +345,73 @@ async fn handle(
     match state.ca.issue(&sign.csr, &id, ttl) {
         Ok(issued) => {
             tracing::info!(%peer, identity = %id, serial = %issued.serial, not_after = issued.not_after, via = %via, "CA issued a certificate");
-            json(
-                StatusCode::OK,
-                &SignResponse {
-                    spiffe_id: id.to_string(),
-                    chain: issued.chain_pem,
-                    not_after: issued.not_after,
-                    serial: issued.serial,
-                },
-            )
+            Ok(SignResponse {
+                spiffe_id: id.to_string(),
+                chain: issued.chain_pem,
+                not_after: issued.not_after,
+                serial: issued.serial,
+            })
         }
-        Err(e @ (SignError::Csr(_) | SignError::Ttl)) => refuse(
-            StatusCode::BAD_REQUEST,
-            "bad_csr",
-            format!("{e} (identity {id})"),
-            peer,
-        ),
+        Err(e @ SignError::Ttl) => Err(Refusal::bad_request(e.to_string())),
+        Err(e @ SignError::Csr(_)) => {
+            let msg = format!("{e} (identity {id})");
+            Err(Refusal::new(StatusCode::BAD_REQUEST, "bad_csr", msg))
+        }
         Err(e @ SignError::Cert(_)) => {
             tracing::error!(%peer, identity = %id, error = %e, "CA failed to sign");
-            refuse(
+            let msg = "the CA failed to sign; see its log";
+            Err(Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                "the CA failed to sign; see its log".into(),
-                peer,
-            )
+                msg,
+            ))
+        }
+    }
+}
+
+async fn read_request(req: Request<Incoming>) -> Result<SignRequest, Refusal> {
+    if req.uri().path() != "/v1/sign" {
+        let msg = format!("no such endpoint {}: use POST /v1/sign", req.uri().path());
+        return Err(Refusal::new(StatusCode::NOT_FOUND, "not_found", msg));
+    }
+    if req.method() != Method::POST {
+        let msg = "use POST /v1/sign";
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            msg,
+        ));
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| Refusal::bad_request(format!("cannot read the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| Refusal::bad_request(format!("the body is not a sign request: {e}")))
+}
+
+/// Whom to issue for: the token's identity, or for a renewal without a token, the identity of
+/// the verified mesh certificate the caller presented. Returns the identity and how it was
+/// established, for the log.
+fn authenticate(
+    state: &State,
+    sign: &SignRequest,
+    cert_id: Option<SpiffeId>,
+) -> Result<(SpiffeId, String), Refusal> {
+    match (&sign.token, cert_id) {
+        (Some(token), _) => {
+            let claims = state.ca.check_token(token)?;
+            Ok((claims.sub, format!("token {}", claims.jti)))
+        }
+        (None, Some(id)) => Ok((id, "renewal with current certificate".to_owned())),
+        (None, None) => {
+            let msg = "no token and no mesh client certificate: send a bootstrap token";
+            Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                msg,
+            ))
         }
     }
 }

@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
 use super::ca_client::{self, FetchError};
-use super::ca_server::SignRequest;
+use super::ca_server::{SignRequest, SignResponse};
 use super::spiffe::SpiffeId;
 use super::token::unix_seconds;
 
@@ -278,7 +278,8 @@ impl Shared {
             not_after,
         })));
         self.issued.send_modify(|n| *n += 1);
-        metrics::gauge!("outrider_identity_cert_expiry_timestamp_seconds").set(not_after as f64);
+        metrics::gauge!("outrider_identity_cert_expiry_timestamp_seconds", "identity" => self.id.to_string())
+            .set(not_after as f64);
     }
 
     fn fail(&self, e: &FetchError) {
@@ -335,62 +336,24 @@ async fn renew_loop(shared: Arc<Shared>, cfg: IdentityConfig) {
     }
 }
 
-/// One attempt: new key, CSR, sign request. Returns the new certificate's remaining lifetime.
-async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, FetchError> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| FetchError::Local(e.to_string()))?;
+/// A fresh key (it never leaves this process) and a CSR naming our identity.
+fn new_key_and_csr(id: &SpiffeId) -> Result<(rcgen::KeyPair, String), FetchError> {
+    let local = |e: rcgen::Error| FetchError::Local(format!("making a key and CSR: {e}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(local)?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names =
-        vec![rcgen::SanType::URI(shared.id.as_str().try_into().map_err(
-            |e: rcgen::Error| FetchError::Local(e.to_string()),
-        )?)];
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.as_str().try_into().map_err(local)?)];
     let csr = params
         .serialize_request(&key)
         .and_then(|c| c.pem())
-        .map_err(|e| FetchError::Local(e.to_string()))?;
-    let ttl_seconds = cfg.requested_ttl().map(|t| t.as_secs());
-    let request = |token: Option<&str>| SignRequest {
-        csr: csr.clone(),
-        token: token.map(str::to_owned),
-        ttl_seconds,
-    };
+        .map_err(local)?;
+    Ok((key, csr))
+}
 
-    // Renew with the certificate we hold while it's valid; otherwise (or if the CA says no)
-    // use the bootstrap token.
-    let current = if shared.is_ready() {
-        shared.certified.load_full()
-    } else {
-        None
-    };
-    let resp = match current {
-        Some(cert) => {
-            match ca_client::sign(&cfg.ca_url, &shared.bundle, &request(None), Some(cert)).await {
-                Err(FetchError::Refused { status, .. }) if status == 401 || status == 400 => None,
-                other => Some(other?),
-            }
-        }
-        None => None,
-    };
-    let resp = match resp {
-        Some(r) => r,
-        None => {
-            let token = std::fs::read_to_string(&cfg.token_file).map_err(|e| {
-                FetchError::Local(format!(
-                    "identity.token_file {}: {e}",
-                    cfg.token_file.display()
-                ))
-            })?;
-            ca_client::sign(
-                &cfg.ca_url,
-                &shared.bundle,
-                &request(Some(token.trim())),
-                None,
-            )
-            .await?
-        }
-    };
-
+/// One attempt: new key, CSR, sign request. Returns the new certificate's remaining lifetime.
+async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, FetchError> {
+    let (key, csr) = new_key_and_csr(&shared.id)?;
+    let resp = request(shared, cfg, csr).await?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let (certified, not_after, id) =
         certified_key(&resp.chain, key_der).map_err(FetchError::BadResponse)?;
@@ -408,4 +371,38 @@ async fn obtain(shared: &Shared, cfg: &IdentityConfig) -> Result<Duration, Fetch
     tracing::info!(identity = %id, serial = %resp.serial, not_after, "identity: obtained certificate");
     let expiry = std::time::UNIX_EPOCH + Duration::from_secs(not_after);
     Ok(expiry.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// Asks the CA to sign `csr`: with the certificate we hold while it's valid (the bootstrap
+/// token is usually short-lived), otherwise, or if the CA refuses that, with the token.
+async fn request(
+    shared: &Shared,
+    cfg: &IdentityConfig,
+    csr: String,
+) -> Result<SignResponse, FetchError> {
+    let mut req = SignRequest {
+        csr,
+        token: None,
+        ttl_seconds: cfg.requested_ttl().map(|t| t.as_secs()),
+    };
+    if shared.is_ready() {
+        if let Some(cert) = shared.certified.load_full() {
+            match ca_client::sign(&cfg.ca_url, &shared.bundle, &req, Some(cert)).await {
+                Err(FetchError::Refused { status, error, .. })
+                    if status == 401 || status == 400 =>
+                {
+                    tracing::info!(identity = %shared.id, error, "identity: CA refused a renewal by certificate; trying the token");
+                }
+                other => return other,
+            }
+        }
+    }
+    let token = std::fs::read_to_string(&cfg.token_file).map_err(|e| {
+        FetchError::Local(format!(
+            "identity.token_file {}: {e}",
+            cfg.token_file.display()
+        ))
+    })?;
+    req.token = Some(token.trim().to_owned());
+    ca_client::sign(&cfg.ca_url, &shared.bundle, &req, None).await
 }
