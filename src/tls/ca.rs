@@ -524,6 +524,7 @@ pub async fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             tracing::info!(addr = %server.local_addr(), "mesh CA serving");
             shutdown_signal().await;
             server.shutdown().await;
+            tracing::info!("mesh CA stopped");
         }
     }
     Ok(())
