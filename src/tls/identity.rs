@@ -175,7 +175,10 @@ impl WorkloadIdentity {
         let id = SpiffeId::parse(&cfg.id).map_err(|e| IdentityError::Config(e.to_string()))?;
         let bundle = TrustBundle::from_file(&cfg.ca_bundle)?;
         let shared = Arc::new(Shared::new(id, bundle));
-        let task = tokio::spawn(renew_loop(shared.clone(), cfg.clone()));
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            IdentityError::Config("identity: must start inside a Tokio runtime".into())
+        })?;
+        let task = runtime.spawn(renew_loop(shared.clone(), cfg.clone()));
         Ok(WorkloadIdentity {
             shared,
             task: Some(task),
