@@ -34,6 +34,9 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// The mesh CA: init, token, serve.
+    #[command(subcommand)]
+    Ca(outrider::tls::ca::CaCommand),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ca(cmd) => {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(outrider::tls::ca::run_ca(cmd)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outrider ca: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::DefaultConfig => {
             print!("{}", outrider::config::EMBEDDED_DEFAULT);
             ExitCode::SUCCESS
