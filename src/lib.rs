@@ -13,6 +13,6 @@ pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod server;
-pub mod tls;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod tls;

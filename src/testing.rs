@@ -76,7 +76,8 @@ impl Drop for TempDir {
 /// Parses the test's YAML and points the listeners at `127.0.0.1:0` and the access log at
 /// `log`. Returns the config as JSON text (JSON is YAML), ready to be written to a file.
 pub fn prepare_config(yaml: &str, log: &Path) -> (Config, String) {
-    let mut cfg = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{yaml}"));
+    let mut cfg = Config::from_yaml(yaml)
+        .unwrap_or_else(|e| panic!("test config does not parse: {e}\n{yaml}"));
     cfg.admin.listen = "127.0.0.1:0".into();
     cfg.outbound.listen = "127.0.0.1:0".into();
     if let Some(i) = cfg.inbound.as_mut() {
@@ -107,8 +108,11 @@ impl TestProxy {
         let config_path = dir.path().join("outrider.yaml");
         let (cfg, text) = prepare_config(yaml, &log_path);
         std::fs::write(&config_path, text).unwrap();
-        let compiled = config::validate(cfg).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"));
-        let server = Server::bind(compiled, Some(config_path.clone())).await.unwrap();
+        let compiled =
+            config::validate(cfg).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"));
+        let server = Server::bind(compiled, Some(config_path.clone()))
+            .await
+            .unwrap();
         let handle = server.handle();
         let task = tokio::spawn(server.run());
         // `run` marks itself ready once its accept loops are spawned.
@@ -204,7 +208,10 @@ pub fn read_log(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Waits (up to 5 s) for a record in `path` that satisfies `pred`.
-pub async fn wait_log_file(path: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub async fn wait_log_file(
+    path: &Path,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(r) = read_log(path).into_iter().find(|r| pred(r)) {
@@ -280,7 +287,10 @@ impl BinProxy {
                 Ok(_) => {}
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("outrider did not report ready; stderr:\n{}", stderr.lock().unwrap());
+                    panic!(
+                        "outrider did not report ready; stderr:\n{}",
+                        stderr.lock().unwrap()
+                    );
                 }
             }
         };
@@ -365,7 +375,9 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// A real HTTP/1 origin on 127.0.0.1:0.
 ///
 /// Routes: `/stream?bytes=N` (N bytes in 64 KiB chunks, generated as sent), `/upload`
-/// (consumes the body, answers its byte count), `/slow?ms=N` (answers after N ms), and
+/// (consumes the body, answers its byte count), `/slow?ms=N` (answers after N ms),
+/// `/drip?n=N&ms=M` (head at once, then N one-byte chunks M ms apart), `/upgrade` (with an
+/// `Upgrade` header: 101, then a byte echo), and
 /// anything else echoes the request as JSON `{method, uri, headers: {name: [values]}}`.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -380,7 +392,12 @@ type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 impl Upstream {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Like [`Upstream::start`] on another loopback address, e.g. `[::1]:0`.
+    pub async fn start_on(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -388,7 +405,9 @@ impl Upstream {
         let (r, c, s) = (requests.clone(), connections.clone(), streamed.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, s) = (r.clone(), s.clone());
                 tokio::spawn(async move {
@@ -398,6 +417,7 @@ impl Upstream {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -446,7 +466,10 @@ fn full_body(b: impl Into<Bytes>) -> UpBody {
     Full::new(b.into()).boxed()
 }
 
-async fn upstream_route(req: Request<Incoming>, streamed: Arc<AtomicU64>) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_route(
+    req: Request<Incoming>,
+    streamed: Arc<AtomicU64>,
+) -> Result<Response<UpBody>, Infallible> {
     let q = query(&req);
     let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     match req.uri().path() {
@@ -462,12 +485,17 @@ async fn upstream_route(req: Request<Incoming>, streamed: Arc<AtomicU64>) -> Res
                     }
                     let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
                     streamed.fetch_add(n as u64, Ordering::Relaxed);
-                    Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n))), sent + n as u64))
+                    Some((
+                        Ok::<_, Infallible>(Frame::data(chunk.slice(..n))),
+                        sent + n as u64,
+                    ))
                 }
             });
             let mut resp = Response::new(StreamBody::new(stream).boxed());
-            resp.headers_mut()
-                .insert(http::header::CONTENT_LENGTH, total.to_string().parse().unwrap());
+            resp.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                total.to_string().parse().unwrap(),
+            );
             Ok(resp)
         }
         "/upload" => {
@@ -481,6 +509,45 @@ async fn upstream_route(req: Request<Incoming>, streamed: Arc<AtomicU64>) -> Res
             }
             Ok(Response::new(full_body(n.to_string())))
         }
+        "/drip" => {
+            // The head now, then one byte every `ms` for `n` bytes: a slow body, not a slow head.
+            let (n, ms) = (num("n"), num("ms"));
+            let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+                if sent >= n {
+                    return None;
+                }
+                if sent > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"d"))),
+                    sent + 1,
+                ))
+            });
+            Ok(Response::new(StreamBody::new(stream).boxed()))
+        }
+        "/upgrade" if req.headers().contains_key(http::header::UPGRADE) => {
+            // Switches to a byte echo, like a WebSocket server would switch protocols.
+            let on_upgrade = hyper::upgrade::on(req);
+            tokio::spawn(async move {
+                if let Ok(up) = on_upgrade.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut resp = Response::new(full_body(Bytes::new()));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert(http::header::UPGRADE, "echo".parse().unwrap());
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+            Ok(resp)
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(num("ms"))).await;
             Ok(Response::new(full_body("slow done")))
@@ -492,7 +559,11 @@ async fn upstream_route(req: Request<Incoming>, streamed: Arc<AtomicU64>) -> Res
                     .entry(name.as_str().to_owned())
                     .or_insert_with(|| serde_json::Value::Array(Vec::new()));
                 if let serde_json::Value::Array(a) = entry {
-                    a.push(String::from_utf8_lossy(value.as_bytes()).into_owned().into());
+                    a.push(
+                        String::from_utf8_lossy(value.as_bytes())
+                            .into_owned()
+                            .into(),
+                    );
                 }
             }
             let echo = serde_json::json!({
@@ -501,12 +572,16 @@ async fn upstream_route(req: Request<Incoming>, streamed: Arc<AtomicU64>) -> Res
                 "headers": headers,
             });
             let mut resp = Response::new(full_body(echo.to_string()));
-            resp.headers_mut()
-                .insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            );
             resp.headers_mut()
                 .insert("x-upstream-secret-hop", "1".parse().unwrap());
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, "x-upstream-secret-hop".parse().unwrap());
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                "x-upstream-secret-hop".parse().unwrap(),
+            );
             Ok(resp)
         }
     }
@@ -527,7 +602,9 @@ impl TcpEcho {
         let c = connections.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { continue };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let (mut r, mut w) = s.split();
@@ -535,7 +612,11 @@ impl TcpEcho {
                 });
             }
         });
-        Self { addr, connections, task }
+        Self {
+            addr,
+            connections,
+            task,
+        }
     }
 }
 
@@ -590,7 +671,9 @@ pub struct ProxyClient {
 impl ProxyClient {
     pub async fn connect(proxy: SocketAddr) -> Self {
         let stream = TcpStream::connect(proxy).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -610,7 +693,10 @@ impl ProxyClient {
             b = b.header(*k, *v);
         }
         let req = b.body(full_body(Bytes::new())).unwrap();
-        let resp = self.send(req).await.unwrap_or_else(|e| panic!("GET {url} through the proxy: {e}"));
+        let resp = self
+            .send(req)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url} through the proxy: {e}"));
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         Resp {
@@ -651,7 +737,10 @@ pub fn generated_body(total: u64) -> ClientBody {
                 return None;
             }
             let n = usize::try_from((total - sent).min(chunk.len() as u64)).unwrap();
-            Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n))), sent + n as u64))
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n))),
+                sent + n as u64,
+            ))
         }
     });
     StreamBody::new(stream).boxed()
@@ -669,7 +758,9 @@ impl RawResp {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
         })
     }
 }
@@ -680,7 +771,29 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResp {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    // Until the peer closes, or one whole response (head plus Content-Length body) is in.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if let Some(len) = len {
+                    if buf.len() >= end + 4 + len {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
     let all = String::from_utf8_lossy(&buf).into_owned();
     let head = all.split("\r\n\r\n").next().unwrap_or("").to_owned();
     let status = head
@@ -721,7 +834,10 @@ impl CurlOut {
 /// Runs `/usr/bin/curl -sS <args>` with proxy variables cleared; panics if curl is missing.
 pub async fn curl(args: &[&str]) -> CurlOut {
     let bin = Path::new("/usr/bin/curl");
-    assert!(bin.exists(), "/usr/bin/curl is required by these tests and is missing");
+    assert!(
+        bin.exists(),
+        "/usr/bin/curl is required by these tests and is missing"
+    );
     let dir = TempDir::new("curl");
     let head_file = dir.path().join("head");
     let body_file = dir.path().join("body");
@@ -758,7 +874,18 @@ pub async fn curl(args: &[&str]) -> CurlOut {
         .collect();
     CurlOut {
         exit: out.status.code().unwrap_or(-1),
-        status: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
+        // The last response's status line (a refused CONNECT leaves -w's code at 000).
+        status: last
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            }),
         headers,
         body: std::fs::read(&body_file).unwrap_or_default(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -771,9 +898,10 @@ pub async fn curl(args: &[&str]) -> CurlOut {
 /// GET a path on an admin listener; returns status and body text.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     let stream = TcpStream::connect(admin).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, ClientBody>(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, ClientBody>(TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -796,7 +924,73 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             let metric = l.split(['{', ' ']).next().unwrap_or("");
             metric == name
         })
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// A TLS origin, for HTTPS through CONNECT.
+
+/// An HTTPS origin on 127.0.0.1:0 with a self-signed certificate for `name`, generated at
+/// test time; answers every request with `tls ok <path>`.
+pub struct TlsUpstream {
+    pub addr: SocketAddr,
+    /// The certificate in PEM, for curl's `--cacert`.
+    pub ca_pem: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsUpstream {
+    pub async fn start(name: &str) -> Self {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let ca_pem = ck.cert.pem();
+        let cert = CertificateDer::from(ck.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(full_body(format!(
+                            "tls ok {}",
+                            req.uri().path()
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, ca_pem, task }
+    }
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

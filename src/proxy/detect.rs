@@ -17,11 +17,8 @@ pub enum Protocol {
     Http1,
     /// The HTTP/2 connection preface.
     Http2,
-    /// A TLS ClientHello, with its SNI when present and valid.
-    Tls {
-        /// The server name asked for.
-        sni: Option<String>,
-    },
+    /// A TLS ClientHello, with its SNI and whether it is mesh mTLS.
+    Tls(Hello),
     /// Anything else, or nothing within the timeout.
     Tcp {
         /// Whether detection gave up waiting (counted in metrics).
@@ -35,7 +32,7 @@ impl Protocol {
         match self {
             Protocol::Http1 => "http1",
             Protocol::Http2 => "http2",
-            Protocol::Tls { .. } => "tls",
+            Protocol::Tls(_) => "tls",
             Protocol::Tcp { .. } => "tcp",
         }
     }
@@ -59,7 +56,7 @@ pub async fn detect<R: AsyncRead + Unpin>(
         }
         if buf.len() >= MAX_PEEK {
             let p = if buf[0] == 0x16 {
-                Protocol::Tls { sni: None }
+                Protocol::Tls(Hello::default())
             } else {
                 Protocol::Tcp { timed_out: false }
             };
@@ -83,7 +80,7 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
     if buf[0] == 0x16 {
-        return tls_client_hello_sni(buf).map(|sni| Protocol::Tls { sni });
+        return tls_client_hello(buf).map(Protocol::Tls);
     }
     // An HTTP/1 method is an upper-case token followed by a space.
     let token_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
@@ -98,22 +95,33 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
 
 /// Parses a TLS record holding a ClientHello. `None`: need more bytes; `Some(None)`: a
 /// ClientHello without a usable SNI (or not a ClientHello at all).
-fn tls_client_hello_sni(buf: &[u8]) -> Option<Option<String>> {
+/// What a ClientHello says: the SNI, and whether it offers the mesh ALPN.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hello {
+    /// The server name.
+    pub sni: Option<String>,
+    /// Whether ALPN offers `outrider-mesh`: another sidecar calling.
+    pub mesh: bool,
+}
+
+/// Parses a TLS record holding a ClientHello. `None`: need more bytes; `Some(default)`: a
+/// ClientHello without SNI or ALPN (or not a ClientHello at all).
+fn tls_client_hello(buf: &[u8]) -> Option<Hello> {
     if buf.len() < 5 {
         return None;
     }
     let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
     if buf.len() < 5 + record_len {
         return if 5 + record_len > MAX_PEEK {
-            Some(None)
+            Some(Hello::default())
         } else {
             None
         };
     }
-    Some(parse_sni(&buf[5..5 + record_len]))
+    Some(parse_hello(&buf[5..5 + record_len]).unwrap_or_default())
 }
 
-fn parse_sni(hs: &[u8]) -> Option<String> {
+fn parse_hello(hs: &[u8]) -> Option<Hello> {
     let mut r = Reader(hs);
     if r.u8()? != 1 {
         return None; // not a ClientHello
@@ -130,25 +138,39 @@ fn parse_sni(hs: &[u8]) -> Option<String> {
     r.take(comp)?;
     let ext_len = usize::from(r.u16()?);
     let mut exts = Reader(r.take(ext_len)?);
+    let mut hello = Hello::default();
     while !exts.0.is_empty() {
         let ty = exts.u16()?;
         let len = usize::from(exts.u16()?);
         let data = exts.take(len)?;
-        if ty == 0 {
-            let mut s = Reader(data);
-            let list_len = usize::from(s.u16()?);
-            let mut list = Reader(s.take(list_len)?);
-            while !list.0.is_empty() {
-                let name_type = list.u8()?;
-                let n = usize::from(list.u16()?);
-                let name = list.take(n)?;
-                if name_type == 0 {
-                    return std::str::from_utf8(name).ok().map(str::to_owned);
+        if ty != 0 && ty != 16 {
+            continue;
+        }
+        // Both server_name and ALPN hold one length-prefixed list.
+        let mut s = Reader(data);
+        let list_len = usize::from(s.u16()?);
+        let mut list = Reader(s.take(list_len)?);
+        match ty {
+            0 => {
+                while !list.0.is_empty() {
+                    let name_type = list.u8()?;
+                    let n = usize::from(list.u16()?);
+                    let name = list.take(n)?;
+                    if name_type == 0 {
+                        hello.sni = std::str::from_utf8(name).ok().map(str::to_owned);
+                    }
                 }
             }
+            16 => {
+                while !list.0.is_empty() {
+                    let n = usize::from(list.u8()?);
+                    hello.mesh |= list.take(n)? == crate::tls::mtls::MESH_ALPN;
+                }
+            }
+            _ => {}
         }
     }
-    None
+    Some(hello)
 }
 
 struct Reader<'a>(&'a [u8]);

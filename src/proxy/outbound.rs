@@ -103,7 +103,7 @@ async fn tunnel_tcp(
     let Some(od) = conn.original_dst else { return };
     let state = inputs.state.load_full();
     let sni = match &protocol {
-        Protocol::Tls { sni } => sni.clone(),
+        Protocol::Tls(hello) => hello.sni.clone(),
         _ => None,
     };
     let mut guard = LogGuard::start(

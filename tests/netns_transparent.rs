@@ -1,0 +1,746 @@
+//! Transparent capture end to end, as root, in two network namespaces: the real capture rules
+//! from `iptables/outrider-iptables.sh apply` and the real `outrider` binary (uid 1337) in a
+//! "pod" namespace with its clients and app, and servers in an "outside" namespace reached
+//! over a veth pair. Nothing here needs proxy settings: every client is plain `curl` or a
+//! socket, run as an ordinary uid, and the kernel's REDIRECT sends it through the sidecar.
+//!
+//! Addressing (all of it exists only inside the namespaces):
+//!
+//! ```text
+//!   outside                                        pod
+//!   10.77.N.1  echo :7000 :7001, banner :2525  <-veth->  10.77.N.2  app 127.0.0.1:8080 (uid 1000)
+//!   203.0.113.10  "allowed"  http :80, https :443          outrider (uid 1337), curl (uid 1000)
+//!   203.0.113.20  "other"    http :80, https :443          route 203.0.113.0/24 via 10.77.N.1
+//!   fd77:0:0:N::1  echo :7000 (IPv6)                       fd77:0:0:N::2
+//! ```
+//!
+//! The 203.0.113.0/24 documentation range counts as public for the egress policy, so name
+//! rules (Host, SNI) apply there; the private 10.77.N.1 is reached through a CIDR rule. Names
+//! map to addresses through the config's `dns.hosts`, so no DNS query leaves the proxy.
+//!
+//! Run: `sudo -E cargo test --test netns_transparent` (CI runs as root). Without root every
+//! test fails saying so. The in-process version of these checks is `tests/transparent_seam.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::panic,
+    reason = "a test reports an unexpected outcome by panicking"
+)]
+
+mod common;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::netns::{self, Background, NetNs, Veth, PROXY_UID, PYTHON};
+use serde_json::Value;
+
+const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/outrider-iptables.sh");
+/// The uid of the app and of every client in the pod: captured like any uid but the proxy's.
+const APP_UID: u32 = 1000;
+/// The "allowed" server: `allowed.test` resolves here and a host rule allows it.
+const ALLOWED_IP: &str = "203.0.113.10";
+/// The "other" server: `other.test` and `denied.test` resolve here and no rule names them.
+const OTHER_IP: &str = "203.0.113.20";
+/// Ports on the outside's private address: echo allowed by the CIDR rule, echo not allowed,
+/// and a server-first banner (a configured server-first port, allowed by the CIDR rule).
+const ECHO_ALLOWED: u16 = 7000;
+const ECHO_DENIED: u16 = 7001;
+const BANNER_PORT: u16 = 2525;
+/// The app in the pod, reached from outside through the inbound listener.
+const APP_PORT: u16 = 8080;
+
+/// The outside's servers (and the pod's app). `http`/`https` answer every GET with their tag,
+/// the peer address, the path and the request headers, one per line; `echo` answers the
+/// first line a client sends with `<tag>: <line>`.
+const SERVERS_PY: &str = r#"
+import socket, socketserver, ssl, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+mode, host, port, tag = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        lines = [tag, "peer: " + self.client_address[0], "path: " + self.path]
+        lines += ["%s: %s" % (k, v) for k, v in self.headers.items()]
+        body = ("\n".join(lines) + "\n").encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    def server_bind(self):
+        # HTTPServer.server_bind does a reverse DNS lookup; nothing may leave the namespaces.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = host, port
+
+def echo(c):
+    with c:
+        c.settimeout(5)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        c.sendall(tag.encode() + b": " + data)
+
+if mode in ("http", "https"):
+    srv = Server((host, port), Handler)
+    if mode == "https":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    print("ready", flush=True)
+    srv.serve_forever()
+else:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(64)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+
+/// Sends `hello\n` (client speaks first, not HTTP or TLS: opaque TCP), prints what comes back
+/// until the server closes. Exit 0 whatever the server did; the output says what happened.
+const SAY_HELLO_PY: &str = r#"
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        c.sendall(b"hello\n")
+        data = b""
+        while True:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    print("got:" + data.decode(errors="replace").strip())
+except OSError as e:
+    print("error:%s" % e)
+"#;
+
+/// The whole setup: fields drop in order, so processes go before the namespaces they run in.
+struct World {
+    _procs: Vec<Background>,
+    sidecar: Background,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    cacert: PathBuf,
+    link: Veth,
+    pod: NetNs,
+    outside: NetNs,
+}
+
+impl World {
+    fn new() -> World {
+        netns::require_root();
+        let outside = NetNs::new("ortr-out");
+        let pod = NetNs::new("ortr-pod");
+        let link = wire(&outside, &pod);
+
+        // Readable (and the log writable) by uid 1337 and the app's uid.
+        let dir = tempfile::Builder::new()
+            .prefix("outrider-netns-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (cacert, cert, key) = write_tls_files(dir.path());
+        let log = dir.path().join("access.log");
+        std::fs::write(&log, "").unwrap();
+        std::os::unix::fs::chown(&log, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        let config = dir.path().join("outrider.yaml");
+        let outside_ip6 = link.a_ip6.expect("link() gives both ends an IPv6 address");
+        std::fs::write(&config, config_yaml(link.a_ip, outside_ip6, &log)).unwrap();
+
+        let mut procs = outside_servers(&outside, &link, &cert, &key);
+        // The app listens on loopback only: from outside it is reachable through the sidecar
+        // or not at all.
+        procs.push(server(
+            &pod,
+            Some(APP_UID),
+            &["http", "127.0.0.1", &APP_PORT.to_string(), "app"],
+        ));
+
+        let mut apply = pod.command(SCRIPT, &["apply"]);
+        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTRIDER_")) {
+            apply.env_remove(var);
+        }
+        netns::run_ok(&mut apply);
+
+        let config = config.to_str().unwrap().to_owned();
+        let sidecar = pod.spawn_as(PROXY_UID, OUTRIDER, &["run", "--config", &config]);
+        let world = World {
+            _procs: procs,
+            sidecar,
+            _dir: dir,
+            log,
+            cacert,
+            link,
+            pod,
+            outside,
+        };
+        world.wait_ready();
+        world
+    }
+
+    fn pod_ip(&self) -> Ipv4Addr {
+        self.link.b_ip
+    }
+
+    fn outside_ip(&self) -> Ipv4Addr {
+        self.link.a_ip
+    }
+
+    /// The admin port is never captured, so root can poll it from inside the pod.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = self.pod.exec(
+                "curl",
+                &["-fsS", "--max-time", "2", "http://127.0.0.1:15000/ready"],
+            );
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outrider (pid {}) did not become ready: {}",
+                self.sidecar.pid(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `curl -i` from the pod as the app's uid, with no proxy settings at all.
+    fn curl(&self, args: &[&str]) -> Output {
+        let mut base = vec!["-sS", "-i", "--max-time", "10"];
+        base.extend_from_slice(args);
+        let mut cmd = self.pod.command_as(APP_UID, "curl", &base);
+        without_proxy_env(&mut cmd);
+        cmd.output().unwrap()
+    }
+
+    /// Runs a python client in the pod as the app's uid and returns its stdout.
+    fn py(&self, script: &str, args: &[&str]) -> String {
+        let mut all = vec!["-c", script];
+        all.extend_from_slice(args);
+        let out = self.pod.exec_as(APP_UID, PYTHON, &all);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits for the access-log record that `pred` picks (records are written when a request
+    /// or connection ends, by a writer thread).
+    fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.log_lines();
+            if let Some(found) = lines.iter().find(|l| pred(l)) {
+                return found.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access-log record for {what}; the log has:\n{}",
+                lines
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The sidecar's Prometheus text.
+    fn metrics(&self) -> String {
+        self.pod.exec_ok(
+            "curl",
+            &["-fsS", "--max-time", "5", "http://127.0.0.1:15000/metrics"],
+        )
+    }
+}
+
+fn without_proxy_env(cmd: &mut Command) {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+/// The veth pair (outside = a, pod = b), the two "internet" addresses on the outside end, and
+/// the pod's route to them.
+fn wire(outside: &NetNs, pod: &NetNs) -> Veth {
+    // a = outside (10.77.N.1), b = pod (10.77.N.2).
+    let link = netns::link(outside, pod);
+    for ip in [ALLOWED_IP, OTHER_IP] {
+        outside.exec_ok(
+            "ip",
+            &["addr", "add", &format!("{ip}/24"), "dev", &link.a_if],
+        );
+    }
+    pod.exec_ok(
+        "ip",
+        &[
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            &link.a_ip.to_string(),
+        ],
+    );
+    link
+}
+
+/// The outside's servers: `allowed` and `other` over HTTP and HTTPS, the echo servers on the
+/// private address (IPv4 and IPv6), and the server-first banner.
+fn outside_servers(outside: &NetNs, link: &Veth, cert: &Path, key: &Path) -> Vec<Background> {
+    let mut procs = Vec::new();
+    let outside_ip = link.a_ip.to_string();
+    let outside_ip6 = link.a_ip6.unwrap().to_string();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    for (ip, tag) in [(ALLOWED_IP, "allowed"), (OTHER_IP, "other")] {
+        procs.push(server(outside, None, &["http", ip, "80", tag]));
+        procs.push(server(outside, None, &["https", ip, "443", tag, cert, key]));
+    }
+    procs.push(server(
+        outside,
+        None,
+        &["echo", &outside_ip, &ECHO_ALLOWED.to_string(), "echo7000"],
+    ));
+    procs.push(server(
+        outside,
+        None,
+        &["echo", &outside_ip, &ECHO_DENIED.to_string(), "echo7001"],
+    ));
+    procs.push(server(
+        outside,
+        None,
+        &["echo", &outside_ip6, &ECHO_ALLOWED.to_string(), "echo6"],
+    ));
+    procs.push(netns::tag_server(
+        outside,
+        &outside_ip,
+        BANNER_PORT,
+        "banner",
+    ));
+    procs
+}
+
+/// Starts one of [`SERVERS_PY`]'s servers and waits until it listens.
+fn server(ns: &NetNs, uid: Option<u32>, args: &[&str]) -> Background {
+    let mut all = vec!["-c", SERVERS_PY];
+    all.extend_from_slice(args);
+    let mut bg = match uid {
+        Some(uid) => ns.spawn_as(uid, PYTHON, &all),
+        None => ns.spawn(PYTHON, &all),
+    };
+    bg.wait_for_line("ready", Duration::from_secs(10));
+    bg
+}
+
+/// A certificate for every test name (so that only the proxy can make a TLS request fail),
+/// generated now; returns (CA file for curl, certificate, key).
+fn write_tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let names = ["allowed.test", "other.test", "denied.test"].map(str::to_owned);
+    let certified = rcgen::generate_simple_self_signed(names.to_vec()).unwrap();
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    // The self-signed certificate is its own trust anchor.
+    (cert.clone(), cert, key)
+}
+
+fn config_yaml(outside_ip: Ipv4Addr, outside_ip6: Ipv6Addr, log: &Path) -> String {
+    format!(
+        r#"admin:
+  listen: 127.0.0.1:15000
+outbound:
+  listen: 127.0.0.1:15001
+  egress:
+    mode: enforce
+    allow:
+      - host: allowed.test
+        ports: [80, 443]
+      - cidr: {outside_ip}/32
+        ports: [{ECHO_ALLOWED}, {BANNER_PORT}]
+      - cidr: {outside_ip6}/128
+        ports: [{ECHO_ALLOWED}]
+  detect:
+    # Long enough that a server-first protocol on an unconfigured port would visibly stall.
+    timeout: 8s
+    server_first_ports: [{BANNER_PORT}]
+inbound:
+  listen: 0.0.0.0:15006
+  mtls: disabled
+dns:
+  hosts:
+    allowed.test: {ALLOWED_IP}
+    other.test: {OTHER_IP}
+    denied.test: {OTHER_IP}
+access_log:
+  output: {}
+"#,
+        log.display()
+    )
+}
+
+/// A `curl -i` response: status, headers (names lower-cased), body.
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn parse(out: &Output) -> Resp {
+        let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+        assert!(
+            out.status.success(),
+            "curl failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Resp {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A request header as the echoing server saw it (its body has `Name: value` lines).
+    fn seen_header(&self, name: &str) -> Option<String> {
+        self.body.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            k.eq_ignore_ascii_case(name).then(|| v.to_owned())
+        })
+    }
+}
+
+fn field<'a>(record: &'a Value, key: &str) -> &'a str {
+    record[key].as_str().unwrap_or("")
+}
+
+#[test]
+fn outbound_http_goes_through_the_sidecar_and_a_denied_host_gets_403() {
+    let w = World::new();
+    let url = "http://allowed.test/allowed-path";
+    let resolve = format!("allowed.test:80:{ALLOWED_IP}");
+    let resp = Resp::parse(&w.curl(&["--resolve", &resolve, url]));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(resp.body.starts_with("allowed\n"), "{}", resp.body);
+    let via = resp.seen_header("via").unwrap_or_default();
+    assert!(
+        via.contains("outrider"),
+        "the server saw no `Via: ... outrider` (via {via:?}):\n{}",
+        resp.body
+    );
+    let record = w.wait_log("the allowed request", |r| {
+        field(r, "path") == "/allowed-path"
+    });
+    assert_eq!(field(&record, "direction"), "outbound", "{record}");
+    assert_eq!(field(&record, "mode"), "transparent", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{ALLOWED_IP}:80"),
+        "{record}"
+    );
+    assert_eq!(record["status"], 200, "{record}");
+
+    // other.test is a real server that would answer 200, but no rule names it.
+    let resolve = format!("other.test:80:{OTHER_IP}");
+    let resp = Resp::parse(&w.curl(&["--resolve", &resolve, "http://other.test/denied-path"]));
+    assert_eq!(resp.status, 403, "{}", resp.body);
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(
+        reason.contains("other.test"),
+        "x-outrider-error: {reason:?}"
+    );
+    let record = w.wait_log("the denied request", |r| field(r, "path") == "/denied-path");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert_eq!(field(&record, "mode"), "transparent", "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{OTHER_IP}:80"),
+        "{record}"
+    );
+}
+
+#[test]
+fn tls_is_allowed_and_denied_by_sni() {
+    let w = World::new();
+    let cacert = w.cacert.to_str().unwrap();
+    let resolve = format!("allowed.test:443:{ALLOWED_IP}");
+    let resp = Resp::parse(&w.curl(&[
+        "--cacert",
+        cacert,
+        "--resolve",
+        &resolve,
+        "https://allowed.test/tls-allowed",
+    ]));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(resp.body.starts_with("allowed\n"), "{}", resp.body);
+    let record = w.wait_log("the allowed TLS connection", |r| {
+        field(r, "sni") == "allowed.test"
+    });
+    assert_eq!(field(&record, "protocol"), "tls", "{record}");
+    assert_eq!(field(&record, "mode"), "transparent", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{ALLOWED_IP}:443"),
+        "{record}"
+    );
+
+    // The server behind denied.test has a valid certificate for it: only the proxy can say no.
+    let resolve = format!("denied.test:443:{OTHER_IP}");
+    let out = w.curl(&[
+        "--cacert",
+        cacert,
+        "--resolve",
+        &resolve,
+        "https://denied.test/tls-denied",
+    ]);
+    assert!(
+        !out.status.success(),
+        "TLS to a name with no rule succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let record = w.wait_log("the denied TLS connection", |r| {
+        field(r, "sni") == "denied.test"
+    });
+    assert_eq!(field(&record, "protocol"), "tls", "{record}");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert!(field(&record, "reason").contains("denied.test"), "{record}");
+}
+
+#[test]
+fn forged_host_and_sni_are_refused_and_logged_as_forged() {
+    let w = World::new();
+    // allowed.test is allowed, but here it is sent to the other server's address.
+    let resolve = format!("allowed.test:80:{OTHER_IP}");
+    let resp = Resp::parse(&w.curl(&["--resolve", &resolve, "http://allowed.test/forged-host"]));
+    assert_eq!(
+        resp.status, 403,
+        "a forged Host reached a server:\n{}",
+        resp.body
+    );
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(reason.contains("forged"), "x-outrider-error: {reason:?}");
+    let record = w.wait_log("the forged Host", |r| field(r, "path") == "/forged-host");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert!(field(&record, "reason").contains("forged"), "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{OTHER_IP}:80"),
+        "{record}"
+    );
+
+    // The other server's certificate is valid for allowed.test too: only the proxy can refuse.
+    let resolve = format!("allowed.test:443:{OTHER_IP}");
+    let out = w.curl(&[
+        "--cacert",
+        w.cacert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "https://allowed.test/forged-sni",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a forged SNI reached a server: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let record = w.wait_log("the forged SNI", |r| {
+        field(r, "sni") == "allowed.test" && field(r, "original_dst") == format!("{OTHER_IP}:443")
+    });
+    assert_eq!(field(&record, "protocol"), "tls", "{record}");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert!(field(&record, "reason").contains("forged"), "{record}");
+}
+
+#[test]
+fn opaque_tcp_is_allowed_and_denied_by_cidr() {
+    let w = World::new();
+    let ip = w.outside_ip().to_string();
+    let allowed = w.py(SAY_HELLO_PY, &[&ip, &ECHO_ALLOWED.to_string()]);
+    assert_eq!(allowed, "got:echo7000: hello", "allowed opaque TCP");
+    let record = w.wait_log("the allowed TCP connection", |r| {
+        field(r, "original_dst") == format!("{ip}:{ECHO_ALLOWED}")
+    });
+    assert_eq!(field(&record, "protocol"), "tcp", "{record}");
+    assert_eq!(field(&record, "mode"), "transparent", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+    assert!(field(&record, "rule").contains("cidr"), "{record}");
+
+    // A real echo server listens on 7001 too; the CIDR rule does not allow the port.
+    let denied = w.py(SAY_HELLO_PY, &[&ip, &ECHO_DENIED.to_string()]);
+    assert!(
+        !denied.contains("echo7001"),
+        "opaque TCP to a port no rule allows got through: {denied}"
+    );
+    let record = w.wait_log("the denied TCP connection", |r| {
+        field(r, "original_dst") == format!("{ip}:{ECHO_DENIED}")
+    });
+    assert_eq!(field(&record, "protocol"), "tcp", "{record}");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+}
+
+#[test]
+fn ipv6_tcp_is_captured_and_allowed_by_cidr() {
+    let w = World::new();
+    // The capture script installs ip6tables rules too, so IPv6 connections are redirected
+    // to the sidecar like IPv4 ones, and must come out on the other side.
+    let ip6 = w.link.a_ip6.unwrap();
+    let got = w.py(SAY_HELLO_PY, &[&ip6.to_string(), &ECHO_ALLOWED.to_string()]);
+    assert_eq!(
+        got, "got:echo6: hello",
+        "IPv6 opaque TCP allowed by a CIDR rule"
+    );
+    let record = w.wait_log("the IPv6 TCP connection", |r| {
+        field(r, "original_dst") == format!("[{ip6}]:{ECHO_ALLOWED}")
+    });
+    assert_eq!(field(&record, "protocol"), "tcp", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+}
+
+#[test]
+fn server_first_protocol_works_on_a_configured_port() {
+    let w = World::new();
+    let ip = w.outside_ip().to_string();
+    // The client only reads (5 s socket timeout); detection would wait 8 s for a first byte
+    // that never comes, so the banner arrives only if the port skips detection.
+    let reply = netns::tcp_probe(&w.pod, Some(APP_UID), &ip, BANNER_PORT)
+        .unwrap_or_else(|e| panic!("no banner from the server-first port: {e}"));
+    assert_eq!(reply.tag, "banner");
+    // The server saw the sidecar's own connection from the pod, not a redirected one.
+    assert_eq!(reply.peer, w.pod_ip().to_string());
+    assert_eq!(reply.orig, "none");
+    let record = w.wait_log("the server-first connection", |r| {
+        field(r, "original_dst") == format!("{ip}:{BANNER_PORT}")
+    });
+    assert_eq!(field(&record, "protocol"), "tcp", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+    let metrics = w.metrics();
+    let timeouts = metrics
+        .lines()
+        .find(|l| l.starts_with("outrider_detect_timeouts_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or("0");
+    assert_eq!(
+        timeouts, "0",
+        "detection waited on a server-first port:\n{metrics}"
+    );
+}
+
+#[test]
+fn inbound_connections_reach_the_app_through_the_sidecar() {
+    let w = World::new();
+    let url = format!("http://{}:{APP_PORT}/inbound-path", w.pod_ip());
+    let mut cmd = w
+        .outside
+        .command("curl", &["-sS", "-i", "--max-time", "10", &url]);
+    without_proxy_env(&mut cmd);
+    let resp = Resp::parse(&cmd.output().unwrap());
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    // The app listens on 127.0.0.1 only, so only the sidecar can have brought this here.
+    assert!(resp.body.starts_with("app\n"), "{}", resp.body);
+    let outside_ip = w.outside_ip().to_string();
+    assert_eq!(
+        resp.seen_header("x-forwarded-for").as_deref(),
+        Some(outside_ip.as_str()),
+        "the app saw no x-forwarded-for naming the caller:\n{}",
+        resp.body
+    );
+    let record = w.wait_log("the inbound request", |r| {
+        field(r, "path") == "/inbound-path"
+    });
+    assert_eq!(field(&record, "direction"), "inbound", "{record}");
+    assert_eq!(field(&record, "mode"), "transparent", "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{}:{APP_PORT}", w.pod_ip()),
+        "{record}"
+    );
+    assert_eq!(record["status"], 200, "{record}");
+}
+
+#[test]
+fn the_sidecars_own_upstream_connections_are_not_captured_again() {
+    let w = World::new();
+    let resolve = format!("allowed.test:80:{ALLOWED_IP}");
+    let resp = Resp::parse(&w.curl(&["--resolve", &resolve, "http://allowed.test/no-loop"]));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    // The server was reached directly from the pod's address, by exactly one hop.
+    assert_eq!(
+        resp.seen_header("peer").as_deref(),
+        Some(w.pod_ip().to_string().as_str())
+    );
+    assert_eq!(resp.seen_header("via").as_deref(), Some("1.1 outrider"));
+    w.wait_log("the request", |r| field(r, "path") == "/no-loop");
+    // A marker request after it: once its record is in, a looped copy of the first would be too.
+    Resp::parse(&w.curl(&["--resolve", &resolve, "http://allowed.test/marker"]));
+    w.wait_log("the marker request", |r| field(r, "path") == "/marker");
+    let records: Vec<Value> = w
+        .log_lines()
+        .into_iter()
+        .filter(|r| field(r, "path") == "/no-loop")
+        .collect();
+    assert_eq!(
+        records.len(),
+        1,
+        "one request, several records: {records:?}"
+    );
+    assert_eq!(
+        field(&records[0], "client").split(':').next(),
+        Some(w.pod_ip().to_string().as_str()),
+        "the request came from the app, not from the sidecar: {}",
+        records[0]
+    );
+}

@@ -1,0 +1,330 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Config reload (in-process and by SIGHUP to the real binary) and SIGTERM drain.
+//!
+//! The reload scenario: a host rule allows `api.test`, which maps to 127.0.0.1, but no CIDR
+//! rule allows that address on the upstream's port, so it is refused; the new file adds the
+//! CIDR rule and the same request passes, on a client connection opened before the reload.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use outrider::testing::{BinProxy, ProxyClient, TestProxy, Upstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outrider");
+
+fn before(other: u16) -> String {
+    format!(
+        "outbound:\n  egress:\n    allow:\n      - host: api.test\n      - cidr: 127.0.0.1/32\n        ports: [{other}]\n\
+         dns:\n  hosts:\n    api.test: 127.0.0.1\n"
+    )
+}
+
+fn after() -> String {
+    "outbound:\n  egress:\n    allow:\n      - host: api.test\n      - cidr: 127.0.0.1/32\n\
+     dns:\n  hosts:\n    api.test: 127.0.0.1\n"
+        .to_owned()
+}
+
+const BAD: &str = "outbound:\n  egress:\n    allow:\n      - cidr: 10.0.0.0/33\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_in_process_good_then_bad() {
+    let up = Upstream::start().await;
+    let other = Upstream::start().await;
+    let proxy = TestProxy::start(&before(other.port())).await;
+    let url = format!("http://api.test:{}/new", up.port());
+    let keep = format!("http://127.0.0.1:{}/old", other.port());
+
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    assert_eq!(client.get(&keep).await.status, 200);
+    let r = client.get(&url).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.error_header().contains("private address"), "{r:?}");
+
+    proxy.reload_with(&after()).unwrap();
+    // The admin page shows the effective (new) config.
+    let (status, cfg) = outrider::testing::admin_get(proxy.admin_addr(), "/config").await;
+    assert_eq!(status, 200);
+    let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert!(
+        cfg["outbound"]["egress"]["allow"][1]["ports"].is_null(),
+        "{cfg}"
+    );
+    // The connection opened before the reload is still served, under the new policy.
+    let r = client.get(&url).await;
+    assert_eq!(r.status, 200, "after reload: {r:?}");
+    assert_eq!(client.get(&keep).await.status, 200);
+    assert!(client.is_open());
+
+    // A bad file is refused with the key named, and the running policy stays.
+    let err = proxy.reload_with(BAD).map(|()| "accepted").err();
+    let err = err.unwrap_or_else(|| {
+        // `reload_with` parses the YAML itself; a semantically bad file must still be refused.
+        panic!("reload accepted an invalid config")
+    });
+    assert!(err.contains("outbound.egress.allow[0].cidr"), "{err}");
+    proxy.write_config_raw("outbound: [this is: not valid");
+    assert!(proxy.reload().is_err());
+    let r = client.get(&url).await;
+    assert_eq!(
+        r.status, 200,
+        "the old policy must still apply after a refused reload: {r:?}"
+    );
+    assert_eq!(up.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary_good_then_bad() {
+    let up = Upstream::start().await;
+    let other = Upstream::start().await;
+    let proxy = BinProxy::start(BIN, &before(other.port()));
+    let url = format!("http://api.test:{}/new", up.port());
+    let keep = format!("http://127.0.0.1:{}/old", other.port());
+
+    let mut client = ProxyClient::connect(proxy.proxy_addr).await;
+    assert_eq!(client.get(&keep).await.status, 200);
+    assert_eq!(client.get(&url).await.status, 403);
+
+    proxy.write_config(&after());
+    proxy.signal(Signal::SIGHUP);
+    assert!(
+        proxy.wait_stderr("config reloaded"),
+        "no reload logged:\n{}",
+        proxy.stderr()
+    );
+    let r = client.get(&url).await;
+    assert_eq!(r.status, 200, "after SIGHUP: {r:?}\n{}", proxy.stderr());
+    assert_eq!(client.get(&keep).await.status, 200);
+
+    // A bad file: an error naming the key is logged, the old policy stays, the process lives.
+    std::fs::write(&proxy.config_path, BAD).unwrap();
+    proxy.signal(Signal::SIGHUP);
+    assert!(
+        proxy.wait_stderr("outbound.egress.allow[0].cidr"),
+        "bad reload not reported:\n{}",
+        proxy.stderr()
+    );
+    let r = client.get(&url).await;
+    assert_eq!(
+        r.status, 200,
+        "old policy lost after a refused reload: {r:?}"
+    );
+    let mut fresh = ProxyClient::connect(proxy.proxy_addr).await;
+    assert_eq!(fresh.get(&url).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
+    let up = Upstream::start().await;
+    let mut proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 10s\n",
+    );
+    let addr = proxy.proxy_addr;
+    let slow = format!("http://127.0.0.1:{}/slow?ms=1500", up.port());
+    let in_flight = tokio::spawn(async move {
+        let mut c = ProxyClient::connect(addr).await;
+        c.get(&slow).await
+    });
+    // Let the request reach the upstream before the signal.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.requests() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.requests(), 1);
+    proxy.signal(Signal::SIGTERM);
+    assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections are refused while the old request is still running, and the admin
+    // listener reports not ready.
+    assert!(!in_flight.is_finished());
+    let (ready, _) = outrider::testing::admin_get(proxy.admin_addr, "/ready").await;
+    assert_eq!(ready, 503, "/ready during drain");
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "the proxy accepted a connection after SIGTERM"
+    );
+    // The in-flight request completes normally.
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "slow done");
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("outrider did not exit after draining");
+    assert!(status.success(), "{status:?}\n{}", proxy.stderr());
+    // The drained request was logged.
+    let recs = outrider::testing::read_log(&proxy.log_path);
+    assert!(
+        recs.iter()
+            .any(|r| r["path"] == "/slow?ms=1500" && r["status"] == 200),
+        "{recs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_up_after_the_drain_timeout() {
+    let up = Upstream::start().await;
+    let mut proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 300ms\n",
+    );
+    let addr = proxy.proxy_addr;
+    let slow = format!("http://127.0.0.1:{}/slow?ms=20000", up.port());
+    let _in_flight = tokio::spawn(async move {
+        let mut c = ProxyClient::connect(addr).await;
+        let req = http::Request::get(slow)
+            .body(outrider::testing::generated_body(0))
+            .unwrap();
+        c.send(req).await.map(|r| r.status())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.requests() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    proxy.signal(Signal::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(5));
+    assert!(
+        status.is_some(),
+        "outrider still running 5 s after SIGTERM with a 300ms drain timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_do_not_hold_up_shutdown() {
+    let up = Upstream::start().await;
+    let mut proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 10s\n",
+    );
+    // One keep-alive connection idle after a finished request, one that never sent a byte.
+    let mut used = ProxyClient::connect(proxy.proxy_addr).await;
+    assert_eq!(
+        used.get(&format!("http://127.0.0.1:{}/x", up.port()))
+            .await
+            .status,
+        200
+    );
+    let silent = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    proxy.signal(Signal::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(12));
+    let took = started.elapsed();
+    assert!(status.is_some(), "outrider did not exit");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connections held shutdown for {took:?} (drain timeout 10s): nothing was in flight\n{}",
+        proxy.stderr()
+    );
+    drop(silent);
+}
+
+/// Sends `probe` on `s` and expects it echoed back within a second.
+async fn echoes(s: &mut tokio::net::TcpStream, probe: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(probe).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; probe.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == probe
+}
+
+/// Reads a response head byte by byte (so nothing after it is consumed).
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_is_drained_not_cut() {
+    use tokio::io::AsyncWriteExt;
+    let echo = outrider::testing::TcpEcho::start().await;
+    let mut proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 3s\n",
+    );
+    let mut tunnel = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    tunnel
+        .write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
+    assert!(echoes(&mut tunnel, b"before").await);
+    proxy.signal(Signal::SIGTERM);
+    assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        echoes(&mut tunnel, b"during drain").await,
+        "a CONNECT tunnel was cut at SIGTERM instead of drained"
+    );
+    // New connections are refused meanwhile; closing the tunnel lets the process finish
+    // before the drain timeout.
+    assert!(tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .is_err());
+    drop(tunnel);
+    let started = Instant::now();
+    assert!(proxy.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_alone_is_drained_not_cut() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 3s\n",
+    );
+    let mut upgraded = tokio::net::TcpStream::connect(proxy.proxy_addr)
+        .await
+        .unwrap();
+    upgraded
+        .write_all(
+            format!(
+                "GET http://127.0.0.1:{}/upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+                up.port()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101"));
+    assert!(echoes(&mut upgraded, b"before").await);
+    proxy.signal(Signal::SIGTERM);
+    assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        echoes(&mut upgraded, b"during drain").await,
+        "an upgraded (WebSocket-like) connection was cut at SIGTERM instead of drained; stderr:\n{}",
+        proxy.stderr()
+    );
+}
