@@ -145,6 +145,9 @@ pub struct LogGuard {
     pub record: Record,
     /// Byte counters.
     pub bytes: Arc<Bytes>,
+    /// For a response streamed to the client: whether its body was sent whole. `None`
+    /// when no body is being tracked (tunnels, refusals).
+    pub response_complete: Option<bool>,
     start: Instant,
     log: AccessLog,
 }
@@ -160,6 +163,7 @@ impl LogGuard {
         Self {
             record,
             bytes: Arc::new(Bytes::default()),
+            response_complete: None,
             start: Instant::now(),
             log,
         }
@@ -179,8 +183,12 @@ impl Drop for LogGuard {
         r.duration_ms = (self.start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         r.bytes_in = self.bytes.inbound.load(Ordering::Relaxed);
         r.bytes_out = self.bytes.outbound.load(Ordering::Relaxed);
-        if r.status == 0 && r.error.is_none() && matches!(r.protocol, "http1" | "http2") {
-            r.error = Some("cancelled: client went away before the response".into());
+        if r.error.is_none() && matches!(r.protocol, "http1" | "http2") {
+            if r.status == 0 {
+                r.error = Some("cancelled: client went away before the response".into());
+            } else if self.response_complete == Some(false) {
+                r.error = Some("response cut off: the client went away mid-body".into());
+            }
         }
         crate::metrics::record_request(r);
         self.log.write(r);

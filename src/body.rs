@@ -35,26 +35,30 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// Passes a body through while counting its data bytes, and keeps `guard` alive until the
-    /// body is finished or dropped: that is how a request's log record is written when its
-    /// response has really ended (or was cut off).
-    pub struct Counted<B, G> {
+    /// Passes a body through while counting its data bytes, and keeps the request's log
+    /// guard alive until the body is finished or dropped: that is how a request's record is
+    /// written when its response has really ended, or noted as cut off when it did not.
+    pub struct Counted<B> {
         #[pin]
         inner: B,
         counter: std::sync::Arc<crate::access_log::Bytes>,
         outbound: bool,
-        guard: Option<G>,
+        guard: Option<crate::access_log::LogGuard>,
     }
 }
 
-impl<B, G> Counted<B, G> {
+impl<B> Counted<B> {
     /// Counts into `counter.outbound` (to the client) or `counter.inbound` (from it).
     pub fn new(
         inner: B,
         counter: std::sync::Arc<crate::access_log::Bytes>,
         outbound: bool,
-        guard: Option<G>,
+        guard: Option<crate::access_log::LogGuard>,
     ) -> Self {
+        let mut guard = guard;
+        if let Some(g) = guard.as_mut() {
+            g.response_complete = Some(false);
+        }
         Self {
             inner,
             counter,
@@ -64,10 +68,79 @@ impl<B, G> Counted<B, G> {
     }
 }
 
-impl<B, G> http_body::Body for Counted<B, G>
+impl<B> http_body::Body for Counted<B>
 where
     B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
 {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    let c = if *this.outbound {
+                        &this.counter.outbound
+                    } else {
+                        &this.counter.inbound
+                    };
+                    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(g) = this.guard.as_mut() {
+                    g.fail(format!("upstream body failed: {e}"));
+                }
+            }
+            Poll::Ready(None) => {
+                // Finished: write the record now rather than when hyper drops the body.
+                if let Some(mut g) = this.guard.take() {
+                    g.response_complete = Some(true);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Signals when a body has been sent whole (or dropped): the response timeout starts
+    /// then, so a long upload is not cut off while it is still flowing.
+    pub struct OnEnd<B> {
+        #[pin]
+        inner: B,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+}
+
+impl<B> OnEnd<B> {
+    /// Wraps `inner`; `done` fires (or is dropped) when the body ends.
+    pub fn new(inner: B, done: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self {
+            inner,
+            done: Some(done),
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for OnEnd<B> {
     type Data = Bytes;
     type Error = B::Error;
 
@@ -77,20 +150,10 @@ where
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let n = data.len() as u64;
-                let c = if *this.outbound {
-                    &this.counter.outbound
-                } else {
-                    &this.counter.inbound
-                };
-                c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            if let Some(tx) = this.done.take() {
+                let _ = tx.send(());
             }
-        }
-        if let std::task::Poll::Ready(None) = &polled {
-            // Finished: write the record now rather than when hyper drops the body.
-            this.guard.take();
         }
         polled
     }

@@ -110,6 +110,13 @@ pub fn record_denial(code: &'static str, decision: &'static str) {
 pub struct ConnectionGauge;
 
 impl ConnectionGauge {
+    /// Counts a connection that lives on after the one it came from closed (a CONNECT
+    /// tunnel or an upgraded connection): open, but not a new accept.
+    pub fn continued() -> Self {
+        metrics::gauge!("outrider_connections_open").increment(1.0);
+        Self
+    }
+
     /// Counts a new connection.
     pub fn open() -> Self {
         metrics::counter!("outrider_connections_total").increment(1);

@@ -633,21 +633,39 @@ fn opaque_tcp_is_allowed_and_denied_by_cidr() {
 }
 
 #[test]
-fn ipv6_tcp_is_captured_and_allowed_by_cidr() {
+fn ipv6_connections_are_captured_both_ways() {
     let w = World::new();
-    // The capture script installs ip6tables rules too, so IPv6 connections are redirected
-    // to the sidecar like IPv4 ones, and must come out on the other side.
-    let ip6 = w.link.a_ip6.unwrap();
-    let got = w.py(SAY_HELLO_PY, &[&ip6.to_string(), &ECHO_ALLOWED.to_string()]);
-    assert_eq!(
-        got, "got:echo6: hello",
-        "IPv6 opaque TCP allowed by a CIDR rule"
+    // The capture script installs ip6tables rules too (REDIRECT to [::1]:15001 outbound and
+    // to the pod's own IPv6 address on 15006 inbound), so IPv6 connections must go through
+    // the sidecar like IPv4 ones instead of being refused.
+    let outside6 = w.link.a_ip6.unwrap();
+    let pod6 = w.link.b_ip6.unwrap();
+    let outbound = w.py(
+        SAY_HELLO_PY,
+        &[&outside6.to_string(), &ECHO_ALLOWED.to_string()],
     );
-    let record = w.wait_log("the IPv6 TCP connection", |r| {
-        field(r, "original_dst") == format!("[{ip6}]:{ECHO_ALLOWED}")
+    let url = format!("http://[{pod6}]:{APP_PORT}/inbound-v6");
+    let mut cmd = w
+        .outside
+        .command("curl", &["-sS", "-i", "--max-time", "10", &url]);
+    without_proxy_env(&mut cmd);
+    let inbound = cmd.output().unwrap();
+    let inbound_text = String::from_utf8_lossy(&inbound.stdout).into_owned()
+        + &String::from_utf8_lossy(&inbound.stderr);
+    assert!(
+        outbound == "got:echo6: hello" && inbound_text.contains("\napp\n"),
+        "IPv6 capture: outbound to [{outside6}]:{ECHO_ALLOWED} (allowed by a CIDR rule) got \
+         {outbound:?}; inbound to {url} got {inbound_text:?}"
+    );
+    let record = w.wait_log("the IPv6 outbound connection", |r| {
+        field(r, "original_dst") == format!("[{outside6}]:{ECHO_ALLOWED}")
     });
     assert_eq!(field(&record, "protocol"), "tcp", "{record}");
     assert_eq!(field(&record, "decision"), "allow", "{record}");
+    let record = w.wait_log("the IPv6 inbound request", |r| {
+        field(r, "path") == "/inbound-v6"
+    });
+    assert_eq!(field(&record, "direction"), "inbound", "{record}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! SO_ORIGINAL_DST would report it after an iptables REDIRECT. Covers protocol detection
 //! (HTTP/1, TLS with SNI, opaque TCP, server-first ports, the detection timeout) and the
 //! forged-Host/SNI check. The namespace tests (tests/netns_*.rs) repeat this with real iptables.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -73,9 +73,22 @@ impl Dns {
                 metrics::counter!("outrider_dns_failures_total").increment(1);
                 Err(DnsError {
                     host: host.into(),
-                    reason: e.to_string(),
+                    reason: brief(&e.to_string()),
                 })
             }
         }
     }
+}
+
+/// The resolver's message without the debug dump of the query it may carry: the reason
+/// travels in a response header, and the client needs the gist, not the internals.
+fn brief(message: &str) -> String {
+    let cut = message.find(['{', '\n']).unwrap_or(message.len());
+    let head = message[..cut].trim().trim_end_matches(':').trim();
+    let head = if head.is_empty() {
+        "lookup failed"
+    } else {
+        head
+    };
+    head.chars().take(120).collect()
 }

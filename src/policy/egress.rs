@@ -133,8 +133,6 @@ pub enum TargetCheck {
         /// The rule, for the log.
         rule: String,
     },
-    /// No host rule names it, but CIDR rules exist: resolve it and let them decide.
-    ResolveForCidr,
     /// An IP literal allowed by a CIDR rule: dial it.
     IpAllowed {
         /// The rule, for the log.
@@ -175,13 +173,14 @@ impl EgressPolicy {
                         }
                     }
                 }
+                // A name needs a host rule: CIDR rules never make the proxy resolve a name
+                // it was not told about (no DNS lookups, and no DNS exfiltration, for names
+                // that will be refused anyway).
                 if named {
                     TargetCheck::Denied(Deny::PortNotAllowed {
                         host: name.clone(),
                         port,
                     })
-                } else if self.cidrs.iter().any(|c| c.ports.allows(port)) {
-                    TargetCheck::ResolveForCidr
                 } else {
                     TargetCheck::Denied(Deny::NoRuleForHost(name.clone()))
                 }
@@ -330,7 +329,7 @@ mod tests {
         ));
         assert!(matches!(
             p.check_target(&name("example.org"), 443),
-            TargetCheck::ResolveForCidr
+            TargetCheck::Denied(Deny::NoRuleForHost(_))
         ));
         assert!(matches!(
             p.check_target(&name("a.example.org"), 80),
@@ -338,7 +337,7 @@ mod tests {
         ));
         assert!(matches!(
             p.check_target(&name("badexample.org"), 5432),
-            TargetCheck::ResolveForCidr
+            TargetCheck::Denied(Deny::NoRuleForHost(_))
         ));
     }
 

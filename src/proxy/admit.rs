@@ -58,12 +58,7 @@ pub async fn admit(
                 name_verified: false,
             }
         }
-        Err(e) => {
-            if let ProxyError::Denied(d) = &e {
-                crate::metrics::record_denial(d.code(), "deny");
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(e),
     };
     if original_dst.is_none() && inputs.is_own(admitted.addr) {
         return Err(ProxyError::Loop(admitted.addr.to_string()));
@@ -85,51 +80,58 @@ async fn decide(
         reason: None,
         name_verified: true,
     };
-    let (name, host_rule) = match (host, policy.check_target(host, port)) {
-        (_, TargetCheck::Denied(d)) => return Err(ProxyError::Denied(d)),
-        (Host::Ip(ip), _) => {
-            // check_target only allows an IP through a CIDR rule, so this is IpAllowed.
-            let rule = policy.cidr_allows(*ip, port).ok_or(ProxyError::Denied(
-                Deny::NoRuleForAddress { addr: *ip, port },
-            ))?;
-            if let Some(od) = original_dst {
-                if od.ip() != *ip {
-                    return Err(ProxyError::Denied(Deny::Forged {
-                        host: ip.to_string(),
-                        addr: od.ip(),
-                    }));
-                }
-            }
-            return Ok(allowed(SocketAddr::new(*ip, port), rule));
-        }
-        (Host::Name(n), TargetCheck::HostAllowed { rule }) => (n, Some(rule)),
-        (Host::Name(n), _) => (n, None),
-    };
+    // Transparent: a destination allowed by address is allowed whatever name the client
+    // claims (but that name is then unverified, so it is never cached under).
     if let Some(od) = original_dst {
-        // The destination itself may be allowed by address: no need to trust the name.
         if let Some(rule) = policy.cidr_allows(od.ip(), port) {
+            let name_verified = matches!(host, Host::Ip(ip) if *ip == od.ip());
             return Ok(Admitted {
-                name_verified: false,
+                name_verified,
                 ..allowed(od, rule)
             });
         }
-        let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
-        if !addrs.contains(&od.ip()) {
-            return Err(ProxyError::Denied(Deny::Forged {
-                host: name.clone(),
-                addr: od.ip(),
-            }));
-        }
-        let (ip, rule) = policy
-            .choose_addr(name, port, host_rule.as_deref(), &[od.ip()])
-            .map_err(ProxyError::Denied)?;
-        return Ok(allowed(SocketAddr::new(ip, od.port()), rule));
     }
+    let host_rule = match (policy.check_target(host, port), host) {
+        (TargetCheck::Denied(d), _) => return Err(ProxyError::Denied(d)),
+        (TargetCheck::IpAllowed { rule }, Host::Ip(ip)) => {
+            // An allowed address that is not where the client was going is a forgery.
+            return match original_dst {
+                Some(od) if od.ip() != *ip => Err(ProxyError::Denied(Deny::Forged {
+                    host: ip.to_string(),
+                    addr: od.ip(),
+                })),
+                _ => Ok(allowed(SocketAddr::new(*ip, port), rule)),
+            };
+        }
+        (TargetCheck::HostAllowed { rule }, Host::Name(name)) => (name, rule),
+        // check_target answers IpAllowed only for IPs and HostAllowed only for names.
+        (_, other) => return Err(ProxyError::BadRequest(format!("unexpected target {other}"))),
+    };
+    let (name, rule) = host_rule;
     let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
-    let (ip, rule) = policy
-        .choose_addr(name, port, host_rule.as_deref(), &addrs)
-        .map_err(ProxyError::Denied)?;
-    Ok(allowed(SocketAddr::new(ip, port), rule))
+    match original_dst {
+        Some(od) => {
+            if !addrs
+                .iter()
+                .any(|a| a.to_canonical() == od.ip().to_canonical())
+            {
+                return Err(ProxyError::Denied(Deny::Forged {
+                    host: name.clone(),
+                    addr: od.ip(),
+                }));
+            }
+            let (ip, rule) = policy
+                .choose_addr(name, port, Some(&rule), &[od.ip()])
+                .map_err(ProxyError::Denied)?;
+            Ok(allowed(SocketAddr::new(ip, od.port()), rule))
+        }
+        None => {
+            let (ip, rule) = policy
+                .choose_addr(name, port, Some(&rule), &addrs)
+                .map_err(ProxyError::Denied)?;
+            Ok(allowed(SocketAddr::new(ip, port), rule))
+        }
+    }
 }
 
 /// Report mode still has to reach the target: the literal IP, or the first resolved one.

@@ -42,28 +42,59 @@ pub async fn handle(
             original_dst: conn.original_dst,
             method: Some(req.method().to_string()),
             path: req.uri().path_and_query().map(|p| p.to_string()),
+            // What the client asked for, even if it turns out invalid.
+            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| {
+                let host = req.headers().get(header::HOST)?;
+                Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
+            }),
             ..Record::default()
         },
     );
-    match forward(&inputs, &state, conn, req, &mut guard).await {
-        Ok(resp) => {
-            guard.record.status = resp.status().as_u16();
-            let counter = guard.bytes.clone();
-            Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
-        }
-        Err(e) => {
-            let resp = e.response();
-            guard.record.status = resp.status().as_u16();
-            if e.is_denial() {
-                guard.record.decision = "deny";
-                guard.record.reason = Some(e.to_string());
-            } else {
-                guard.record.error = Some(e.to_string());
-            }
-            Ok(resp)
-        }
+    let (resp, upgrade) = match forward(&inputs, &state, conn, req, &mut guard).await {
+        Ok(done) => done,
+        Err(e) => (note_error(&mut guard, &e), None),
+    };
+    guard.record.status = resp.status().as_u16();
+    if let Some((client_side, upstream_side)) = upgrade {
+        // A protocol switch: the record is written when the upgraded connection closes.
+        inputs.tasks.spawn(super::tunnel::splice_upgrades(
+            client_side,
+            upstream_side,
+            guard,
+        ));
+        return Ok(resp);
+    }
+    let counter = guard.bytes.clone();
+    Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
+}
+
+/// Records a refusal or failure in the log record (and a denial in the metrics), and returns
+/// the response the client gets.
+pub fn note_error(guard: &mut LogGuard, e: &ProxyError) -> Response<Body> {
+    let resp = e.response();
+    guard.record.status = resp.status().as_u16();
+    record_error(guard, e);
+    resp
+}
+
+/// Records a refusal or failure where no response is sent (TLS and TCP are closed).
+pub fn record_error(guard: &mut LogGuard, e: &ProxyError) {
+    if e.is_denial() {
+        guard.record.decision = "deny";
+        guard.record.reason = Some(e.to_string());
+        let code = match e {
+            ProxyError::Denied(d) => d.code(),
+            ProxyError::Loop(_) => "loop",
+            _ => "unauthorized",
+        };
+        crate::metrics::record_denial(code, "deny");
+    } else {
+        guard.fail(e.to_string());
     }
 }
+
+/// Both halves of a protocol switch (WebSocket and the like), to be joined.
+type Upgrade = (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade);
 
 async fn forward(
     inputs: &Inputs,
@@ -71,8 +102,8 @@ async fn forward(
     conn: ConnInfo,
     mut req: Request<Incoming>,
     guard: &mut LogGuard,
-) -> Result<Response<Body>, ProxyError> {
-    let (host, port, authority) = target(inputs, &req, conn)?;
+) -> Result<(Response<Body>, Option<Upgrade>), ProxyError> {
+    let (host, port, authority) = target(&req, conn)?;
     guard.record.authority = Some(authority.clone());
     let admitted = admit(inputs, state, &host, port, conn.original_dst).await?;
     note_admission(guard, &admitted);
@@ -96,7 +127,7 @@ async fn forward(
     let counter = guard.bytes.clone();
     let upstream_req = Request::from_parts(
         parts,
-        body::boxed(Counted::new(incoming, counter, false, None::<()>)),
+        body::boxed(Counted::new(incoming, counter, false, None)),
     );
     let pooled = Pooled {
         client: state.client.clone(),
@@ -114,20 +145,17 @@ async fn forward(
     } else {
         pooled.send_to_origin(upstream_req).await?
     };
-    if let (Some(client_side), true) = (
-        client_upgrade,
-        resp.status() == http::StatusCode::SWITCHING_PROTOCOLS,
-    ) {
-        let upstream_side = hyper::upgrade::on(&mut resp);
-        tokio::spawn(super::tunnel::splice_upgrades(client_side, upstream_side));
-    }
-    let keep_upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade = match (client_upgrade, switching) {
+        (Some(client_side), true) => Some((client_side, hyper::upgrade::on(&mut resp))),
+        _ => None,
+    };
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+    strip_hop_by_hop(&mut parts.headers, switching);
     add_via(&mut parts.headers, parts.version);
     // The client hears the protocol it spoke, whatever the upstream answered in.
     parts.version = client_version;
-    Ok(Response::from_parts(parts, body))
+    Ok((Response::from_parts(parts, body), upgrade))
 }
 
 /// The upstream phase: one request on a pooled connection to the checked address, with
@@ -147,10 +175,25 @@ impl Pooled {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = Uri::try_from(format!("http://{}{}", self.addr, path))
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
-            Ok(Err(e)) => Err(upstream_error(self.addr, &e)),
-            Ok(Ok(resp)) => Ok(resp.map(body::boxed)),
+        // The response timeout runs from the end of the request body, so that a long
+        // upload is never cut off while it is still flowing.
+        let (done, sent) = tokio::sync::oneshot::channel::<()>();
+        let req = if http_body::Body::is_end_stream(req.body()) {
+            let _ = done.send(());
+            req
+        } else {
+            req.map(|b| body::boxed(body::OnEnd::new(b, done)))
+        };
+        let timer = async {
+            let _ = sent.await;
+            tokio::time::sleep(self.timeout).await;
+        };
+        tokio::select! {
+            result = self.client.request(req) => match result {
+                Err(e) => Err(upstream_error(self.addr, &e)),
+                Ok(resp) => Ok(resp.map(body::boxed)),
+            },
+            () = timer => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
         }
     }
 }
@@ -187,11 +230,7 @@ pub fn note_admission(guard: &mut LogGuard, admitted: &Admitted) {
 
 /// The request's target host, port and authority string. Explicit clients must send
 /// absolute-form `http://` URIs; transparent ones are routed by their Host header.
-fn target(
-    inputs: &Inputs,
-    req: &Request<Incoming>,
-    conn: ConnInfo,
-) -> Result<(Host, u16, String), ProxyError> {
+fn target(req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String), ProxyError> {
     let uri = req.uri();
     let (authority, default_port) = match (conn.original_dst, uri.authority()) {
         (None, Some(a)) => {
@@ -231,7 +270,6 @@ fn target(
             None => (od.to_string(), od.port()),
         },
     };
-    let _ = inputs;
     parse_authority(&authority, default_port).map(|(h, p)| (h, p, authority))
 }
 

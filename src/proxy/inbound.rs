@@ -222,17 +222,7 @@ async fn handle(
             let counter = guard.bytes.clone();
             Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
         }
-        Err(e) => {
-            let resp = e.response();
-            guard.record.status = resp.status().as_u16();
-            if e.is_denial() {
-                guard.record.decision = "deny";
-                guard.record.reason = Some(e.to_string());
-            } else {
-                guard.fail(e.to_string());
-            }
-            Ok(resp)
-        }
+        Err(e) => Ok(super::forward::note_error(&mut guard, &e)),
     }
 }
 
@@ -285,7 +275,7 @@ async fn to_app(
     let counter = guard.bytes.clone();
     let up = Request::from_parts(
         parts,
-        body::boxed(Counted::new(incoming, counter, false, None::<()>)),
+        body::boxed(Counted::new(incoming, counter, false, None)),
     );
     let pooled = super::forward::Pooled {
         client: state.client.clone(),

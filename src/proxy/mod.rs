@@ -86,12 +86,18 @@ pub struct Inputs {
 impl Inputs {
     /// Whether dialling `addr` would reach one of this process's own listeners.
     pub fn is_own(&self, addr: SocketAddr) -> bool {
+        // `::ffff:127.0.0.1` is 127.0.0.1, and any 127/8 address reaches a 127.0.0.1 listener.
+        let ip = addr.ip().to_canonical();
         self.own_addrs.iter().any(|own| {
+            let own_ip = own.ip().to_canonical();
             own.port() == addr.port()
-                && (own.ip() == addr.ip()
-                    || own.ip().is_unspecified()
-                    || (own.ip().is_loopback() && addr.ip().is_loopback())
-                    || addr.ip().is_unspecified())
+                && (own_ip == ip
+                    || own_ip.is_unspecified()
+                    || ip.is_unspecified()
+                    || (own_ip.is_ipv4()
+                        && own_ip.is_loopback()
+                        && ip.is_ipv4()
+                        && ip.is_loopback()))
         })
     }
 }

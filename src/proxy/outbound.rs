@@ -134,12 +134,7 @@ async fn tunnel_tcp(
         Ok(a) => a,
         Err(e) => {
             // Denied TLS/TCP: the connection is closed (dropped here), and logged.
-            if e.is_denial() {
-                guard.record.decision = "deny";
-                guard.record.reason = Some(e.to_string());
-            } else {
-                guard.record.error = Some(e.to_string());
-            }
+            super::forward::record_error(&mut guard, &e);
             return;
         }
     };

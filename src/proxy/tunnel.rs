@@ -62,6 +62,8 @@ pub async fn connect(
             let on_upgrade = hyper::upgrade::on(&mut req);
             guard.record.status = 200;
             inputs.tasks.spawn(async move {
+                // The tunnel outlives the HTTP connection it came from: count it as open.
+                let _gauge = crate::metrics::ConnectionGauge::continued();
                 match on_upgrade.await {
                     Ok(upgraded) => splice(TokioIo::new(upgraded), upstream, guard).await,
                     Err(e) => guard.fail(format!("client upgrade failed: {e}")),
@@ -71,17 +73,7 @@ pub async fn connect(
             *resp.status_mut() = StatusCode::OK;
             resp
         }
-        Err(e) => {
-            let resp = e.response();
-            guard.record.status = resp.status().as_u16();
-            if e.is_denial() {
-                guard.record.decision = "deny";
-                guard.record.reason = Some(e.to_string());
-            } else {
-                guard.record.error = Some(e.to_string());
-            }
-            resp
-        }
+        Err(e) => super::forward::note_error(&mut guard, &e),
     }
 }
 
@@ -101,16 +93,13 @@ where
     }
 }
 
-/// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like).
-pub async fn splice_upgrades(client: OnUpgrade, upstream: OnUpgrade) {
+/// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like);
+/// the request's record is written when it closes, with the bytes each way.
+pub async fn splice_upgrades(client: OnUpgrade, upstream: OnUpgrade, mut guard: LogGuard) {
+    let _gauge = crate::metrics::ConnectionGauge::continued();
     match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with error");
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+        Ok((c, u)) => splice(TokioIo::new(c), TokioIo::new(u), guard).await,
+        Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }
 
