@@ -61,6 +61,17 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
                 "metrics recorder unavailable\n",
             ),
         },
+        (&Method::GET, "/certs") => match handle.certs() {
+            None => text(StatusCode::NOT_FOUND, plain, "no identity configured\n"),
+            Some((id, chain, not_after)) => {
+                let body = serde_json::json!({
+                    "spiffe_id": id,
+                    "not_after": not_after,
+                    "chain_pem": chain,
+                });
+                text(StatusCode::OK, "application/json", body.to_string())
+            }
+        },
         (&Method::GET, "/config") => match serde_json::to_vec_pretty(&handle.config()) {
             Ok(json) => text(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, e.to_string()),

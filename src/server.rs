@@ -98,8 +98,14 @@ impl Server {
         let mut own = vec![outbound_addr, admin_addr];
         own.extend(inbound_addr);
         crate::metrics::install();
-        let state = State::build(cfg, None).map_err(StartError::State)?;
-        let inputs = proxy::inputs(state, own);
+        let mesh = match &cfg.identity {
+            Some(id) => Some(Arc::new(
+                proxy::Mesh::start(id).map_err(|e| StartError::State(format!("identity: {e}")))?,
+            )),
+            None => None,
+        };
+        let state = State::build(cfg, None, mesh.as_deref()).map_err(StartError::State)?;
+        let inputs = proxy::inputs(state, own, mesh);
         let handle = ServerHandle {
             inputs: inputs.clone(),
             shutdown: CancellationToken::new(),
@@ -182,7 +188,23 @@ impl Server {
 impl ServerHandle {
     /// Whether the proxy reports ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.shutdown.is_cancelled()
+        // With an identity, not ready until the first certificate is in hand.
+        let identity_ready = self
+            .inputs
+            .mesh
+            .as_ref()
+            .is_none_or(|m| m.identity.is_ready());
+        self.ready.load(Ordering::SeqCst) && !self.shutdown.is_cancelled() && identity_ready
+    }
+
+    /// The identity's current certificate chain and SPIFFE ID, for admin `/certs`.
+    pub fn certs(&self) -> Option<(String, Option<String>, Option<u64>)> {
+        let m = self.inputs.mesh.as_ref()?;
+        Some((
+            m.identity.id().to_string(),
+            m.identity.current_chain_pem(),
+            m.identity.not_after(),
+        ))
     }
 
     /// Stops accepting and starts draining.
@@ -218,7 +240,10 @@ impl ServerHandle {
         {
             tracing::warn!("listen addresses changed: they apply after a restart");
         }
-        let state = State::build(cfg, Some(&old))?;
+        if cfg.identity != old.cfg.identity {
+            tracing::warn!("identity changes apply after a restart");
+        }
+        let state = State::build(cfg, Some(&old), self.inputs.mesh.as_deref())?;
         self.inputs.state.store(Arc::new(state));
         Ok(())
     }

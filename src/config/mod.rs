@@ -71,6 +71,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Which destinations are other sidecars, reached with mTLS.
     pub mesh: MeshConfig,
+    /// This workload's mesh identity; absent: no mTLS.
+    pub identity: Option<crate::tls::IdentityConfig>,
     /// Where access-log records go.
     pub access_log: AccessLogConfig,
     /// Shutdown behaviour.

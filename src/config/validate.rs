@@ -50,6 +50,8 @@ pub struct Compiled {
     pub authz: crate::policy::authz::Authz,
     /// Mesh networks: destinations reached with mTLS.
     pub mesh_networks: Vec<IpNet>,
+    /// The mesh identity, when configured.
+    pub identity: Option<crate::tls::IdentityConfig>,
     /// The HTTP cache settings.
     pub cache: crate::cache::CacheConfig,
 }
@@ -128,6 +130,26 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
             Some((path, message)) => ConfigError::invalid(path, message),
             None => ConfigError::invalid("outbound.cache", msg),
         })?;
+    if let Some(id) = &config.identity {
+        id.validate("identity")
+            .map_err(|msg| match msg.split_once(": ") {
+                Some((path, message)) => ConfigError::invalid(path, message),
+                None => ConfigError::invalid("identity", msg),
+            })?;
+    } else {
+        if inbound_mtls != MtlsMode::Disabled && config.inbound.is_some() {
+            return Err(ConfigError::invalid(
+                "inbound.mtls",
+                "strict and permissive need an identity section (or set mtls: disabled)",
+            ));
+        }
+        if !mesh_networks.is_empty() {
+            return Err(ConfigError::invalid(
+                "mesh.networks",
+                "mesh mTLS needs an identity section",
+            ));
+        }
+    }
     if config.access_log.output.is_empty() {
         return Err(ConfigError::invalid(
             "access_log.output",
@@ -152,6 +174,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         cache: config.outbound.cache.clone(),
         authz,
         mesh_networks,
+        identity: config.identity.clone(),
         source: config,
     })
 }

@@ -73,6 +73,15 @@ pub async fn serve(
         Err(_) => return,
     };
     let io = Rewind::new(prefix, stream);
+    let mesh = inputs.mesh.clone();
+    match (&protocol, mesh) {
+        (Protocol::Tls(hello), Some(mesh))
+            if hello.mesh && state.cfg.inbound_mtls != MtlsMode::Disabled =>
+        {
+            return terminate_mtls(inputs, io, conn, &mesh, shutdown).await;
+        }
+        _ => {}
+    }
     if state.cfg.inbound_mtls == MtlsMode::Strict {
         // Strict: plaintext (anything but mesh TLS) is refused and logged.
         refuse(
@@ -86,6 +95,45 @@ pub async fn serve(
     match protocol {
         Protocol::Http1 | Protocol::Http2 => serve_http(inputs, io, conn, None, shutdown).await,
         other => pass_through(inputs, io, conn, None, other.name()).await,
+    }
+}
+
+/// Terminates mesh mTLS: the caller's chain and trust domain are verified by the server
+/// config; its SPIFFE ID then drives authorization and `x-forwarded-client-cert`.
+async fn terminate_mtls<I>(
+    inputs: Arc<Inputs>,
+    io: I,
+    conn: ConnInfo,
+    mesh: &super::Mesh,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = inputs.state.load_full();
+    let acceptor = tokio_rustls::TlsAcceptor::from(mesh.server.clone());
+    let mut tls = match acceptor.accept(io).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            // Wrong CA, expired, wrong trust domain, no certificate: refused and logged.
+            refuse(
+                &state,
+                conn,
+                "mtls",
+                &format!("mTLS handshake refused: {e}"),
+            );
+            return;
+        }
+    };
+    let peer: Option<Arc<str>> =
+        crate::tls::peer_spiffe_id(tls.get_ref().1).map(|id| Arc::from(id.to_string()));
+    let (inner, prefix) = match detect(&mut tls, state.cfg.detect_timeout).await {
+        Ok(found) => found,
+        Err(_) => return,
+    };
+    let io = Rewind::new(prefix, tls);
+    match inner {
+        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, io, conn, peer, shutdown).await,
+        _ => pass_through(inputs, io, conn, peer, "mtls").await,
     }
 }
 

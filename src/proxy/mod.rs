@@ -22,7 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::access_log::AccessLog;
 use crate::body::Body;
 use crate::config::Compiled;
-use crate::net::connect::CheckedConnector;
+use crate::net::connect::{CheckedConnector, MeshClient};
 use crate::net::dns::Dns;
 
 /// The pooled upstream HTTP client.
@@ -40,11 +40,45 @@ pub struct State {
     pub client: HttpClient,
     /// The shared HTTP cache (kept across reloads unless its settings change).
     pub cache: crate::cache::HttpCache,
+    /// Mesh mTLS for outbound connections to `mesh.networks`.
+    pub mesh_client: Option<MeshClient>,
+}
+
+/// This workload's mesh identity and the TLS configs made from it, for the life of the
+/// process (certificates inside are swapped on renewal; the configs stay valid).
+pub struct Mesh {
+    /// The identity, renewed in the background.
+    pub identity: crate::tls::WorkloadIdentity,
+    /// Inbound: terminates mesh mTLS and requires a client certificate.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Outbound: originates mesh mTLS.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl Mesh {
+    /// Starts the identity (key generated in-process, certificate fetched in the background)
+    /// and builds the mesh TLS configs.
+    pub fn start(cfg: &crate::tls::IdentityConfig) -> Result<Self, String> {
+        let identity = crate::tls::WorkloadIdentity::start(cfg).map_err(|e| e.to_string())?;
+        let bundle = identity.bundle().clone();
+        let server = crate::tls::server_config(&identity, &bundle).map_err(|e| e.to_string())?;
+        let client =
+            crate::tls::client_config(&identity, &bundle, None).map_err(|e| e.to_string())?;
+        Ok(Self {
+            identity,
+            server,
+            client,
+        })
+    }
 }
 
 impl State {
-    /// Builds the run-time state; `prev` lets a reload keep the access-log writer.
-    pub fn build(cfg: Compiled, prev: Option<&State>) -> Result<Self, String> {
+    /// Builds the run-time state; `prev` lets a reload keep the access-log writer and cache.
+    pub fn build(cfg: Compiled, prev: Option<&State>, mesh: Option<&Mesh>) -> Result<Self, String> {
+        let mesh_client = mesh.map(|m| MeshClient {
+            tls: m.client.clone(),
+            networks: Arc::new(cfg.mesh_networks.clone()),
+        });
         let dns = Dns::new(cfg.dns_hosts.clone()).map_err(|e| e.to_string())?;
         let log = match prev {
             Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
@@ -53,7 +87,7 @@ impl State {
         };
         let connector = CheckedConnector {
             timeout: cfg.connect_timeout,
-            mesh: None,
+            mesh: mesh_client.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -69,6 +103,7 @@ impl State {
             log,
             client,
             cache,
+            mesh_client,
         })
     }
 }
@@ -81,6 +116,8 @@ pub struct Inputs {
     pub own_addrs: Vec<SocketAddr>,
     /// Tunnels and other detached tasks, so that shutdown can wait for them.
     pub tasks: tokio_util::task::TaskTracker,
+    /// The mesh identity and TLS configs, when `identity` is configured.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Inputs {
@@ -123,10 +160,11 @@ impl ConnInfo {
 }
 
 /// Shares one state for tests and the server.
-pub fn inputs(state: State, own_addrs: Vec<SocketAddr>) -> Arc<Inputs> {
+pub fn inputs(state: State, own_addrs: Vec<SocketAddr>, mesh: Option<Arc<Mesh>>) -> Arc<Inputs> {
     Arc::new(Inputs {
         state: ArcSwap::from_pointee(state),
         own_addrs,
         tasks: tokio_util::task::TaskTracker::new(),
+        mesh,
     })
 }

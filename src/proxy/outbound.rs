@@ -139,7 +139,12 @@ async fn tunnel_tcp(
         }
     };
     note_admission(&mut guard, &admitted);
-    let mut upstream = match connect::connect(admitted.addr, state.cfg.connect_timeout).await {
+    let dial = connect::connect_maybe_mesh(
+        admitted.addr,
+        state.cfg.connect_timeout,
+        state.mesh_client.as_ref(),
+    );
+    let mut upstream = match dial.await {
         Ok(s) => s,
         Err(e) => {
             guard.record.error = Some(e.to_string());

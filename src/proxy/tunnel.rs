@@ -52,9 +52,13 @@ pub async fn connect(
         let (host, port) = parse_authority(&authority, 0)?;
         let admitted = admit(&inputs, &state, &host, port, conn.original_dst).await?;
         note_admission(&mut guard, &admitted);
-        connect::connect(admitted.addr, state.cfg.connect_timeout)
-            .await
-            .map_err(ProxyError::Connect)
+        connect::connect_maybe_mesh(
+            admitted.addr,
+            state.cfg.connect_timeout,
+            state.mesh_client.as_ref(),
+        )
+        .await
+        .map_err(ProxyError::Connect)
     }
     .await;
     match result {

@@ -1,0 +1,304 @@
+//! Mesh mTLS through the proxy itself, in-process: sidecar A's outbound wraps a request to a
+//! mesh destination in mTLS with its CA-issued identity; sidecar B's inbound terminates it,
+//! authorizes A's SPIFFE ID and passes it to the app in `x-forwarded-client-cert`. Plaintext
+//! to a strict B is refused; a sidecar from another CA cannot talk to B.
+//! (Across network namespaces with real iptables: tests/netns_mesh.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use outrider::config::{validate, Config};
+use outrider::server::{Server, ServerHandle};
+use outrider::tls::ca::{MeshCa, ROOT_CERT_FILE};
+use outrider::tls::ca_server::{CaServer, ServeOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "mesh.test";
+
+struct Ca {
+    tmp: tempfile::TempDir,
+    dir: PathBuf,
+    ca: Arc<MeshCa>,
+    addr: SocketAddr,
+    _server: CaServer,
+}
+
+impl Ca {
+    async fn new() -> Ca {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let ca = Arc::new(MeshCa::init(&dir, TD, Duration::from_secs(86400)).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = CaServer::start(ca.clone(), listener, &ServeOptions::default()).unwrap();
+        let addr = server.local_addr();
+        Ca {
+            tmp,
+            dir,
+            ca,
+            addr,
+            _server: server,
+        }
+    }
+
+    /// The `identity:` YAML for `who`, with its bootstrap token written to disk.
+    fn identity_yaml(&self, who: &str) -> String {
+        let id = self.ca.identity(who).unwrap();
+        let token = self.ca.mint_token(&id, Duration::from_secs(600)).unwrap();
+        let token_file = self
+            .tmp
+            .path()
+            .join(format!("token-{}", who.replace('/', "-")));
+        std::fs::write(&token_file, token).unwrap();
+        format!(
+            "identity:\n  id: {id}\n  ca_url: https://{}\n  ca_bundle: {}\n  token_file: {}\n",
+            self.addr,
+            self.dir.join(ROOT_CERT_FILE).display(),
+            token_file.display()
+        )
+    }
+}
+
+struct Sidecar {
+    handle: ServerHandle,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    async fn start(yaml: &str, original_dst: Option<SocketAddr>) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let yaml = format!(
+            "admin: {{ listen: 127.0.0.1:0 }}\n{yaml}access_log: {{ output: {} }}\n",
+            log.display()
+        );
+        let compiled = validate(Config::from_yaml(&yaml).unwrap()).unwrap();
+        let mut server = Server::bind(compiled, None).await.unwrap();
+        if let Some(od) = original_dst {
+            server = server.with_orig_dst(Arc::new(move |_s: &TcpStream| Some(od)));
+        }
+        let handle = server.handle();
+        tokio::spawn(server.run());
+        // Ready only once the identity has its first certificate.
+        for _ in 0..200 {
+            if handle.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            handle.is_ready(),
+            "sidecar never became ready (no certificate?)"
+        );
+        Sidecar {
+            handle,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// The app behind B: answers with the caller identity header it was given.
+async fn app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap_or("").to_string())
+                        .unwrap_or_else(|| "none".into());
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(format!(
+                        "caller={xfcc}"
+                    )))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sidecar B: strict mTLS inbound in front of the app, allowing ns/a GETs on /api/.
+async fn sidecar_b(ca: &Ca, app: SocketAddr) -> Sidecar {
+    let yaml = format!(
+        "outbound: {{ listen: 127.0.0.1:0 }}\ninbound:\n  listen: 127.0.0.1:0\n  mtls: strict\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\n  authorization:\n    - from: [\"spiffe://{TD}/ns/a/*\"]\n      paths: [/api/]\n      methods: [GET]\n{}",
+        ca.identity_yaml("ns/b/sa/b")
+    );
+    Sidecar::start(&yaml, None).await
+}
+
+/// A sidecar whose outbound connections all "were going to" `dest`, a mesh destination.
+async fn sidecar_client(ca: &Ca, who: &str, dest: SocketAddr) -> Sidecar {
+    let yaml = format!(
+        "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\n{}",
+        ca.identity_yaml(who)
+    );
+    Sidecar::start(&yaml, Some(dest)).await
+}
+
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_calls_b_over_mtls_and_b_sees_a_identity() {
+    let ca = Ca::new().await;
+    let b = sidecar_b(&ca, app().await).await;
+    let b_inbound = b.handle.inbound_addr.unwrap();
+    let a = sidecar_client(&ca, "ns/a/sa/web", b_inbound).await;
+
+    let resp = raw(
+        a.handle.outbound_addr,
+        "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.contains(&format!("caller=URI=spiffe://{TD}/ns/a/sa/web")),
+        "{resp}"
+    );
+
+    // A forged identity header from the calling app is replaced, not passed on.
+    let resp = raw(
+        a.handle.outbound_addr,
+        "GET /api/items HTTP/1.1\r\nHost: b.test\r\nx-forwarded-client-cert: URI=spiffe://mesh.test/ns/admin/sa/root\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        resp.contains(&format!("caller=URI=spiffe://{TD}/ns/a/sa/web")),
+        "{resp}"
+    );
+
+    // Authorization by path and method.
+    let resp = raw(a.handle.outbound_addr, "POST /api/items HTTP/1.1\r\nHost: b.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains(
+            "no authorization rule allows spiffe://mesh.test/ns/a/sa/web to POST /api/items"
+        ),
+        "{resp}"
+    );
+    let resp = raw(
+        a.handle.outbound_addr,
+        "GET /admin HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = b.log_lines();
+    assert!(lines
+        .iter()
+        .any(|l| l["peer_identity"] == format!("spiffe://{TD}/ns/a/sa/web") && l["status"] == 200));
+    assert!(lines
+        .iter()
+        .any(|l| l["decision"] == "deny" && l["method"] == "POST"));
+}
+
+#[tokio::test]
+async fn another_identity_is_denied_by_authorization() {
+    let ca = Ca::new().await;
+    let b = sidecar_b(&ca, app().await).await;
+    let other = sidecar_client(&ca, "ns/other/sa/x", b.handle.inbound_addr.unwrap()).await;
+    let resp = raw(
+        other.handle.outbound_addr,
+        "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("ns/other/sa/x"), "{resp}");
+}
+
+#[tokio::test]
+async fn plaintext_to_a_strict_sidecar_is_refused() {
+    let ca = Ca::new().await;
+    let b = sidecar_b(&ca, app().await).await;
+    let resp = raw(
+        b.handle.inbound_addr.unwrap(),
+        "GET /api/items HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        resp.is_empty(),
+        "strict mTLS must not answer plaintext: {resp}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(b.log_lines().iter().any(|l| l["decision"] == "deny"
+        && l["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("plaintext refused")));
+}
+
+#[tokio::test]
+async fn a_sidecar_from_another_ca_cannot_reach_b() {
+    let ca = Ca::new().await;
+    let rogue_ca = Ca::new().await; // same trust domain name, different root
+    let b = sidecar_b(&ca, app().await).await;
+    let rogue = sidecar_client(&rogue_ca, "ns/a/sa/web", b.handle.inbound_addr.unwrap()).await;
+    let resp = raw(
+        rogue.handle.outbound_addr,
+        "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    assert!(resp.contains("mTLS to mesh peer"), "{resp}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !b.log_lines().iter().any(|l| l["status"] == 200),
+        "nothing may reach B's app"
+    );
+}
+
+#[tokio::test]
+async fn admin_shows_the_certificate_and_the_expiry_metric() {
+    let ca = Ca::new().await;
+    let b = sidecar_b(&ca, app().await).await;
+    let certs = raw(
+        b.handle.admin_addr,
+        "GET /certs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        certs.contains(&format!("spiffe://{TD}/ns/b/sa/b")),
+        "{certs}"
+    );
+    assert!(certs.contains("BEGIN CERTIFICATE"), "{certs}");
+    let metrics = raw(
+        b.handle.admin_addr,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        metrics.contains("outrider_identity_cert_expiry_timestamp_seconds"),
+        "{metrics}"
+    );
+}
