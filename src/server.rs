@@ -37,8 +37,8 @@ pub enum StartError {
 /// A bound, not yet running proxy.
 pub struct Server {
     inputs: Arc<Inputs>,
-    outbound: TcpListener,
-    inbound: Option<TcpListener>,
+    outbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
     admin: TcpListener,
     handle: ServerHandle,
     orig_dst: OrigDstFn,
@@ -59,44 +59,73 @@ pub struct ServerHandle {
     pub admin_addr: SocketAddr,
 }
 
+fn bind_one(addr: SocketAddr, only_v6: bool) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(only_v6)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let bind = || -> std::io::Result<TcpListener> {
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        sock.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            // `[::]:15006` should serve IPv4 too, like the usual dual-stack default.
-            let _ = sock.set_only_v6(false);
+    // `[::]:15006` serves IPv4 too, like the usual dual-stack default.
+    bind_one(addr, false).map_err(|source| StartError::Bind { key, addr, source })
+}
+
+/// Binds a data-path listener so that captured IPv6 traffic has somewhere to go as well:
+/// `0.0.0.0:P` becomes dual-stack `[::]:P` where the host has IPv6, and `127.0.0.1:P` gets an
+/// IPv6-only `[::1]:P` beside it (the iptables script redirects IPv6 to `[::1]`).
+async fn bind_data(key: &'static str, addr: SocketAddr) -> Result<Vec<TcpListener>, StartError> {
+    let v6 = |ip: std::net::Ipv6Addr, port| SocketAddr::new(ip.into(), port);
+    if addr.ip() == std::net::Ipv4Addr::UNSPECIFIED {
+        if let Ok(l) = bind_one(v6(std::net::Ipv6Addr::UNSPECIFIED, addr.port()), false) {
+            return Ok(vec![l]);
         }
-        sock.set_nonblocking(true)?;
-        sock.bind(&addr.into())?;
-        sock.listen(4096)?;
-        TcpListener::from_std(sock.into())
-    };
-    bind().map_err(|source| StartError::Bind { key, addr, source })
+    }
+    let first = bind(key, addr).await?;
+    let mut all = vec![];
+    if addr.ip() == std::net::Ipv4Addr::LOCALHOST {
+        let port = first.local_addr().map_or(addr.port(), |a| a.port());
+        // Best effort: a host without IPv6 simply has no IPv6 traffic to capture.
+        if let Ok(l) = bind_one(v6(std::net::Ipv6Addr::LOCALHOST, port), true) {
+            all.push(l);
+        }
+    }
+    all.insert(0, first);
+    Ok(all)
 }
 
 impl Server {
     /// Binds every listener (so that a bad address fails before anything runs).
     pub async fn bind(cfg: Compiled, config_path: Option<PathBuf>) -> Result<Self, StartError> {
         let admin = bind("admin.listen", cfg.admin_listen).await?;
-        let outbound = bind("outbound.listen", cfg.outbound_listen).await?;
+        let outbound = bind_data("outbound.listen", cfg.outbound_listen).await?;
         let inbound = match cfg.inbound_listen {
-            Some(a) => Some(bind("inbound.listen", a).await?),
-            None => None,
+            Some(a) => bind_data("inbound.listen", a).await?,
+            None => Vec::new(),
         };
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
-        let outbound_addr = local(&outbound, cfg.outbound_listen);
+        let outbound_addr = outbound
+            .first()
+            .map_or(cfg.outbound_listen, |l| local(l, cfg.outbound_listen));
         let admin_addr = local(&admin, cfg.admin_listen);
-        let inbound_addr = inbound
-            .as_ref()
-            .zip(cfg.inbound_listen)
-            .map(|(l, a)| local(l, a));
-        let mut own = vec![outbound_addr, admin_addr];
-        own.extend(inbound_addr);
+        let inbound_addr = cfg
+            .inbound_listen
+            .map(|a| inbound.first().map_or(a, |l| local(l, a)));
+        let mut own: Vec<SocketAddr> = outbound
+            .iter()
+            .chain(&inbound)
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        own.push(admin_addr);
         crate::metrics::install();
         let mesh = match &cfg.identity {
             Some(id) => Some(Arc::new(
@@ -148,25 +177,20 @@ impl Server {
         } = self;
         let shutdown = handle.shutdown.clone();
         let admin_task = tokio::spawn(crate::admin::serve(admin, handle.clone()));
-        let out_task = tokio::spawn(accept_outbound(
-            outbound,
-            inputs.clone(),
-            orig_dst,
-            shutdown.clone(),
-        ));
-        let in_task = inbound.map(|l| {
-            tokio::spawn(crate::proxy::inbound::accept(
-                l,
-                inputs.clone(),
-                shutdown.clone(),
-            ))
-        });
+        let mut accept_tasks = Vec::new();
+        for l in outbound {
+            let task = accept_outbound(l, inputs.clone(), orig_dst.clone(), shutdown.clone());
+            accept_tasks.push(tokio::spawn(task));
+        }
+        for l in inbound {
+            let task = crate::proxy::inbound::accept(l, inputs.clone(), shutdown.clone());
+            accept_tasks.push(tokio::spawn(task));
+        }
         handle.ready.store(true, Ordering::SeqCst);
         tracing::info!(outbound = %handle.outbound_addr, admin = %handle.admin_addr, inbound = ?handle.inbound_addr, "outrider ready");
         shutdown.cancelled().await;
         handle.ready.store(false, Ordering::SeqCst);
-        let _ = out_task.await;
-        if let Some(t) = in_task {
+        for t in accept_tasks {
             let _ = t.await;
         }
         inputs.tasks.close();
@@ -251,8 +275,7 @@ impl ServerHandle {
 
 /// The kernel's answer, except that a connection to the listener itself is explicit.
 fn kernel_orig_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    let od = crate::net::orig_dst::original_dst(stream)?;
-    (Some(od) != stream.local_addr().ok()).then_some(od)
+    crate::net::orig_dst::original_dst(stream)
 }
 
 async fn accept_outbound(
@@ -269,6 +292,7 @@ async fn accept_outbound(
         match accepted {
             Ok((stream, client)) => {
                 let od = orig_dst(&stream);
+                let client = crate::net::orig_dst::canonical(client);
                 let task = crate::proxy::outbound::serve(
                     inputs.clone(),
                     stream,

@@ -241,10 +241,11 @@ impl World {
     }
 
     fn log_lines(&self) -> Vec<Value> {
+        // Only complete lines: the writer may be mid-way through the last one.
         std::fs::read_to_string(&self.log)
             .unwrap()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n') && !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
             .collect()
     }

@@ -6,22 +6,24 @@ use std::net::SocketAddr;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
+/// An address with IPv4-mapped IPv6 (`[::ffff:a.b.c.d]:p`) written as the IPv4 it is.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Where a client meant to connect before iptables redirected it. `None` for a connection
-/// that was not redirected (an explicit-proxy client, or no NAT entry).
+/// that was not redirected: no NAT entry, or an original destination that is the listener
+/// itself (an explicit-proxy client).
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
+    let local = canonical(stream.local_addr().ok()?);
+    // An IPv4 connection on a dual-stack socket was NATed by iptables, not ip6tables: ask
+    // for the IPv4 original destination.
     let found = if local.is_ipv4() {
         sock.original_dst_v4()
     } else {
         sock.original_dst_v6()
     };
-    found.ok().and_then(|a| a.as_socket()).map(|a| match a {
-        // An IPv4 destination seen through a dual-stack socket is still IPv4.
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => SocketAddr::V6(v6),
-        },
-        v4 => v4,
-    })
+    let od = canonical(found.ok()?.as_socket()?);
+    (od != local).then_some(od)
 }

@@ -36,9 +36,8 @@ pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: Cancel
         };
         match accepted {
             Ok((stream, client)) => {
-                let local = stream.local_addr().ok();
-                let od =
-                    crate::net::orig_dst::original_dst(&stream).filter(|od| Some(*od) != local);
+                let od = crate::net::orig_dst::original_dst(&stream);
+                let client = crate::net::orig_dst::canonical(client);
                 inputs
                     .tasks
                     .spawn(serve(inputs.clone(), stream, client, od, shutdown.clone()));
