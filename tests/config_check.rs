@@ -176,9 +176,14 @@ fn a_missing_file_is_an_error() {
 
 #[test]
 fn every_shipped_config_loads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    // Shipped configs and the examples' configs: none may rot.
+    let entries: Vec<_> = ["config", "examples"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+        .collect();
+    for entry in entries {
         let path = entry.unwrap().path();
         if !matches!(
             path.extension().and_then(|e| e.to_str()),
