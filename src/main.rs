@@ -34,6 +34,13 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Transparent-capture rules: runs the shipped iptables script (embedded in the binary)
+    /// with these arguments, e.g. `outrider iptables apply --proxy-uid 1337`.
+    Iptables {
+        /// `apply`, `remove` or `print`, then the script's flags (see iptables/README.md).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// The mesh CA: init, token, serve.
     #[command(subcommand)]
     Ca(outrider::tls::ca::CaCommand),
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Iptables { args } => run_iptables_script(&args),
         Command::Ca(cmd) => {
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -106,6 +114,25 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The iptables script, embedded so that `outrider iptables` works wherever the binary is.
+const IPTABLES_SCRIPT: &str = include_str!("../iptables/outrider-iptables.sh");
+
+fn run_iptables_script(args: &[String]) -> ExitCode {
+    let status = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(IPTABLES_SCRIPT)
+        .arg("outrider-iptables")
+        .args(args)
+        .status();
+    match status {
+        Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("outrider iptables: cannot run bash: {e}");
+            ExitCode::FAILURE
         }
     }
 }
