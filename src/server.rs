@@ -284,31 +284,13 @@ async fn accept_outbound(
     orig_dst: OrigDstFn,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                let od = orig_dst(&stream);
-                let client = crate::net::orig_dst::canonical(client);
-                let task = crate::proxy::outbound::serve(
-                    inputs.clone(),
-                    stream,
-                    client,
-                    od,
-                    shutdown.clone(),
-                );
-                inputs.tasks.spawn(task);
-            }
-            Err(e) => {
-                // EMFILE and the like: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let stop = shutdown.clone();
+    proxy::accept_loop(listener, stop, |stream, client| {
+        let od = orig_dst(&stream);
+        let task = proxy::outbound::serve(inputs.clone(), stream, client, od, shutdown.clone());
+        inputs.tasks.spawn(task);
+    })
+    .await;
 }
 
 /// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.

@@ -206,7 +206,7 @@ fn every_shipped_config_loads() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(n > 0, "no config files found in {}", dir.display());
+    assert!(n > 0, "no config files found in {}", root.display());
     // The embedded default is one of them, and loads too.
     outrider::config::Config::load(None).unwrap();
 }

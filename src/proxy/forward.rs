@@ -12,7 +12,7 @@ use super::admit::{admit, Admitted};
 use super::error::ProxyError;
 use super::http::{add_via, strip_hop_by_hop, wants_upgrade};
 use super::{ConnInfo, Inputs, State};
-use crate::access_log::{LogGuard, Record};
+use crate::access_log::LogGuard;
 use crate::body::{self, Body, Counted};
 use crate::net::connect::ConnectError;
 use crate::policy::host::{parse_host, parse_port, split_authority, Host};
@@ -28,28 +28,9 @@ pub async fn handle(
         return Ok(super::tunnel::connect(inputs, conn, req).await);
     }
     let state = inputs.state.load_full();
-    let mut guard = LogGuard::start(
-        state.log.clone(),
-        Record {
-            direction: "outbound",
-            mode: conn.mode(),
-            protocol: if req.version() == http::Version::HTTP_2 {
-                "http2"
-            } else {
-                "http1"
-            },
-            client: Some(conn.client),
-            original_dst: conn.original_dst,
-            method: Some(req.method().to_string()),
-            path: req.uri().path_and_query().map(|p| p.to_string()),
-            // What the client asked for, even if it turns out invalid.
-            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| {
-                let host = req.headers().get(header::HOST)?;
-                Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
-            }),
-            ..Record::default()
-        },
-    );
+    let record = super::request_record("outbound", conn, &req);
+    let mut guard = LogGuard::start(state.log.clone(), record);
+
     let (resp, upgrade) = match forward(&inputs, &state, conn, req, &mut guard).await {
         Ok(done) => done,
         Err(e) => (note_error(&mut guard, &e), None),

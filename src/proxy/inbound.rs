@@ -29,25 +29,13 @@ use crate::policy::authz;
 
 /// Accepts inbound connections until shutdown.
 pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = shutdown.cancelled() => return,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                let od = crate::net::orig_dst::original_dst(&stream);
-                let client = crate::net::orig_dst::canonical(client);
-                inputs
-                    .tasks
-                    .spawn(serve(inputs.clone(), stream, client, od, shutdown.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let stop = shutdown.clone();
+    super::accept_loop(listener, stop, |stream, client| {
+        let od = crate::net::orig_dst::original_dst(&stream);
+        let task = serve(inputs.clone(), stream, client, od, shutdown.clone());
+        inputs.tasks.spawn(task);
+    })
+    .await;
 }
 
 /// Serves one inbound connection: mesh mTLS is terminated (once identity is configured),
@@ -238,30 +226,10 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
-    let mut guard = LogGuard::start(
-        state.log.clone(),
-        Record {
-            direction: "inbound",
-            mode: conn.mode(),
-            protocol: if req.version() == http::Version::HTTP_2 {
-                "http2"
-            } else {
-                "http1"
-            },
-            client: Some(conn.client),
-            original_dst: conn.original_dst,
-            method: Some(req.method().to_string()),
-            path: req.uri().path_and_query().map(|p| p.to_string()),
-            authority: req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-                .or_else(|| req.uri().authority().map(|a| a.to_string())),
-            request_id: Some(request_id.clone()),
-            ..Record::default()
-        },
-    );
+    let mut record = super::request_record("inbound", conn, &req);
+    record.request_id = Some(request_id.clone());
+    let mut guard = LogGuard::start(state.log.clone(), record);
+
     guard.record.peer_identity = peer.as_deref().map(str::to_owned);
     match to_app(&state, conn, peer.as_deref(), req, &request_id, &mut guard).await {
         Ok(resp) => {

@@ -168,3 +168,55 @@ pub fn inputs(state: State, own_addrs: Vec<SocketAddr>, mesh: Option<Arc<Mesh>>)
         mesh,
     })
 }
+
+/// The access-log record for an HTTP request, as far as the request itself tells it.
+pub fn request_record<B>(
+    direction: &'static str,
+    conn: ConnInfo,
+    req: &::http::Request<B>,
+) -> crate::access_log::Record {
+    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        // What the client asked for, even if it turns out invalid.
+        let host = req.headers().get(::http::header::HOST)?;
+        Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
+    });
+    crate::access_log::Record {
+        direction,
+        mode: conn.mode(),
+        protocol: if req.version() == ::http::Version::HTTP_2 {
+            "http2"
+        } else {
+            "http1"
+        },
+        client: Some(conn.client),
+        original_dst: conn.original_dst,
+        method: Some(req.method().to_string()),
+        path: req.uri().path_and_query().map(|p| p.to_string()),
+        authority,
+        ..crate::access_log::Record::default()
+    }
+}
+
+/// Accepts connections until shutdown, handing each (with its client address in canonical
+/// form) to `serve`; accept errors (EMFILE and the like) back off instead of spinning.
+pub async fn accept_loop<F>(
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr),
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, client)) => serve(stream, crate::net::orig_dst::canonical(client)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
