@@ -2,23 +2,58 @@
 //!
 //! A [`LogGuard`] is created when a request or connection starts and writes its record
 //! when dropped, so a request whose client goes away mid-way, or a tunnel that is reset,
-//! is still logged (ztunnel's pattern). Records go through a channel to a writer thread,
-//! so a slow disk never blocks a proxy task. The guard also records the request metrics,
-//! so the log and `/metrics` can never disagree.
+//! is still logged (ztunnel's pattern). Records are appended to a shared buffer that a
+//! writer thread drains every few milliseconds (or sooner when it fills), so a slow disk
+//! never blocks a proxy task and a busy proxy does not wake a thread per request. The guard
+//! also records the request metrics, so the log and `/metrics` can never disagree.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
+
+/// How long a record may wait in the buffer; short enough that a log tail looks live.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// A buffer this full wakes the writer at once.
+const WAKE_BYTES: usize = 256 * 1024;
 
 /// Where records go. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    shared: Option<Arc<Shared>>,
+}
+
+struct Shared {
+    pending: Mutex<Vec<u8>>,
+    wake: Condvar,
+    sink: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Shared {
+    /// Writes out whatever is pending. Callers: the writer thread, and shutdown.
+    fn drain(&self) {
+        let batch = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Ok(mut sink) = self.sink.lock() {
+            if sink.write_all(&batch).and_then(|()| sink.flush()).is_err() {
+                eprintln!("outrider: access log write failed");
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.drain();
+    }
 }
 
 impl AccessLog {
@@ -26,7 +61,7 @@ impl AccessLog {
     /// path (appended to, created if missing).
     pub fn open(output: &str) -> std::io::Result<Self> {
         let sink: Box<dyn Write + Send> = match output {
-            "off" => return Ok(Self { tx: None }),
+            "off" => return Ok(Self { shared: None }),
             "stdout" => Box::new(std::io::stdout()),
             "stderr" => Box::new(std::io::stderr()),
             path => Box::new(
@@ -36,38 +71,60 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
+            wake: Condvar::new(),
+            sink: Mutex::new(sink),
+        });
+        // The thread holds only a weak reference: when the last handle goes (a reload that
+        // changed the output), it writes what is left and ends.
+        let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(&rx, sink))?;
-        Ok(Self { tx: Some(tx) })
+            .spawn(move || write_loop(&weak))?;
+        Ok(Self {
+            shared: Some(shared),
+        })
     }
 
     /// Queues one record.
     pub fn write(&self, record: &Record) {
-        let Some(tx) = &self.tx else { return };
-        match serde_json::to_vec(record) {
-            Ok(mut line) => {
-                line.push(b'\n');
-                // The writer thread only stops when every sender is gone.
-                let _ = tx.send(line);
+        let Some(shared) = &self.shared else { return };
+        let Ok(mut pending) = shared.pending.lock() else {
+            return;
+        };
+        let before = pending.len();
+        match serde_json::to_writer(&mut *pending, record) {
+            Ok(()) => {
+                pending.push(b'\n');
+                if pending.len() >= WAKE_BYTES && before < WAKE_BYTES {
+                    shared.wake.notify_one();
+                }
             }
-            Err(e) => tracing::error!(error = %e, "access log record not serialisable"),
+            Err(e) => {
+                pending.truncate(before);
+                tracing::error!(error = %e, "access log record not serialisable");
+            }
+        }
+    }
+
+    /// Writes out every queued record now (at shutdown, so that none is lost).
+    pub fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            shared.drain();
         }
     }
 }
 
-fn write_loop(rx: &mpsc::Receiver<Vec<u8>>, sink: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
-    while let Ok(line) = rx.recv() {
-        let mut ok = out.write_all(&line).is_ok();
-        // Batch what is already queued, then flush so that a quiet proxy's log is current.
-        while let Ok(more) = rx.try_recv() {
-            ok &= out.write_all(&more).is_ok();
+fn write_loop(shared: &std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if let Ok(pending) = s.pending.lock() {
+            if pending.len() < WAKE_BYTES {
+                let _ = s.wake.wait_timeout(pending, FLUSH_INTERVAL);
+            }
         }
-        if !(ok && out.flush().is_ok()) {
-            eprintln!("outrider: access log write failed");
-        }
+        s.drain();
     }
 }
 

@@ -205,6 +205,7 @@ impl Server {
             );
         }
         admin_task.abort();
+        inputs.state.load().log.flush();
         tracing::info!("outrider stopped");
     }
 }

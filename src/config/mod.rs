@@ -77,6 +77,17 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
+    /// The async runtime.
+    pub runtime: RuntimeConfig,
+}
+
+/// `runtime`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 (the default) means one per CPU. A sidecar shares its pod's CPUs
+    /// with the app, so platform teams often pin this to 1 or 2.
+    pub worker_threads: usize,
 }
 
 /// `admin`.

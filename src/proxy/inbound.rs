@@ -340,20 +340,19 @@ fn add_forwarding(
     }
 }
 
-/// A random 128-bit id in hex.
+/// A random 128-bit id in hex, from the TLS stack's DRBG (no syscall per request).
 fn new_request_id() -> String {
     let mut b = [0u8; 16];
-    // getrandom through std's hasher seed would be weak; the OS RNG is one syscall.
-    if getrandom_fill(&mut b).is_err() {
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        // Uniqueness, not secrecy, is what a request id needs: fall back to the clock.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         b = t.to_le_bytes();
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+    let mut out = String::with_capacity(32);
+    for x in b {
+        out.push_str(&format!("{x:02x}"));
+    }
+    out
 }
