@@ -133,7 +133,7 @@ impl Server {
             )),
             None => None,
         };
-        let state = State::build(cfg, None, mesh.as_deref()).map_err(StartError::State)?;
+        let state = State::build(cfg, None, mesh.as_ref()).map_err(StartError::State)?;
         let inputs = proxy::inputs(state, own, mesh);
         let handle = ServerHandle {
             inputs: inputs.clone(),
@@ -268,7 +268,7 @@ impl ServerHandle {
         if cfg.identity != old.cfg.identity {
             tracing::warn!("identity changes apply after a restart");
         }
-        let state = State::build(cfg, Some(&old), self.inputs.mesh.as_deref())?;
+        let state = State::build(cfg, Some(&old), self.inputs.mesh.as_ref())?;
         self.inputs.state.store(Arc::new(state));
         Ok(())
     }

@@ -40,6 +40,10 @@ pub enum ConnectError {
         /// The TLS error.
         source: io::Error,
     },
+    /// This workload has no certificate yet (the CA has not answered), so it cannot speak
+    /// mTLS; nothing is sent in plaintext instead.
+    #[error("no workload certificate yet for mTLS to mesh peer {0}")]
+    NoCertificate(SocketAddr),
     /// The URI given to the connector carried no IP address (a bug upstream of here).
     #[error("upstream URI {0} has no checked address")]
     NoAddress(String),
@@ -73,6 +77,9 @@ pub struct MeshClient {
     pub tls: Arc<rustls::ClientConfig>,
     /// CIDRs that are in the mesh.
     pub networks: Arc<Vec<IpNet>>,
+    /// Whether the workload has a certificate yet: without one, mesh connects fail fast
+    /// instead of handshaking with nothing to present.
+    pub has_cert: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl MeshClient {
@@ -87,6 +94,9 @@ impl MeshClient {
         addr: SocketAddr,
         tcp: TcpStream,
     ) -> Result<MaybeTls, ConnectError> {
+        if !(self.has_cert)() {
+            return Err(ConnectError::NoCertificate(addr));
+        }
         // The peer is checked by its SPIFFE ID, not by name: the server name is only a label.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());

@@ -114,6 +114,10 @@ async fn forward(
         client: state.client.clone(),
         addr: admitted.addr,
         timeout: state.cfg.response_timeout,
+        mesh: state
+            .mesh_client
+            .as_ref()
+            .is_some_and(|m| m.covers(admitted.addr)),
     };
     let use_cache = state.cfg.cache.enabled && admitted.name_verified && !upgrading;
     let mut resp = if use_cache {
@@ -141,10 +145,13 @@ async fn forward(
 
 /// The upstream phase: one request on a pooled connection to the checked address, with
 /// the response-head timeout. Also what the cache calls on a miss or revalidation.
+#[derive(Clone)]
 pub(super) struct Pooled {
     pub(super) client: super::HttpClient,
     pub(super) addr: std::net::SocketAddr,
     pub(super) timeout: std::time::Duration,
+    /// Whether `addr` is a mesh peer reached over mTLS (for clearer errors).
+    pub(super) mesh: bool,
 }
 
 impl Pooled {
@@ -171,7 +178,15 @@ impl Pooled {
         };
         tokio::select! {
             result = self.client.request(req) => match result {
-                Err(e) => Err(upstream_error(self.addr, &e)),
+                Err(e) => Err(match upstream_error(self.addr, &e) {
+                    // With TLS 1.3 the client's handshake completes before the server checks
+                    // the client certificate, so a refusal shows up as a closed connection.
+                    ProxyError::Upstream(a, detail) if self.mesh => ProxyError::Upstream(
+                        a,
+                        format!("{detail} (the mesh peer closed the connection: it may have refused this workload's certificate or identity)"),
+                    ),
+                    other => other,
+                }),
                 Ok(resp) => Ok(resp.map(body::boxed)),
             },
             () = timer => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
@@ -185,11 +200,7 @@ impl crate::cache::Upstream for Pooled {
         req: Request<Body>,
     ) -> futures_util::future::BoxFuture<'static, Result<Response<Body>, crate::cache::UpstreamError>>
     {
-        let me = Pooled {
-            client: self.client.clone(),
-            addr: self.addr,
-            timeout: self.timeout,
-        };
+        let me = self.clone();
         Box::pin(async move {
             me.send_to_origin(req)
                 .await
@@ -280,6 +291,7 @@ fn upstream_error(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Er
                     source: std::io::Error::new(source.kind(), source.to_string()),
                 },
                 ConnectError::NoAddress(u) => ConnectError::NoAddress(u.clone()),
+                ConnectError::NoCertificate(a) => ConnectError::NoCertificate(*a),
                 ConnectError::Mtls { addr, source } => ConnectError::Mtls {
                     addr: *addr,
                     source: std::io::Error::new(source.kind(), source.to_string()),

@@ -296,6 +296,7 @@ async fn to_app(
         client: state.client.clone(),
         addr: target,
         timeout: state.cfg.response_timeout,
+        mesh: false,
     };
     let resp = pooled.send_to_origin(up).await?;
     let (mut parts, body) = resp.into_parts();

@@ -74,10 +74,18 @@ impl Mesh {
 
 impl State {
     /// Builds the run-time state; `prev` lets a reload keep the access-log writer and cache.
-    pub fn build(cfg: Compiled, prev: Option<&State>, mesh: Option<&Mesh>) -> Result<Self, String> {
-        let mesh_client = mesh.map(|m| MeshClient {
-            tls: m.client.clone(),
-            networks: Arc::new(cfg.mesh_networks.clone()),
+    pub fn build(
+        cfg: Compiled,
+        prev: Option<&State>,
+        mesh: Option<&Arc<Mesh>>,
+    ) -> Result<Self, String> {
+        let mesh_client = mesh.map(|m| {
+            let m2 = m.clone();
+            MeshClient {
+                tls: m.client.clone(),
+                networks: Arc::new(cfg.mesh_networks.clone()),
+                has_cert: Arc::new(move || m2.identity.is_ready()),
+            }
         });
         let dns = Dns::new(cfg.dns_hosts.clone()).map_err(|e| e.to_string())?;
         let log = match prev {
