@@ -187,7 +187,8 @@ impl HttpCache {
                 enabled: cfg.enabled,
                 max_object_bytes: usize::try_from(cfg.max_object_bytes).unwrap_or(usize::MAX),
                 bypass: HostMatcher::new(&cfg.bypass_hosts),
-                store: store::Store::new(cfg.max_bytes),
+                // A disabled cache stores nothing: give it no room, so its bookkeeping costs no memory.
+                store: store::Store::new(if cfg.enabled { cfg.max_bytes } else { 0 }),
                 collapser: Arc::default(),
             }),
         }
