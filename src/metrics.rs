@@ -82,22 +82,69 @@ fn describe() {
     metrics::gauge!("outrider_connections_open").set(0.0);
 }
 
+const DIRECTIONS: [&str; 2] = ["outbound", "inbound"];
+const DECISIONS: [&str; 3] = ["allow", "deny", "report"];
+const CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The per-request metric handles, resolved once: looking a labelled metric up in the
+/// registry on every request hashes its labels each time.
+struct RequestHandles {
+    requests: Vec<metrics::Counter>,
+    duration: [metrics::Histogram; 2],
+    bytes_in: metrics::Counter,
+    bytes_out: metrics::Counter,
+}
+
+static REQUEST_HANDLES: OnceLock<RequestHandles> = OnceLock::new();
+
+fn request_handles() -> &'static RequestHandles {
+    REQUEST_HANDLES.get_or_init(|| {
+        let mut requests = Vec::with_capacity(DIRECTIONS.len() * DECISIONS.len() * CLASSES.len());
+        for direction in DIRECTIONS {
+            for decision in DECISIONS {
+                for class in CLASSES {
+                    requests.push(metrics::counter!("outrider_requests_total", "direction" => direction, "decision" => decision, "status_class" => class));
+                }
+            }
+        }
+        RequestHandles {
+            requests,
+            duration: DIRECTIONS.map(|d| metrics::histogram!("outrider_request_duration_seconds", "direction" => d)),
+            bytes_in: metrics::counter!("outrider_bytes_in_total"),
+            bytes_out: metrics::counter!("outrider_bytes_out_total"),
+        }
+    })
+}
+
 /// Records one finished request or tunnel.
 pub fn record_request(r: &Record) {
     let class = match r.status {
-        0 => "none",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        0 => 0,
+        100..=199 => 1,
+        200..=299 => 2,
+        300..=399 => 3,
+        400..=499 => 4,
+        _ => 5,
     };
-    metrics::counter!("outrider_requests_total", "direction" => r.direction, "decision" => r.decision, "status_class" => class)
-        .increment(1);
-    metrics::histogram!("outrider_request_duration_seconds", "direction" => r.direction)
-        .record(r.duration_ms / 1000.0);
-    metrics::counter!("outrider_bytes_in_total").increment(r.bytes_in);
-    metrics::counter!("outrider_bytes_out_total").increment(r.bytes_out);
+    let dir = usize::from(r.direction == "inbound");
+    let dec = match r.decision {
+        "deny" => 1,
+        "report" => 2,
+        _ => 0,
+    };
+    // Handles are only resolved once a recorder exists; before that the macros are no-ops.
+    if HANDLE.get().is_some_and(Option::is_some) {
+        let h = request_handles();
+        if let Some(c) = h
+            .requests
+            .get((dir * DECISIONS.len() + dec) * CLASSES.len() + class)
+        {
+            c.increment(1);
+        }
+        h.duration[dir].record(r.duration_ms / 1000.0);
+        h.bytes_in.increment(r.bytes_in);
+        h.bytes_out.increment(r.bytes_out);
+    }
 }
 
 /// Counts an egress denial (or, in report mode, a would-be denial).
