@@ -82,7 +82,8 @@ where
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         use std::task::Poll;
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut inner = this.inner;
+        let polled = inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -93,6 +94,13 @@ where
                         &this.counter.inbound
                     };
                     c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                // A body of known length ends with its last byte; hyper may never poll for
+                // the end after that, so don't mistake it for a cut-off one.
+                if inner.is_end_stream() {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.response_complete = Some(true);
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {

@@ -94,9 +94,6 @@ impl MeshClient {
         addr: SocketAddr,
         tcp: TcpStream,
     ) -> Result<MaybeTls, ConnectError> {
-        if !(self.has_cert)() {
-            return Err(ConnectError::NoCertificate(addr));
-        }
         // The peer is checked by its SPIFFE ID, not by name: the server name is only a label.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
@@ -116,8 +113,15 @@ pub async fn connect_maybe_mesh(
     timeout: Duration,
     mesh: Option<&MeshClient>,
 ) -> Result<MaybeTls, ConnectError> {
+    let mesh = mesh.filter(|m| m.covers(addr));
+    // Without a certificate there is nothing to present: fail before even connecting, so
+    // the peer never sees a connection that could pass for plaintext.
+    if mesh.is_some_and(|m| !(m.has_cert)()) {
+        metrics::counter!("outrider_upstream_connect_errors_total").increment(1);
+        return Err(ConnectError::NoCertificate(addr));
+    }
     let tcp = connect(addr, timeout).await?;
-    match mesh.filter(|m| m.covers(addr)) {
+    match mesh {
         Some(m) => m.handshake(addr, tcp).await,
         None => Ok(MaybeTls::Plain(tcp)),
     }
