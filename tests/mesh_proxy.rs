@@ -153,8 +153,18 @@ async fn sidecar_b(ca: &Ca, app: SocketAddr) -> Sidecar {
 
 /// A sidecar whose outbound connections all "were going to" `dest`, a mesh destination.
 async fn sidecar_client(ca: &Ca, who: &str, dest: SocketAddr) -> Sidecar {
+    sidecar_client_expecting(ca, who, dest, "").await
+}
+
+/// The same, with extra `mesh:` keys (such as expected identities).
+async fn sidecar_client_expecting(
+    ca: &Ca,
+    who: &str,
+    dest: SocketAddr,
+    mesh_extra: &str,
+) -> Sidecar {
     let yaml = format!(
-        "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\n{}",
+        "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\n{mesh_extra}{}",
         ca.identity_yaml(who)
     );
     Sidecar::start(&yaml, Some(dest)).await
@@ -301,4 +311,26 @@ async fn admin_shows_the_certificate_and_the_expiry_metric() {
         metrics.contains("outrider_identity_cert_expiry_timestamp_seconds"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_destination_with_expected_identities_must_present_one_of_them() {
+    let ca = Ca::new().await;
+    let b = sidecar_b(&ca, app().await).await;
+    let b_inbound = b.handle.inbound_addr.unwrap();
+    let request = "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+
+    let expects_b = format!(
+        "  identities:\n    - cidr: 127.0.0.1/32\n      ids: [\"spiffe://{TD}/ns/b/sa/b\"]\n"
+    );
+    let a = sidecar_client_expecting(&ca, "ns/a/sa/web", b_inbound, &expects_b).await;
+    let resp = raw(a.handle.outbound_addr, request).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // B is a genuine mesh member, but not the service this client expects there.
+    let expects_other = format!("  identities:\n    - cidr: 127.0.0.1/32\n      ids: [\"spiffe://{TD}/ns/db/sa/postgres\"]\n");
+    let a2 = sidecar_client_expecting(&ca, "ns/a/sa/web", b_inbound, &expects_other).await;
+    let resp = raw(a2.handle.outbound_addr, request).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    assert!(resp.contains("mTLS to mesh peer"), "{resp}");
 }

@@ -319,6 +319,20 @@ impl OneOrMany {
 pub struct MeshConfig {
     /// CIDRs whose destinations get mTLS to their sidecar.
     pub networks: Vec<String>,
+    /// The identities expected for some destinations: a peer there must present one of
+    /// them, else the connection is refused. Elsewhere any identity of the trust domain is
+    /// accepted.
+    pub identities: Vec<MeshIdentities>,
+}
+
+/// One `mesh.identities[]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshIdentities {
+    /// Destinations this applies to.
+    pub cidr: String,
+    /// SPIFFE IDs a peer there may have.
+    pub ids: Vec<String>,
 }
 
 /// `access_log`.

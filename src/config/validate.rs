@@ -50,6 +50,8 @@ pub struct Compiled {
     pub authz: crate::policy::authz::Authz,
     /// Mesh networks: destinations reached with mTLS.
     pub mesh_networks: Vec<IpNet>,
+    /// Expected peer identities per destination network.
+    pub mesh_identities: Vec<(IpNet, Vec<crate::tls::SpiffeId>)>,
     /// The mesh identity, when configured.
     pub identity: Option<crate::tls::IdentityConfig>,
     /// The HTTP cache settings.
@@ -105,6 +107,27 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         .enumerate()
         .map(|(i, c)| cidr(&format!("mesh.networks[{i}]"), c))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut mesh_identities = Vec::new();
+    for (i, entry) in config.mesh.identities.iter().enumerate() {
+        let base = format!("mesh.identities[{i}]");
+        let net = cidr(&format!("{base}.cidr"), &entry.cidr)?;
+        if entry.ids.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{base}.ids"),
+                "is empty: name at least one SPIFFE ID",
+            ));
+        }
+        let mut ids = Vec::new();
+        for (j, id) in entry.ids.iter().enumerate() {
+            ids.push(crate::tls::SpiffeId::parse(id).map_err(|e| {
+                ConfigError::invalid(
+                    format!("{base}.ids[{j}]"),
+                    format!("{id:?} is not a SPIFFE ID: {e}"),
+                )
+            })?);
+        }
+        mesh_identities.push((net, ids));
+    }
     let (inbound_mtls, routes, app_host) = match &config.inbound {
         Some(i) => (
             i.mtls,
@@ -174,6 +197,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         cache: config.outbound.cache.clone(),
         authz,
         mesh_networks,
+        mesh_identities,
         identity: config.identity.clone(),
         source: config,
     })

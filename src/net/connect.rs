@@ -77,6 +77,9 @@ pub struct MeshClient {
     pub tls: Arc<rustls::ClientConfig>,
     /// CIDRs that are in the mesh.
     pub networks: Arc<Vec<IpNet>>,
+    /// Client configs that also require the peer to have one of the expected identities,
+    /// for the destinations they cover (first match wins).
+    pub expected: Arc<Vec<(IpNet, Arc<rustls::ClientConfig>)>>,
     /// Whether the workload has a certificate yet: without one, mesh connects fail fast
     /// instead of handshaking with nothing to present.
     pub has_cert: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -96,7 +99,12 @@ impl MeshClient {
     ) -> Result<MaybeTls, ConnectError> {
         // The peer is checked by its SPIFFE ID, not by name: the server name is only a label.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let tls = self
+            .expected
+            .iter()
+            .find(|(net, _)| net.contains(&addr.ip()))
+            .map_or(&self.tls, |(_, cfg)| cfg);
+        let connector = tokio_rustls::TlsConnector::from(tls.clone());
         match connector.connect(name, tcp).await {
             Ok(tls) => Ok(MaybeTls::Tls(Box::new(tls))),
             Err(source) => {

@@ -44,6 +44,23 @@ pub struct State {
     pub mesh_client: Option<MeshClient>,
 }
 
+/// The outbound mesh settings for one config: networks, and per-destination expected peers.
+fn mesh_client(m: &Arc<Mesh>, cfg: &Compiled) -> Result<MeshClient, String> {
+    let mut expected = Vec::new();
+    for (net, ids) in &cfg.mesh_identities {
+        let tls = crate::tls::client_config(&m.identity, m.identity.bundle(), Some(ids.clone()))
+            .map_err(|e| format!("mesh.identities: {e}"))?;
+        expected.push((*net, tls));
+    }
+    let m2 = m.clone();
+    Ok(MeshClient {
+        tls: m.client.clone(),
+        networks: Arc::new(cfg.mesh_networks.clone()),
+        expected: Arc::new(expected),
+        has_cert: Arc::new(move || m2.identity.is_ready()),
+    })
+}
+
 /// This workload's mesh identity and the TLS configs made from it, for the life of the
 /// process (certificates inside are swapped on renewal; the configs stay valid).
 pub struct Mesh {
@@ -79,14 +96,10 @@ impl State {
         prev: Option<&State>,
         mesh: Option<&Arc<Mesh>>,
     ) -> Result<Self, String> {
-        let mesh_client = mesh.map(|m| {
-            let m2 = m.clone();
-            MeshClient {
-                tls: m.client.clone(),
-                networks: Arc::new(cfg.mesh_networks.clone()),
-                has_cert: Arc::new(move || m2.identity.is_ready()),
-            }
-        });
+        let mesh_client = match mesh {
+            Some(m) => Some(mesh_client(m, &cfg)?),
+            None => None,
+        };
         let dns = Dns::new(cfg.dns_hosts.clone()).map_err(|e| e.to_string())?;
         let log = match prev {
             Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
