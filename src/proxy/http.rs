@@ -1,7 +1,25 @@
 //! HTTP message rules for a proxy (RFC 9110 §7.6): hop-by-hop headers, `Via`, and the
 //! request target.
 
+use std::time::Duration;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+
+/// How long a client may take to send a request's headers (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP/1 + HTTP/2 server settings for client connections, both directions.
+pub fn server_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the
 /// de-facto ones clients still send to proxies.
