@@ -115,3 +115,90 @@ async fn cache_off_by_default_sends_every_request_upstream() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
+
+/// An origin that always answers `body` with `max-age=60`, counting requests.
+async fn fixed_origin(body: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Ok::<_, Infallible>(
+                            hyper::Response::builder()
+                                .header("cache-control", "max-age=60")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn transparent_traffic_is_cached_per_destination_and_cannot_poison_a_name() {
+    use outrider::config::{validate, Config};
+    use outrider::server::Server;
+    use std::sync::atomic::AtomicBool;
+
+    let (victim, victim_hits) = fixed_origin("the real victim page").await;
+    let (attacker, attacker_hits) = fixed_origin("attacker content").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\noutbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - host: victim.test\n      - cidr: 127.0.0.1/32\n  cache: {{ enabled: true }}\ndns:\n  hosts:\n    victim.test: 127.0.0.1\naccess_log: {{ output: {} }}\n",
+        log.display()
+    );
+    // Connections are transparent (to the attacker's server) while the flag is set, and
+    // explicit-proxy clients otherwise.
+    let transparent = Arc::new(AtomicBool::new(true));
+    let t = transparent.clone();
+    let server = Server::bind(validate(Config::from_yaml(&yaml).unwrap()).unwrap(), None)
+        .await
+        .unwrap()
+        .with_orig_dst(Arc::new(move |_s: &tokio::net::TcpStream| {
+            t.load(Ordering::SeqCst).then_some(attacker)
+        }));
+    let handle = server.handle();
+    tokio::spawn(server.run());
+
+    // A captured app names victim.test but connects to the attacker's address, which a CIDR
+    // rule allows: served, and cached, but only for that destination.
+    let planted = format!(
+        "GET /page HTTP/1.1\r\nHost: victim.test:{}\r\nConnection: close\r\n\r\n",
+        victim.port()
+    );
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(handle.outbound_addr)
+            .await
+            .unwrap();
+        s.write_all(planted.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.contains("attacker content"), "{out}");
+    }
+    assert_eq!(
+        attacker_hits.load(Ordering::SeqCst),
+        1,
+        "the second transparent request is a cache hit"
+    );
+
+    // Another client asks for the same URL through the explicit proxy: it gets the real page.
+    transparent.store(false, Ordering::SeqCst);
+    let url = format!("http://victim.test:{}/page", victim.port());
+    let r = proxy_get(handle.outbound_addr, &url).await;
+    assert_eq!(r.text(), "the real victim page");
+    assert_eq!(victim_hits.load(Ordering::SeqCst), 1);
+}

@@ -27,6 +27,13 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Body>, up: Arc<dyn Upstream
     let Some(key) = store::primary_key(req.uri()) else {
         return (up.send(req).await, CacheOutcome::Uncacheable);
     };
+    // A scoped request lives in its own key space (see `CacheScope`).
+    let scope = req
+        .extensions()
+        .get::<super::CacheScope>()
+        .map(|s| format!("{}|", s.0))
+        .unwrap_or_default();
+    let key = format!("{scope}{key}");
     match *req.method() {
         Method::GET | Method::HEAD => read(inner, req, key, up).await,
         Method::OPTIONS | Method::TRACE | Method::CONNECT => {
@@ -36,7 +43,10 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Body>, up: Arc<dyn Upstream
             });
             (res, CacheOutcome::Uncacheable)
         }
-        _ => (write(inner, req, key, up).await, CacheOutcome::Uncacheable),
+        _ => (
+            write(inner, req, key, &scope, up).await,
+            CacheOutcome::Uncacheable,
+        ),
     }
 }
 
@@ -46,6 +56,7 @@ async fn write(
     inner: &Arc<Inner>,
     req: Request<Body>,
     key: String,
+    scope: &str,
     up: Arc<dyn Upstream>,
 ) -> Result<Response<Body>, super::UpstreamError> {
     let uri = req.uri().clone();
@@ -56,7 +67,7 @@ async fn write(
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let target = resp.headers().get(&name).and_then(|v| v.to_str().ok());
             if let Some(k) = target.and_then(|t| same_origin_key(&uri, t)) {
-                inner.store.invalidate(&k).await;
+                inner.store.invalidate(&format!("{scope}{k}")).await;
             }
         }
         add_cache_status(resp.headers_mut(), "fwd=method; detail=invalidated");

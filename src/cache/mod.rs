@@ -98,6 +98,14 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<http::Response<Body>, UpstreamError>>;
 }
 
+/// A request extension that puts the request in its own cache key space. The proxy sets it
+/// to the destination address when it could not verify that the request's Host belongs to
+/// that destination (transparent traffic allowed by a CIDR rule, between sidecars too): such
+/// responses are cached, but only ever served to requests for the same Host at the same
+/// destination, so one client cannot plant a response for a name it does not own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheScope(pub String);
+
 /// The upstream could not produce a response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("upstream failed ({status}): {reason}")]

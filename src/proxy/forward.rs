@@ -119,7 +119,13 @@ async fn forward(
             .as_ref()
             .is_some_and(|m| m.covers(admitted.addr)),
     };
-    let use_cache = state.cfg.cache.enabled && admitted.name_verified && !upgrading;
+    let use_cache = state.cfg.cache.enabled && !upgrading;
+    let mut upstream_req = upstream_req;
+    if !admitted.name_verified {
+        upstream_req
+            .extensions_mut()
+            .insert(crate::cache::CacheScope(format!("dest={}", admitted.addr)));
+    }
     let mut resp = if use_cache {
         let (result, outcome) = state.cache.handle(upstream_req, Arc::new(pooled)).await;
         guard.record.cache = Some(outcome.as_str());
