@@ -110,7 +110,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
-    P_OF_ADM P_OF_OUT P_OF_IN P_ON_ADM P_ON_OUT P_ON_IN P_OI_ADM P_OI_OUT P_OI_IN <<<"$(free_ports 20)"
+    P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN <<<"$(free_ports 18)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -308,29 +308,32 @@ if [[ -z $OUTRIDER && ${BENCH_REQUIRE_OUTRIDER:-0} == 1 ]]; then
     exit 1
 fi
 
-# outrider_conf NAME ADMIN OUT IN LOG: a config with both listeners; LOG is a path or off.
+# outrider_conf NAME ADMIN OUT IN LOG: LOG is a path or off; IN empty leaves the
+# inbound section out (the forward paths do not need it).
 outrider_conf() {
-    cat >"$RUN/conf/$1.yaml" <<EOF
-admin: { listen: 127.0.0.1:$2 }
-outbound:
-  listen: 127.0.0.1:$3
-  egress: { mode: enforce, allow: [ { cidr: 127.0.0.1/32, ports: [$P_ORIGIN] } ] }
-inbound: { listen: 127.0.0.1:$4, mtls: disabled, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }
-access_log: { output: $5 }
-EOF
+    {
+        echo "admin: { listen: 127.0.0.1:$2 }"
+        echo "outbound:"
+        echo "  listen: 127.0.0.1:$3"
+        echo "  egress: { mode: enforce, allow: [ { cidr: 127.0.0.1/32, ports: [$P_ORIGIN] } ] }"
+        if [[ -n $4 ]]; then
+            echo "inbound: { listen: 127.0.0.1:$4, mtls: disabled, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }"
+        fi
+        echo "access_log: { output: $5 }"
+    } >"$RUN/conf/$1.yaml"
 }
 
 LOG_OFF=off
 LOG_OFF_NOTE="access_log output: off"
-outrider_conf fwd-log "$P_OF_ADM" "$P_OF_OUT" "$P_OF_IN" "$RUN/logs/outrider-access.log"
+outrider_conf fwd-log "$P_OF_ADM" "$P_OF_OUT" "" "$RUN/logs/outrider-access.log"
 if [[ -n $OUTRIDER ]]; then
-    outrider_conf probe-off "$P_ON_ADM" "$P_ON_OUT" "$P_ON_IN" off
+    outrider_conf probe-off "$P_ON_ADM" "$P_ON_OUT" "" off
     if ! "$OUTRIDER" check --config "$RUN/conf/probe-off.yaml" >"$RUN/logs/probe-off.out" 2>&1; then
         LOG_OFF=/dev/null
         LOG_OFF_NOTE="access_log output: /dev/null (the proxy does not accept \"off\")"
     fi
 fi
-outrider_conf fwd-nolog "$P_ON_ADM" "$P_ON_OUT" "$P_ON_IN" "$LOG_OFF"
+outrider_conf fwd-nolog "$P_ON_ADM" "$P_ON_OUT" "" "$LOG_OFF"
 outrider_conf inbound "$P_OI_ADM" "$P_OI_OUT" "$P_OI_IN" "$LOG_OFF"
 
 # start_outrider CONF ADMIN: start and wait for /ready; LAST_PID, or returns 1.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Open-loop fixed-rate load: sends requests on a fixed schedule (RATE per second)
 over a pool of keep-alive connections and measures each latency from the time the
-request was *due*, so a stalled server is charged for the requests queued behind
-the stall (no coordinated omission). Chosen because wrk2 is not in Debian and
+request was *due* when it had to wait for a free connection, so a stalled server is
+charged for the requests queued behind the stall (no coordinated omission); a
+request sent on time is timed from its send. Chosen because wrk2 is not in Debian and
 h2load cannot send the absolute-form requests an explicit proxy needs.
 
     openloop.py --connect 127.0.0.1:PORT --path /1k --host 127.0.0.1:ORIGIN \
@@ -96,7 +97,9 @@ async def run(args):
             await asyncio.sleep(delay)
         max_lag = max(max_lag, time.perf_counter() - due)
         if idle:
-            t = loop.create_task(one(idle.popleft(), due))
+            # Charge the server from the moment this client could send: the event
+            # loop's own wake-up lateness (client_max_lag_us) is not the server's.
+            t = loop.create_task(one(idle.popleft(), max(due, time.perf_counter())))
             inflight.add(t)
             t.add_done_callback(inflight.discard)
         else:

@@ -124,7 +124,9 @@ def ratios(paths):
                     continue
                 comps.append({
                     "outrider": ours, "peer": peer, "load": load,
-                    "rps_ratio": round(a["rps"] / b["rps"], 3) if b["rps"] else None,
+                    # At a fixed rate both deliver the same req/s: only latency compares.
+                    "rps_ratio": round(a["rps"] / b["rps"], 3)
+                    if b["rps"] and not load.startswith("rate") else None,
                     "p99_ratio": round(a["latency_us"]["p99"] / b["latency_us"]["p99"], 3)
                     if b["latency_us"]["p99"] else None,
                 })
@@ -301,7 +303,9 @@ def panel(y0, title, rows, series, fmt, width=860, label_w=250, bar_h=11, ref=No
     y = y0 + 46
     group_h = bar_h * len(series) + 8
     for label, vs in rows:
-        out.append(f'<text x="{label_w}" y="{y + group_h / 2}" font-size="11" text-anchor="end">{esc(label)}</text>')
+        weight = ' font-weight="bold"' if "outrider" in label else ""
+        out.append(f'<text x="{label_w}" y="{y + group_h / 2}" font-size="11" text-anchor="end"{weight}>'
+                   f'{esc(label)}</text>')
         for i, v in enumerate(vs):
             by = y + i * bar_h
             if v is None:
