@@ -79,6 +79,9 @@ chmod 777 "$RUN/logs"
 OUT=$RUN/out
 PIDS=()
 FAILED=0
+# Prepended to the load generators (the transparent paths run them in a netns).
+CLIENT_PREFIX=()
+NETNS=""
 
 cleanup() {
     local pid
@@ -89,6 +92,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
     done
+    if [[ -n $NETNS ]]; then
+        ip netns del "$NETNS" 2>/dev/null || true
+    fi
     if [[ ${BENCH_KEEP:-0} == 1 || $FAILED == 1 ]]; then
         log "scratch directory kept: $RUN"
     else
@@ -110,7 +116,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
-    P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN <<<"$(free_ports 18)"
+    P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF <<<"$(free_ports 22)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -198,7 +204,7 @@ wrk_load() {
     for p in $pids; do pidargs+=(--pid "$p"); done
     WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/$path.$load.wrk.json \
         python3 "$TOOLS/proctree.py" measure "${pidargs[@]}" --out "$OUT/$path.$load.proc.json" -- \
-        wrk -t"$THREADS" -c"$conns" -d"${DUR}s" --timeout 5s --latency -s "$LUA" "$@" \
+        "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$conns" -d"${DUR}s" --timeout 5s --latency -s "$LUA" "$@" \
         "http://$addr$upath" >"$OUT/$path.$load.wrk.txt" 2>&1 || return 1
     READ_ERRORS_OK=${READ_ERRORS_OK:-0} python3 - "$OUT/$path.$load.wrk.json" <<'EOF' || return 1
 import json, os, sys
@@ -220,7 +226,7 @@ rate_load() { # PATH LOAD MODE ADDR URLPATH PIDS
     fi
     for p in $pids; do pidargs+=(--pid "$p"); done
     python3 "$TOOLS/proctree.py" measure "${pidargs[@]}" --out "$OUT/$path.$load.proc.json" -- \
-        python3 "$TOOLS/openloop.py" --connect "$addr" --path "$target" --host "$host" \
+        "${CLIENT_PREFIX[@]}" python3 "$TOOLS/openloop.py" --connect "$addr" --path "$target" --host "$host" \
         --rate "$RATE" --duration "$RATE_DUR" --connections "$RATE_CONNS" \
         --out "$OUT/$path.$load.rate.json" >"$OUT/$path.$load.txt" 2>&1
 }
@@ -281,7 +287,7 @@ head -c 1024 /dev/urandom >"$RUN/www/1k"
 head -c 1048576 /dev/urandom >"$RUN/www/1m"
 cp "$RUN/www/1k" "$RUN/www/1m" "$RUN/www/c/"
 chmod -R a+rX "$RUN/www"
-render "$PEERS/origin-nginx.conf" "$RUN/conf/origin.conf"
+render "$PEERS/origin-nginx.conf" "$RUN/conf/origin.conf" NAME=origin LISTEN="127.0.0.1:$P_ORIGIN"
 start origin nginx -p "$RUN" -e "$RUN/logs/origin-error.log" -c "$RUN/conf/origin.conf"
 ORIGIN_PID=$LAST_PID
 wait_http "http://127.0.0.1:$P_ORIGIN/1k" || { FAILED=1; log "origin nginx did not start"; cat "$RUN/logs/origin.out" >&2; exit 1; }
@@ -453,9 +459,113 @@ peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "h
     "mode http, http-reuse always, threads = cores, no log" "$ALL_LOADS" mem -- \
     haproxy -db -f "$RUN/conf/haproxy-reverse.cfg"
 
-# --- placeholders: transparent capture ----------------------------------------------
-want transparent && skip transparent-outrider transparent "outrider transparent (netns + iptables REDIRECT)" \
-    "not measured yet: waits for outrider's transparent capture; will run wrk in a netns whose OUTPUT is redirected to :15001"
+# --- transparent outbound capture: netns + iptables REDIRECT -------------------------
+# The client and the proxy live in a network namespace joined to this one by a
+# veth pair; a second origin listens on the host end. In the namespace, iptables
+# REDIRECTs the client's connections to the origin to the proxy's port, except
+# the proxy's own (matched by uid), as outrider's sidecar install does.
+setup_netns() {
+    local sub=$((RANDOM % 250 + 1))
+    NETNS=obench$$
+    T_HOST=10.213.$sub.1 T_NS=10.213.$sub.2
+    local vh=obh$$ vn=obn$$
+    ip netns add "$NETNS" &&
+        ip link add "$vh" type veth peer name "$vn" &&
+        ip link set "$vn" netns "$NETNS" &&
+        ip addr add "$T_HOST/30" dev "$vh" && ip link set "$vh" up &&
+        ip netns exec "$NETNS" ip addr add "$T_NS/30" dev "$vn" &&
+        ip netns exec "$NETNS" ip link set "$vn" up &&
+        ip netns exec "$NETNS" ip link set lo up || return 1
+    render "$PEERS/origin-nginx.conf" "$RUN/conf/origin-t.conf" NAME=origin-t LISTEN="$T_HOST:$P_ORIGIN"
+    start origin-t nginx -p "$RUN" -e "$RUN/logs/origin-t-error.log" -c "$RUN/conf/origin-t.conf"
+    ORIGIN_T_PID=$LAST_PID
+    wait_http "http://$T_HOST:$P_ORIGIN/1k" || return 1
+}
+
+# redirect PORT UID: the namespace's only nat rule sends the origin's traffic,
+# other than UID's, to PORT.
+redirect() {
+    ip netns exec "$NETNS" iptables -t nat -F OUTPUT
+    ip netns exec "$NETNS" iptables -t nat -A OUTPUT -p tcp -d "$T_HOST" --dport "$P_ORIGIN" \
+        -m owner ! --uid-owner "$2" -j REDIRECT --to-ports "$1"
+}
+
+transparent_paths() {
+    if ! command -v iptables >/dev/null || [[ $(id -u) != 0 ]]; then
+        skip transparent-outrider transparent "outrider transparent (netns + iptables REDIRECT)" \
+            "needs root and iptables"
+        return 0
+    fi
+    if ! setup_netns 2>"$RUN/logs/netns.out"; then
+        fail transparent-direct "network namespace setup failed: $(tr '\n' ' ' <"$RUN/logs/netns.out")"
+        return 0
+    fi
+    local addr=$T_HOST:$P_ORIGIN
+    CLIENT_PREFIX=(ip netns exec "$NETNS")
+    if want transparent-direct; then
+        log "path transparent-direct"
+        ip netns exec "$NETNS" iptables -t nat -F OUTPUT
+        run_loads transparent-direct reverse "$addr" "$ORIGIN_T_PID" $ALL_LOADS
+        manifest transparent-direct group=transparent label="direct over veth (wrk in netns → origin)" \
+            proxy=none status=ok notes="baseline of the transparent paths; CPU and RSS are the origin's"
+    fi
+    if want transparent-outrider; then
+        if [[ -z $OUTRIDER ]]; then
+            skip transparent-outrider transparent "outrider transparent (netns + iptables REDIRECT)" "$OUTRIDER_WHY"
+        else
+            log "path transparent-outrider"
+            cat >"$RUN/conf/transparent.yaml" <<EOF
+admin: { listen: $T_NS:$P_T_ADM }
+outbound:
+  listen: 127.0.0.1:$P_T_OUT
+  egress: { mode: enforce, allow: [ { cidr: $T_HOST/32, ports: [$P_ORIGIN] } ] }
+access_log: { output: $RUN/logs/outrider-transparent-access.log }
+EOF
+            redirect "$P_T_OUT" 1337
+            start outrider-transparent ip netns exec "$NETNS" setpriv --reuid 1337 --regid 1337 --clear-groups \
+                "$OUTRIDER" run --config "$RUN/conf/transparent.yaml"
+            local pid=$LAST_PID
+            if wait_ready "http://$T_NS:$P_T_ADM" &&
+                [[ $(ip netns exec "$NETNS" curl -s -o /dev/null -w '%{http_code}' "http://$addr/1k") == 200 ]]; then
+                run_loads transparent-outrider reverse "$addr" "$pid" $ALL_LOADS
+                manifest transparent-outrider group=transparent label="outrider transparent (netns + iptables REDIRECT)" \
+                    proxy=outrider status=ok base=transparent-direct notes="uid 1337, egress enforce, access log to a file"
+            else
+                skip transparent-outrider transparent "outrider transparent (netns + iptables REDIRECT)" \
+                    "outrider did not proxy a redirected connection (log: $(tail -n 2 "$RUN/logs/outrider-transparent.out" | tr '\n' ' '))"
+            fi
+            stop "$pid"
+        fi
+    fi
+    if want transparent-squid; then
+        log "path transparent-squid"
+        render "$PEERS/squid-intercept.conf" "$RUN/conf/squid-intercept.conf" PORT="$P_T_SQ" FWD_PORT="$P_T_SQF" ORIGIN_IP="$T_HOST"
+        redirect "$P_T_SQ" "$(id -u proxy)"
+        start transparent-squid ip netns exec "$NETNS" squid -N -f "$RUN/conf/squid-intercept.conf"
+        local pid=$LAST_PID ok=0 i
+        # Until squid listens the redirected connection is refused: a 200 means it serves.
+        for ((i = 0; i < 100; i++)); do
+            if [[ $(ip netns exec "$NETNS" curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$addr/1k") == 200 ]]; then
+                ok=1
+                break
+            fi
+            sleep 0.1
+        done
+        if ((ok)) && kill -0 "$pid" 2>/dev/null; then
+            run_loads transparent-squid reverse "$addr" "$pid" $ALL_LOADS
+            manifest transparent-squid group=transparent label="squid intercept (netns + iptables REDIRECT)" \
+                proxy=squid status=ok base=transparent-direct notes="http_port intercept, no cache, access_log none"
+        else
+            fail transparent-squid "squid intercept did not come up (log: $RUN/logs/transparent-squid.out)"
+        fi
+        stop "$pid"
+    fi
+    ip netns exec "$NETNS" iptables -t nat -F OUTPUT
+    CLIENT_PREFIX=()
+}
+if want transparent-direct || want transparent-outrider || want transparent-squid; then
+    transparent_paths
+fi
 
 # --- two-hop mTLS: peers run now, outrider when its mesh mTLS lands ---------------
 make_pki() {

@@ -20,7 +20,7 @@ COMPARE = {
     "fwd-outrider": ["fwd-squid", "fwd-tinyproxy"],
     "fwd-outrider-nolog": ["fwd-squid", "fwd-tinyproxy"],
     "in-outrider": ["in-nginx", "in-haproxy"],
-    "transparent-outrider": ["fwd-squid", "fwd-tinyproxy"],
+    "transparent-outrider": ["transparent-squid"],
     "mtls-outrider": ["mtls-nginx", "mtls-haproxy"],
     "cache-outrider": ["cache-squid", "cache-nginx"],
 }
@@ -102,8 +102,10 @@ def memory_of(raw, name):
 
 def ratios(paths):
     by = {p["path"]: p for p in paths}
-    direct = by.get("direct", {}).get("loads", {})
     for p in paths:
+        # The transparent paths run over a veth pair: their baseline does too.
+        base = p.get("base") or ("transparent-direct" if p["path"].startswith("transparent-") else "direct")
+        direct = by.get(base, {}).get("loads", {})
         p["vs_direct"] = {}
         for load, _ in THROUGHPUT:
             a, d = p["loads"].get(load), direct.get(load)
