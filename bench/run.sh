@@ -8,8 +8,9 @@
 #                           exits non-zero if a step fails (what CI runs)
 #
 # Environment: OUTRIDER_BIN (skip the cargo build and use this binary),
-# BENCH_DURATION (seconds per load in a full run, default 10), BENCH_ONLY (regex
-# of path names to run), BENCH_KEEP=1 (keep the scratch directory with logs),
+# BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
+# of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
+# BENCH_KEEP=1 (keep the scratch directory with logs),
 # BENCH_REQUIRE_OUTRIDER=1 (fail instead of skipping outrider's paths when the
 # binary is missing or does not come up). See bench/README.md.
 set -euo pipefail
@@ -34,8 +35,11 @@ if [[ $MODE == smoke ]]; then
     DUR=1 WARMUP=0 THREADS=1 CONNS=4 CLOSE_CONNS=2 BIG_CONNS=2
     RATE=100 RATE_DUR=1 RATE_CONNS=4 IDLE_NS=(20)
 else
-    DUR=${BENCH_DURATION:-10} WARMUP=2 THREADS=2 CONNS=64 CLOSE_CONNS=64 BIG_CONNS=16
-    RATE=2000 RATE_DUR=${BENCH_DURATION:-10} RATE_CONNS=64 IDLE_NS=(1000 10000)
+    DUR=${BENCH_DURATION:-8} WARMUP=2 THREADS=2 CONNS=64 CLOSE_CONNS=64 BIG_CONNS=16
+    RATE=2000 RATE_DUR=${BENCH_DURATION:-8} RATE_CONNS=64 IDLE_NS=(1000 10000)
+fi
+if [[ -n ${BENCH_IDLE:-} ]]; then
+    read -r -a IDLE_NS <<<"$BENCH_IDLE"
 fi
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -231,11 +235,32 @@ rate_load() { # PATH LOAD MODE ADDR URLPATH PIDS
         --out "$OUT/$path.$load.rate.json" >"$OUT/$path.$load.txt" 2>&1
 }
 
+# cache_hit MODE ADDR: fill the cache with /c/1k, hide the origin's file, and
+# check that the proxy still answers 200 (a hit), then put the file back.
+cache_hit() {
+    local mode=$1 addr=$2 args=() code
+    if [[ $mode == forward ]]; then
+        args=(-x "http://$addr" "http://127.0.0.1:$P_ORIGIN/c/1k")
+    else
+        args=("http://$addr/c/1k")
+    fi
+    curl -s -o /dev/null --max-time 2 "${args[@]}" || true
+    curl -s -o /dev/null --max-time 2 "${args[@]}" || true
+    mv "$RUN/www/c/1k" "$RUN/www/c/1k.away"
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${args[@]}" || true)
+    mv "$RUN/www/c/1k.away" "$RUN/www/c/1k"
+    [[ $code == 200 ]]
+}
+
 # run_loads PATH MODE ADDR PIDS LOADS...: LOADS from ka_1k close_1k ka_1m rate_1k;
 # the cache paths use ka_c1k / rate_c1k (cacheable /c/1k).
 run_loads() {
     local path=$1 mode=$2 addr=$3 pids=$4 load
     shift 4
+    if [[ " $* " == *_c1k* ]] && ! cache_hit "$mode" "$addr"; then
+        fail "$path" "not a cache hit: /c/1k was not served with the origin's copy removed"
+        return 0
+    fi
     if ((WARMUP > 0)); then
         local udir=/1k
         [[ " $* " == *_c1k* ]] && udir=/c/1k
@@ -623,10 +648,27 @@ if want mtls; then
         haproxy -db -f "$RUN/conf/haproxy-mtls-hop1.cfg"
 fi
 
-# --- cache hits: peers run now, outrider when its cache lands ---------------------
+# --- cache hits: each proxy must serve /c/1k with the origin's copy removed -------
 if want cache; then
-    skip cache-outrider cache "outrider cache hits" \
-        "not measured yet: waits for outrider's cache; will load /c/1k (max-age=3600) through the forward path"
+    if want cache-outrider; then
+        if [[ -z $OUTRIDER ]]; then
+            skip cache-outrider cache "outrider cache hits" "$OUTRIDER_WHY"
+        elif ! start_outrider fwd-nolog "$P_ON_ADM"; then
+            skip cache-outrider cache "outrider cache hits" "outrider did not become ready with fwd-nolog.yaml"
+        else
+            log "path cache-outrider"
+            pid=$LAST_PID
+            if cache_hit forward "127.0.0.1:$P_ON_OUT"; then
+                run_loads cache-outrider forward "127.0.0.1:$P_ON_OUT" "$pid" ka_c1k rate_c1k
+                manifest cache-outrider group=cache label="outrider cache hits" proxy=outrider status=ok \
+                    notes="forward path, /c/1k with max-age=3600; $LOG_OFF_NOTE"
+            else
+                skip cache-outrider cache "outrider cache hits" \
+                    "not measured yet: outrider did not serve /c/1k (max-age=3600) from cache with the origin's copy removed"
+            fi
+            stop "$pid"
+        fi
+    fi
     render "$PEERS/squid-cache.conf" "$RUN/conf/squid-cache.conf" PORT="$P_SQC"
     peer_path cache-squid cache "squid cache hits" squid forward "127.0.0.1:$P_SQC" "http://127.0.0.1:$P_SQC/" \
         "memory cache, /c/1k with max-age=3600" "ka_c1k rate_c1k" nomem -- \
