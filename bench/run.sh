@@ -370,6 +370,8 @@ outrider_conf inbound "$P_OI_ADM" "$P_OI_OUT" "$P_OI_IN" "$LOG_OFF"
 # start_outrider CONF ADMIN: start and wait for /ready; LAST_PID, or returns 1.
 start_outrider() {
     local conf=$1 admin=$2
+    # Run from a scratch cwd, so a relative file the proxy writes shows up there.
+    # shellcheck disable=SC2016 # expanded by the inner shell
     start "outrider-$conf" bash -c 'cd "$1" && exec "$2" run --config "$3"' _ "$RUN/cwd" "$OUTRIDER" "$RUN/conf/$conf.yaml"
     if ! wait_ready "http://127.0.0.1:$admin"; then
         stop "$LAST_PID"
@@ -442,13 +444,13 @@ peer_path() {
     manifest "$path" group="$group" label="$label" proxy="$proxy" status=ok notes="$notes"
 }
 
-# A peer answers its own port; for a forward proxy any status will do.
-ALL_LOADS="ka_1k close_1k ka_1m rate_1k"
+# The loads every main path runs.
+ALL_LOADS=(ka_1k close_1k ka_1m rate_1k)
 
 # --- direct -----------------------------------------------------------------------
 if want direct; then
     log "path direct"
-    run_loads direct reverse "127.0.0.1:$P_ORIGIN" "$ORIGIN_PID" $ALL_LOADS
+    run_loads direct reverse "127.0.0.1:$P_ORIGIN" "$ORIGIN_PID" "${ALL_LOADS[@]}"
     manifest direct group=direct label="direct (wrk → nginx origin)" proxy=none status=ok \
         notes="CPU and RSS columns are the origin's own"
 fi
@@ -461,13 +463,13 @@ outrider_path fwd-outrider-nolog forward "outrider (allowlist, log off)" fwd-nol
 
 render "$PEERS/squid-forward.conf" "$RUN/conf/squid-forward.conf" PORT="$P_SQUID"
 peer_path fwd-squid forward "squid" squid forward "127.0.0.1:$P_SQUID" "http://127.0.0.1:$P_SQUID/" \
-    "no cache, access_log none, workers 1, dst+port allowlist" "$ALL_LOADS" mem -- \
+    "no cache, access_log none, workers 1, dst+port allowlist" "${ALL_LOADS[*]}" mem -- \
     squid -N -f "$RUN/conf/squid-forward.conf"
 
 render "$PEERS/tinyproxy.conf" "$RUN/conf/tinyproxy.conf" PORT="$P_TINY"
 READ_ERRORS_OK=1 peer_path fwd-tinyproxy forward "tinyproxy" tinyproxy forward "127.0.0.1:$P_TINY" "http://127.0.0.1:$P_TINY/" \
     "LogLevel Critical; closes the client connection after each response, so its keep-alive loads reconnect every request" \
-    "$ALL_LOADS" mem -- \
+    "${ALL_LOADS[*]}" mem -- \
     tinyproxy -d -c "$RUN/conf/tinyproxy.conf"
 
 # --- inbound reverse proxy --------------------------------------------------------
@@ -476,12 +478,12 @@ outrider_path in-outrider inbound "outrider inbound" inbound "$P_OI_ADM" reverse
 
 render "$PEERS/nginx-reverse.conf" "$RUN/conf/nginx-reverse.conf" PORT="$P_NGINX"
 peer_path in-nginx inbound "nginx proxy_pass" nginx reverse "127.0.0.1:$P_NGINX" "http://127.0.0.1:$P_NGINX/1k" \
-    "workers auto, upstream keepalive, access_log off" "$ALL_LOADS" mem -- \
+    "workers auto, upstream keepalive, access_log off" "${ALL_LOADS[*]}" mem -- \
     nginx -p "$RUN" -e "$RUN/logs/nginx-reverse-error.log" -c "$RUN/conf/nginx-reverse.conf"
 
 render "$PEERS/haproxy-reverse.cfg" "$RUN/conf/haproxy-reverse.cfg" PORT="$P_HAPROXY" MAXCONN="$HAPROXY_MAXCONN"
 peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "http://127.0.0.1:$P_HAPROXY/1k" \
-    "mode http, http-reuse always, threads = cores, no log" "$ALL_LOADS" mem -- \
+    "mode http, http-reuse always, threads = cores, no log" "${ALL_LOADS[*]}" mem -- \
     haproxy -db -f "$RUN/conf/haproxy-reverse.cfg"
 
 # --- transparent outbound capture: netns + iptables REDIRECT -------------------------
@@ -530,7 +532,7 @@ transparent_paths() {
     if want transparent-direct; then
         log "path transparent-direct"
         ip netns exec "$NETNS" iptables -t nat -F OUTPUT
-        run_loads transparent-direct reverse "$addr" "$ORIGIN_T_PID" $ALL_LOADS
+        run_loads transparent-direct reverse "$addr" "$ORIGIN_T_PID" "${ALL_LOADS[@]}"
         manifest transparent-direct group=transparent label="direct over veth (wrk in netns → origin)" \
             proxy=none status=ok notes="baseline of the transparent paths; CPU and RSS are the origin's"
     fi
@@ -552,7 +554,7 @@ EOF
             local pid=$LAST_PID
             if wait_ready "http://$T_NS:$P_T_ADM" &&
                 [[ $(ip netns exec "$NETNS" curl -s -o /dev/null -w '%{http_code}' "http://$addr/1k") == 200 ]]; then
-                run_loads transparent-outrider reverse "$addr" "$pid" $ALL_LOADS
+                run_loads transparent-outrider reverse "$addr" "$pid" "${ALL_LOADS[@]}"
                 manifest transparent-outrider group=transparent label="outrider transparent (netns + iptables REDIRECT)" \
                     proxy=outrider status=ok base=transparent-direct notes="uid 1337, egress enforce, access log to a file"
             else
@@ -577,7 +579,7 @@ EOF
             sleep 0.1
         done
         if ((ok)) && kill -0 "$pid" 2>/dev/null; then
-            run_loads transparent-squid reverse "$addr" "$pid" $ALL_LOADS
+            run_loads transparent-squid reverse "$addr" "$pid" "${ALL_LOADS[@]}"
             manifest transparent-squid group=transparent label="squid intercept (netns + iptables REDIRECT)" \
                 proxy=squid status=ok base=transparent-direct notes="http_port intercept, no cache, access_log none"
         else
