@@ -107,14 +107,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# free_ports N: N distinct ports that were free a moment ago.
+# free_ports N: N distinct ports that were free a moment ago, below the ephemeral
+# range, so the load generators' own connections cannot take one first.
 free_ports() {
     python3 - "$1" <<'EOF'
-import socket, sys
+import random, socket, sys
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 socks = []
-for _ in range(int(sys.argv[1])):
+while len(socks) < int(sys.argv[1]):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    try:
+        s.bind(("127.0.0.1", random.randrange(max(1024, lo - 12000), lo)))
+    except OSError:
+        s.close()
+        continue
     socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
