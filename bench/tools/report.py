@@ -229,7 +229,7 @@ def markdown(res):
         lines += ["**Smoke run: tiny loads for about a second; the numbers mean nothing.**", ""]
     lines += ["## Throughput and latency", "",
               "| path | 1 KiB k-a req/s | × direct | p99 | 1 KiB new-conn req/s | × direct | "
-              "1 MiB req/s | × direct | fixed rate p50 / p99 / p99.9 | CPU s / 1k req | peak RSS |",
+              f"1 MiB req/s | × direct | at {p_.get('rate')} req/s: p50 / p99 / p99.9 | CPU s / 1k req | peak RSS |",
               "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for p in res["paths"]:
         if p["status"] not in ("ok", "partial") or not p["loads"]:
