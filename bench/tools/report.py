@@ -5,6 +5,8 @@ into the results: <base>.json (+ latest.json), latest.md and latest.svg in --des
 Raw files: manifest.jsonl (one line per path, plus failure events);
 <path>.<load>.wrk.json / .rate.json (client side); <path>.<load>.proc.json (server
 CPU and peak RSS); <path>.idle.json and <path>.conns<N>.json (memory).
+
+    report.py --render bench/results/latest.json   # redraw latest.md and latest.svg
 """
 import argparse
 import json
@@ -362,13 +364,28 @@ def svg(res):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--raw", required=True)
-    ap.add_argument("--mode", required=True)
-    ap.add_argument("--stamp", required=True)
-    ap.add_argument("--dest", required=True)
-    ap.add_argument("--base", required=True)
+    ap.add_argument("--raw")
+    ap.add_argument("--mode")
+    ap.add_argument("--stamp")
+    ap.add_argument("--dest")
+    ap.add_argument("--base")
     ap.add_argument("--param", action="append", default=[])
+    ap.add_argument("--render", metavar="RESULT_JSON",
+                    help="only re-render RESULT_JSON's Markdown and SVG next to it (stdout: Markdown)")
     args = ap.parse_args()
+    if args.render:
+        res = load_json(args.render)
+        if res is None:
+            sys.exit(f"report: cannot read {args.render}")
+        stem = os.path.splitext(args.render)[0]
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(res))
+        with open(stem + ".svg", "w") as f:
+            f.write(svg(res))
+        print(markdown(res))
+        return
+    if not (args.raw and args.mode and args.stamp and args.dest and args.base):
+        ap.error("--raw, --mode, --stamp, --dest and --base are required")
     paths = collect(args.raw)
     comps = ratios(paths)
     res = {"schema": 1, "timestamp": args.stamp, "mode": args.mode, "host": host_info(),
