@@ -40,7 +40,12 @@ async def run(args):
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
                 failed += 1
 
-    await asyncio.gather(*(one() for _ in range(args.n)))
+    # Bounded: a proxy that accepts but never answers must not stall the run.
+    tasks = [asyncio.ensure_future(one()) for _ in range(args.n)]
+    _, pending = await asyncio.wait(tasks, timeout=args.deadline)
+    for t in pending:
+        t.cancel()
+    failed += len(pending)
     await asyncio.sleep(args.settle)
     still_open = sum(1 for r, _ in held if not r.at_eof())
     rss = rss_kb(args.pid)
@@ -58,6 +63,7 @@ def main():
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--parallel", type=int, default=200)
     ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--deadline", type=float, default=60.0, help="seconds to open them all")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
