@@ -7,10 +7,12 @@
 #   bench/run.sh --smoke    every available path for about a second with tiny loads;
 #                           exits non-zero if a step fails (what CI runs)
 #
-# Environment: OUTRIDER_BIN (skip the cargo build and use this binary),
+# Environment: OUTRIDER_BIN (skip the cargo build and use this binary; then
+# OUTRIDER_COMMIT says what it was built from),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
 # of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
-# BENCH_KEEP=1 (keep the scratch directory with logs),
+# BENCH_KEEP=1 (keep the scratch directory with logs), BENCH_PERF=1 (profile
+# outrider with perf during its 1 KiB keep-alive loads),
 # BENCH_REQUIRE_OUTRIDER=1 (fail instead of skipping outrider's paths when the
 # binary is missing or does not come up). See bench/README.md.
 set -euo pipefail
@@ -275,6 +277,13 @@ run_loads() {
     fi
     for load in "$@"; do
         log "  $path $load"
+        local perf_pid=""
+        if [[ ${BENCH_PERF:-0} == 1 && $path == *outrider* && $load == ka_1k ]] && command -v perf >/dev/null; then
+            # shellcheck disable=SC2086 # pids is a list
+            perf record -q -F 499 -g -p "$(echo $pids | tr ' ' ',')" -o "$RUN/out/$path.perf.data" \
+                -- sleep "$DUR" >/dev/null 2>&1 &
+            perf_pid=$!
+        fi
         case $load in
             ka_1k) wrk_load "$path" "$load" "$mode" "$addr" /1k "$CONNS" "$pids" ;;
             close_1k) wrk_load "$path" "$load" "$mode" "$addr" /1k "$CLOSE_CONNS" "$pids" -H "Connection: close" ;;
@@ -283,6 +292,13 @@ run_loads() {
             ka_c1k) wrk_load "$path" "$load" "$mode" "$addr" /c/1k "$CONNS" "$pids" ;;
             rate_c1k) rate_load "$path" "$load" "$mode" "$addr" /c/1k "$pids" ;;
         esac || fail "$path" "load $load failed (see $OUT/$path.$load.*)"
+        if [[ -n $perf_pid ]]; then
+            wait "$perf_pid" || true
+            mkdir -p "$BENCH_DIR/results/tmp"
+            perf report -i "$RUN/out/$path.perf.data" --stdio --no-children --percent-limit 0.5 \
+                >"$BENCH_DIR/results/tmp/perf-$STAMP-$path.txt" 2>/dev/null || true
+            log "  profile: bench/results/tmp/perf-$STAMP-$path.txt"
+        fi
     done
 }
 
@@ -327,12 +343,15 @@ log "mode $MODE; origin nginx on 127.0.0.1:$P_ORIGIN; scratch $RUN"
 # --- outrider binary --------------------------------------------------------------
 OUTRIDER=""
 OUTRIDER_WHY=""
+# Which source the binary was built from, for the record (set it with OUTRIDER_BIN).
+OUTRIDER_COMMIT=${OUTRIDER_COMMIT:-unknown}
 if [[ -n ${OUTRIDER_BIN:-} ]]; then
     if [[ -x $OUTRIDER_BIN ]]; then OUTRIDER=$OUTRIDER_BIN; else OUTRIDER_WHY="binary not found: OUTRIDER_BIN=$OUTRIDER_BIN"; fi
 elif want outrider; then
     log "building outrider (cargo build --release)"
     if (cd "$ROOT" && cargo build --release) >"$RUN/logs/cargo.out" 2>&1; then
         target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+        OUTRIDER_COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
         OUTRIDER=$target_dir/release/outrider
         [[ -x $OUTRIDER ]] || { OUTRIDER=""; OUTRIDER_WHY="binary not found after build"; }
     else
@@ -701,7 +720,7 @@ python3 "$TOOLS/report.py" --raw "$OUT" --mode "$MODE" --stamp "$STAMP" --dest "
     --param close_conns="$CLOSE_CONNS" --param big_conns="$BIG_CONNS" --param rate="$RATE" \
     --param rate_duration_s="$RATE_DUR" --param rate_conns="$RATE_CONNS" \
     --param idle_levels="${IDLE_NS[*]}" --param nofile="$NOFILE" \
-    --param outrider_bin="${OUTRIDER:-none}" || { FAILED=1; log "report failed"; }
+    --param outrider_bin="${OUTRIDER:-none}" --param outrider_commit="$OUTRIDER_COMMIT" || { FAILED=1; log "report failed"; }
 if [[ $FAILED == 1 ]]; then
     log "some steps failed (see above)"
     exit 1

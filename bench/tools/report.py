@@ -226,7 +226,8 @@ def markdown(res):
               f"connection per request, {p_.get('big_conns')} for 1 MiB; the fixed rate is "
               f"{p_.get('rate')} req/s open-loop over {p_.get('rate_conns')} connections (bench/tools/openloop.py). "
               "Latencies in ms; CPU is the proxy's (all processes) in seconds per 1,000 requests of the "
-              "1 KiB keep-alive load; RSS in MB, summed over the proxy's processes.", ""]
+              "1 KiB keep-alive load; RSS in MB, summed over the proxy's processes. "
+              f"Outrider: {p_.get('outrider_bin', 'none')} (source {p_.get('outrider_commit', 'unknown')}).", ""]
     if res["mode"] == "smoke":
         lines += ["**Smoke run: tiny loads for about a second; the numbers mean nothing.**", ""]
     lines += ["## Throughput and latency", "",
