@@ -364,14 +364,18 @@ if [[ -z $OUTRIDER && ${BENCH_REQUIRE_OUTRIDER:-0} == 1 ]]; then
     exit 1
 fi
 
-# outrider_conf NAME ADMIN OUT IN LOG: LOG is a path or off; IN empty leaves the
-# inbound section out (the forward paths do not need it).
+# outrider_conf NAME ADMIN OUT IN LOG [cache]: LOG is a path or off; IN empty leaves
+# the inbound section out (the forward paths do not need it); "cache" turns on the
+# outbound cache (off by default), sized like squid's in the cache peer.
 outrider_conf() {
     {
         echo "admin: { listen: 127.0.0.1:$2 }"
         echo "outbound:"
         echo "  listen: 127.0.0.1:$3"
         echo "  egress: { mode: enforce, allow: [ { cidr: 127.0.0.1/32, ports: [$P_ORIGIN] } ] }"
+        if [[ ${6:-} == cache ]]; then
+            echo "  cache: { enabled: true, max_bytes: 268435456, max_object_bytes: 2097152 }"
+        fi
         if [[ -n $4 ]]; then
             echo "inbound: { listen: 127.0.0.1:$4, mtls: disabled, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }"
         fi
@@ -391,6 +395,7 @@ if [[ -n $OUTRIDER ]]; then
 fi
 outrider_conf fwd-nolog "$P_ON_ADM" "$P_ON_OUT" "" "$LOG_OFF"
 outrider_conf inbound "$P_OI_ADM" "$P_OI_OUT" "$P_OI_IN" "$LOG_OFF"
+outrider_conf cache "$P_ON_ADM" "$P_ON_OUT" "" "$LOG_OFF" cache
 
 # start_outrider CONF ADMIN: start and wait for /ready; LAST_PID, or returns 1.
 start_outrider() {
@@ -680,15 +685,16 @@ if want cache; then
     if want cache-outrider; then
         if [[ -z $OUTRIDER ]]; then
             skip cache-outrider cache "outrider cache hits" "$OUTRIDER_WHY"
-        elif ! start_outrider fwd-nolog "$P_ON_ADM"; then
-            skip cache-outrider cache "outrider cache hits" "outrider did not become ready with fwd-nolog.yaml"
+        elif ! start_outrider cache "$P_ON_ADM"; then
+            skip cache-outrider cache "outrider cache hits" \
+                "outrider did not become ready with cache.yaml (log: $(tail -n 2 "$RUN/logs/outrider-cache.out" | tr '\n' ' '))"
         else
             log "path cache-outrider"
             pid=$LAST_PID
             if cache_hit forward "127.0.0.1:$P_ON_OUT"; then
                 run_loads cache-outrider forward "127.0.0.1:$P_ON_OUT" "$pid" ka_c1k rate_c1k
                 manifest cache-outrider group=cache label="outrider cache hits" proxy=outrider status=ok \
-                    notes="forward path, /c/1k with max-age=3600; $LOG_OFF_NOTE"
+                    notes="forward path, cache enabled (256 MiB), /c/1k with max-age=3600; $LOG_OFF_NOTE"
             else
                 skip cache-outrider cache "outrider cache hits" \
                     "not measured yet: outrider did not serve /c/1k (max-age=3600) from cache with the origin's copy removed"
