@@ -664,9 +664,9 @@ chain_path() {
     manifest "$path" group=mtls label="$label" proxy="$proxy" status=ok notes="$notes"
 }
 
-if want mtls; then
+if want mtls-outrider || want mtls-nginx || want mtls-haproxy; then
     make_pki
-    skip mtls-outrider mtls "outrider → outrider (mesh mTLS)" \
+    want mtls-outrider && skip mtls-outrider mtls "outrider → outrider (mesh mTLS)" \
         "not measured yet: waits for outrider's mesh mTLS (identity from a CA); peers below use the same loads"
     render "$PEERS/nginx-mtls-hop1.conf" "$RUN/conf/nginx-mtls-hop1.conf" PORT="$P_NM1" HOP2_PORT="$P_NM2"
     render "$PEERS/nginx-mtls-hop2.conf" "$RUN/conf/nginx-mtls-hop2.conf" PORT="$P_NM2"
@@ -681,7 +681,7 @@ if want mtls; then
 fi
 
 # --- cache hits: each proxy must serve /c/1k with the origin's copy removed -------
-if want cache; then
+if want cache-outrider || want cache-squid || want cache-nginx; then
     if want cache-outrider; then
         if [[ -z $OUTRIDER ]]; then
             skip cache-outrider cache "outrider cache hits" "$OUTRIDER_WHY"
