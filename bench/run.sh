@@ -128,7 +128,8 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
-    P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF <<<"$(free_ports 22)"
+    P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF \
+    P_CA P_MA_ADM P_MA_OUT P_MB_ADM P_MB_OUT P_MB_IN <<<"$(free_ports 28)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -204,14 +205,15 @@ want() { [[ $1 =~ $ONLY ]]; }
 
 # --- loads ------------------------------------------------------------------------
 # Each load runs under proctree.py, which records the servers' CPU and peak RSS.
-# MODE forward: wrk connects to the proxy and sends absolute-form requests.
+# MODE forward: wrk connects to the proxy and sends absolute-form requests for
+# FWD_TARGET (default: the origin).
 
 # wrk_load PATH LOAD MODE ADDR URLPATH CONNS PIDS [wrk args...]
 wrk_load() {
     local path=$1 load=$2 mode=$3 addr=$4 upath=$5 conns=$6 pids=$7 abs="" host="" pidargs=()
     shift 7
     if [[ $mode == forward ]]; then
-        abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
+        abs="http://${FWD_TARGET:-127.0.0.1:$P_ORIGIN}$upath" host="${FWD_TARGET:-127.0.0.1:$P_ORIGIN}"
     fi
     for p in $pids; do pidargs+=(--pid "$p"); done
     WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/$path.$load.wrk.json \
@@ -234,7 +236,7 @@ EOF
 rate_load() { # PATH LOAD MODE ADDR URLPATH PIDS
     local path=$1 load=$2 mode=$3 addr=$4 upath=$5 pids=$6 target=$5 host=$4 pidargs=()
     if [[ $mode == forward ]]; then
-        target="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
+        target="http://${FWD_TARGET:-127.0.0.1:$P_ORIGIN}$upath" host="${FWD_TARGET:-127.0.0.1:$P_ORIGIN}"
     fi
     for p in $pids; do pidargs+=(--pid "$p"); done
     python3 "$TOOLS/proctree.py" measure "${pidargs[@]}" --out "$OUT/$path.$load.proc.json" -- \
@@ -664,10 +666,77 @@ chain_path() {
     manifest "$path" group=mtls label="$label" proxy="$proxy" status=ok notes="$notes"
 }
 
+# identity_yaml WHO: the identity section of sidecar WHO, with its bootstrap token.
+identity_yaml() {
+    "$OUTRIDER" ca token --dir "$RUN/ca" --identity "ns/bench/sa/$1" --ttl 1h >"$RUN/conf/token-$1" || return 1
+    printf 'identity:\n  id: spiffe://bench.local/ns/bench/sa/%s\n  ca_url: https://127.0.0.1:%s\n  ca_bundle: %s\n  token_file: %s\n' \
+        "$1" "$P_CA" "$RUN/ca/root.pem" "$RUN/conf/token-$1"
+}
+
+# Two sidecars and their CA: wrk → A (explicit proxy) → mesh mTLS → B (inbound,
+# strict) → origin. B refuses plaintext, so a 200 through A proves the mTLS hop.
+mtls_outrider() {
+    local label="outrider → outrider (mesh mTLS)" why=""
+    if [[ -z $OUTRIDER ]]; then skip mtls-outrider mtls "$label" "$OUTRIDER_WHY"; return 0; fi
+    log "path mtls-outrider"
+    if ! "$OUTRIDER" ca init --trust-domain bench.local --out "$RUN/ca" >"$RUN/logs/ca-init.out" 2>&1; then
+        skip mtls-outrider mtls "$label" "outrider ca init failed: $(tail -n 2 "$RUN/logs/ca-init.out" | tr '\n' ' ')"
+        return 0
+    fi
+    start ca-serve "$OUTRIDER" ca serve --dir "$RUN/ca" --listen "127.0.0.1:$P_CA"
+    local ca_pid=$LAST_PID id_a id_b
+    if ! id_a=$(identity_yaml a 2>"$RUN/logs/ca-token.out") || ! id_b=$(identity_yaml b 2>>"$RUN/logs/ca-token.out"); then
+        skip mtls-outrider mtls "$label" "outrider ca token failed: $(tail -n 2 "$RUN/logs/ca-token.out" | tr '\n' ' ')"
+        stop "$ca_pid"
+        return 0
+    fi
+    cat >"$RUN/conf/mesh-b.yaml" <<EOF
+admin: { listen: 127.0.0.1:$P_MB_ADM }
+outbound: { listen: 127.0.0.1:$P_MB_OUT }
+inbound: { listen: 127.0.0.1:$P_MB_IN, mtls: strict, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }
+$id_b
+access_log: { output: $LOG_OFF }
+EOF
+    cat >"$RUN/conf/mesh-a.yaml" <<EOF
+admin: { listen: 127.0.0.1:$P_MA_ADM }
+outbound:
+  listen: 127.0.0.1:$P_MA_OUT
+  egress: { mode: enforce, allow: [ { cidr: 127.0.0.1/32, ports: [$P_MB_IN] } ] }
+mesh: { networks: [127.0.0.1/32] }
+$id_a
+access_log: { output: $LOG_OFF }
+EOF
+    start_outrider mesh-b "$P_MB_ADM" || why="sidecar B did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-b.out" | tr '\n' ' '))"
+    local pid_b=$LAST_PID pid_a=""
+    if [[ -z $why ]]; then
+        start_outrider mesh-a "$P_MA_ADM" || why="sidecar A did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-a.out" | tr '\n' ' '))"
+        pid_a=$LAST_PID
+    fi
+    if [[ -z $why ]]; then
+        local via plain
+        via=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -x "http://127.0.0.1:$P_MA_OUT" "http://127.0.0.1:$P_MB_IN/1k" || true)
+        plain=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$P_MB_IN/1k" || true)
+        if [[ $via != 200 ]]; then
+            why="a request through A to B got $via, not 200"
+        elif [[ $plain == 200 ]]; then
+            why="B (mtls: strict) answered plaintext with 200, so the hop is not proven to be mTLS"
+        fi
+    fi
+    if [[ -n $why ]]; then
+        skip mtls-outrider mtls "$label" "$why"
+    else
+        FWD_TARGET=127.0.0.1:$P_MB_IN run_loads mtls-outrider forward "127.0.0.1:$P_MA_OUT" "$pid_a $pid_b" ka_1k rate_1k
+        manifest mtls-outrider group=mtls label="$label" proxy=outrider status=ok \
+            notes="A explicit proxy with mesh.networks, B inbound mtls strict; identities from outrider ca; CPU/RSS of both sidecars; $LOG_OFF_NOTE"
+    fi
+    [[ -n $pid_a ]] && stop "$pid_a"
+    stop "$pid_b"
+    stop "$ca_pid"
+}
+
 if want mtls-outrider || want mtls-nginx || want mtls-haproxy; then
     make_pki
-    want mtls-outrider && skip mtls-outrider mtls "outrider → outrider (mesh mTLS)" \
-        "not measured yet: waits for outrider's mesh mTLS (identity from a CA); peers below use the same loads"
+    want mtls-outrider && mtls_outrider
     render "$PEERS/nginx-mtls-hop1.conf" "$RUN/conf/nginx-mtls-hop1.conf" PORT="$P_NM1" HOP2_PORT="$P_NM2"
     render "$PEERS/nginx-mtls-hop2.conf" "$RUN/conf/nginx-mtls-hop2.conf" PORT="$P_NM2"
     chain_path mtls-nginx "nginx → nginx (mTLS)" nginx "$P_NM1" "TLS 1.3, client certs, upstream keepalive; CPU/RSS of both hops" \
