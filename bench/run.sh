@@ -74,7 +74,7 @@ NOFILE=$(ulimit -n)
 # HAProxy refuses to start when 2 x maxconn does not fit the descriptor limit.
 HAPROXY_MAXCONN=$(((NOFILE - 500) / 2))
 if [[ $MODE == full ]] && ((NOFILE < 25000)); then
-    log "ulimit -n is $NOFILE: idle-connection levels above $((NOFILE / 2 - 500)) are left out"
+    log "ulimit -n is $NOFILE (hard limit): a proxy holding two descriptors per connection tops out near $((NOFILE / 2)) idle connections"
 fi
 
 # --- scratch space, process bookkeeping --------------------------------------------
@@ -381,7 +381,7 @@ outrider_conf() {
         if [[ -n $4 ]]; then
             echo "inbound: { listen: 127.0.0.1:$4, mtls: disabled, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }"
         fi
-        echo "access_log: { output: $5 }"
+        echo "access_log: { output: \"$5\" }"  # quoted: a bare off is a YAML boolean
     } >"$RUN/conf/$1.yaml"
 }
 
@@ -695,7 +695,7 @@ admin: { listen: 127.0.0.1:$P_MB_ADM }
 outbound: { listen: 127.0.0.1:$P_MB_OUT }
 inbound: { listen: 127.0.0.1:$P_MB_IN, mtls: strict, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_ORIGIN } ] }
 $id_b
-access_log: { output: $LOG_OFF }
+access_log: { output: "$LOG_OFF" }
 EOF
     cat >"$RUN/conf/mesh-a.yaml" <<EOF
 admin: { listen: 127.0.0.1:$P_MA_ADM }
@@ -704,7 +704,7 @@ outbound:
   egress: { mode: enforce, allow: [ { cidr: 127.0.0.1/32, ports: [$P_MB_IN] } ] }
 mesh: { networks: [127.0.0.1/32] }
 $id_a
-access_log: { output: $LOG_OFF }
+access_log: { output: "$LOG_OFF" }
 EOF
     start_outrider mesh-b "$P_MB_ADM" || why="sidecar B did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-b.out" | tr '\n' ' '))"
     local pid_b=$LAST_PID pid_a=""
