@@ -293,7 +293,7 @@ def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def panel(y0, title, rows, series, fmt, width=860, label_w=250, bar_h=11, ref=None):
+def panel(y0, title, rows, series, fmt, width=920, label_w=310, bar_h=11, ref=None):
     """Grouped horizontal bars: rows = [(label, [value or None per series])]."""
     out = [f'<text x="10" y="{y0 + 16}" font-size="14" font-weight="bold">{esc(title)}</text>']
     lx = label_w + 10
@@ -328,7 +328,7 @@ def panel(y0, title, rows, series, fmt, width=860, label_w=250, bar_h=11, ref=No
 
 def svg(res):
     ok = [p for p in res["paths"] if p["status"] in ("ok", "partial") and p["loads"]]
-    width = 860
+    width = 920
     parts = []
     y = 10
     rows = [(p["label"], [p["vs_direct"].get(l) for l, _ in THROUGHPUT]) for p in ok if p["vs_direct"]]
