@@ -154,7 +154,9 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| handle(inputs.clone(), conn, peer.clone(), req));
+    // Boxed: hyper keeps room for the in-flight request's future in every connection, and
+    // unboxed that room (the size of the whole request path) is paid by idle ones too.
+    let svc = service_fn(move |req| Box::pin(handle(inputs.clone(), conn, peer.clone(), req)));
     let builder = super::http::server_builder();
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(connection);
