@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README and CI run it: installs what the tests need
-# (curl, iptables, iproute2, python3, Debian's packages), builds once, then runs every test.
+# (curl, iptables, iproute2, python3, Debian's packages), builds once, smoke-runs the
+# benchmark harness, then runs every test.
 # Network-namespace and iptables tests need root; as non-root they fail loudly, never pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,10 @@ cargo clippy --all-targets --quiet -- -D warnings
 echo "== build"
 cargo build --all-targets --quiet
 
+# Before the tests, so that the test runner's summary is the last thing printed.
+echo "== bench smoke: every benchmark path for about a second, on the debug build"
+OUTRIDER_BIN="$PWD/target/debug/outrider" BENCH_REQUIRE_OUTRIDER=1 bench/run.sh --smoke
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --test-threads 4
@@ -32,7 +37,3 @@ else
   cargo test --no-fail-fast -- --test-threads 4
 fi
 
-if [ -x bench/run.sh ]; then
-  echo "== bench smoke"
-  bench/run.sh --smoke
-fi
