@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::netns::{self, Background, NetNs, Veth, PROXY_UID, PYTHON};
+use common::netns::{self, field, Background, NetNs, Resp, Veth, PROXY_UID, PYTHON};
 use serde_json::Value;
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
@@ -411,61 +411,6 @@ access_log:
 "#,
         log.display()
     )
-}
-
-/// A `curl -i` response: status, headers (names lower-cased), body.
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn parse(out: &Output) -> Resp {
-        let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
-        assert!(
-            out.status.success(),
-            "curl failed ({}): {}{}",
-            out.status,
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {text:?}"));
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Resp {
-            status,
-            headers,
-            body: body.to_owned(),
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// A request header as the echoing server saw it (its body has `Name: value` lines).
-    fn seen_header(&self, name: &str) -> Option<String> {
-        self.body.lines().find_map(|l| {
-            let (k, v) = l.split_once(": ")?;
-            k.eq_ignore_ascii_case(name).then(|| v.to_owned())
-        })
-    }
-}
-
-fn field<'a>(record: &'a Value, key: &str) -> &'a str {
-    record[key].as_str().unwrap_or("")
 }
 
 #[test]

@@ -440,3 +440,58 @@ pub fn tcp_probe(ns: &NetNs, uid: Option<u32>, host: &str, port: u16) -> Result<
     let peer = field("peer=")?;
     Ok(TagReply { tag, orig, peer })
 }
+
+/// A `curl -i` response: status, headers (names lower-cased), body.
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn parse(out: &Output) -> Resp {
+        let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+        assert!(
+            out.status.success(),
+            "curl failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {text:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Resp {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A request header as an echoing server saw it (its body has `name: value` lines).
+    pub fn seen_header(&self, name: &str) -> Option<String> {
+        self.body.lines().find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            k.eq_ignore_ascii_case(name).then(|| v.to_owned())
+        })
+    }
+}
+
+pub fn field<'a>(record: &'a serde_json::Value, key: &str) -> &'a str {
+    record[key].as_str().unwrap_or("")
+}
