@@ -18,39 +18,34 @@ pub struct AuthzRule {
     pub methods: Vec<String>,
 }
 
-/// An identity pattern.
+/// An identity pattern, compiled from the grammar in [`crate::tls::spiffe::validate_pattern`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdPattern {
+    /// `*`: any authenticated identity.
+    Any,
     /// Exactly this ID.
     Exact(String),
-    /// IDs starting with this (it ends with `/`).
+    /// IDs below this path (it ends with `/`, so `ns/shop/` never matches `ns/shopping/…`).
     Prefix(String),
 }
 
 impl IdPattern {
-    /// Parses `spiffe://td/ns/x/*` or an exact ID.
+    /// Parses `*`, `spiffe://td/ns/x/*` or an exact ID.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        if !raw.starts_with("spiffe://") {
-            return Err(format!(
-                "{raw:?} is not a SPIFFE ID (spiffe://trust-domain/...)"
-            ));
-        }
-        match raw.strip_suffix('*') {
-            Some(prefix) if prefix.ends_with('/') && !prefix.contains('*') => {
-                Ok(IdPattern::Prefix(prefix.to_owned()))
-            }
-            Some(_) => Err(format!("{raw:?}: a wildcard may only be a trailing /*")),
-            None if raw.contains('*') => {
-                Err(format!("{raw:?}: a wildcard may only be a trailing /*"))
-            }
-            None => Ok(IdPattern::Exact(raw.to_owned())),
-        }
+        crate::tls::spiffe::validate_pattern(raw)
+            .map_err(|e| format!("{raw:?} is not a SPIFFE ID or a pattern ending in /*: {e}"))?;
+        Ok(match raw.strip_suffix('*') {
+            Some("") => IdPattern::Any,
+            Some(prefix) => IdPattern::Prefix(prefix.to_owned()),
+            None => IdPattern::Exact(raw.to_owned()),
+        })
     }
 
     fn matches(&self, id: &str) -> bool {
         match self {
+            IdPattern::Any => true,
             IdPattern::Exact(e) => e == id,
-            IdPattern::Prefix(p) => id.starts_with(p.as_str()),
+            IdPattern::Prefix(p) => id.len() > p.len() && id.starts_with(p.as_str()),
         }
     }
 }
@@ -160,6 +155,8 @@ mod tests {
     #[test]
     fn patterns() {
         assert!(IdPattern::parse("spiffe://td/ns/a/*").is_ok());
+        assert_eq!(IdPattern::parse("*"), Ok(IdPattern::Any));
+        assert!(IdPattern::parse("spiffe://td/ns/sho*").is_err());
         assert!(IdPattern::parse("spiffe://td/ns/*/sa/x").is_err());
         assert!(IdPattern::parse("td/ns/a").is_err());
     }

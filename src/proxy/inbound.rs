@@ -352,9 +352,11 @@ fn new_request_id() -> String {
             .map_or(0, |d| d.as_nanos());
         b = t.to_le_bytes();
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for x in b {
-        out.push_str(&format!("{x:02x}"));
+        out.push(char::from(HEX[usize::from(x >> 4)]));
+        out.push(char::from(HEX[usize::from(x & 0x0f)]));
     }
     out
 }

@@ -95,26 +95,12 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.uri
     }
-
-    /// Whether this ID matches an authorization pattern: the exact ID, `*` for any ID, or a
-    /// prefix ending in `/*`, which matches every ID below that path
-    /// (`spiffe://cluster.local/ns/shop/*` matches `spiffe://cluster.local/ns/shop/sa/web`,
-    /// not `spiffe://cluster.local/ns/shopping/sa/x`).
-    pub fn matches(&self, pattern: &str) -> bool {
-        if pattern == "*" {
-            return true;
-        }
-        match pattern.strip_suffix('*') {
-            // Keep the '/' so that "ns/shop/*" doesn't match "ns/shopping/…".
-            Some(prefix) if prefix.ends_with('/') => {
-                self.uri.starts_with(prefix) && self.uri.len() > prefix.len()
-            }
-            _ => self.uri == pattern,
-        }
-    }
 }
 
-/// Checks that a pattern is one [`SpiffeId::matches`] understands, for config validation.
+/// Checks an authorization pattern, for config validation: the exact ID, `*` for any ID,
+/// or a prefix ending in `/*` that matches every ID below that path
+/// (`spiffe://cluster.local/ns/shop/*` matches `.../ns/shop/sa/web`, not `.../ns/shopping/sa/x`).
+/// [`crate::policy::authz::IdPattern`] compiles and matches it.
 pub fn validate_pattern(pattern: &str) -> Result<(), SpiffeIdError> {
     if pattern == "*" {
         return Ok(());
@@ -187,18 +173,10 @@ mod tests {
     }
 
     #[test]
-    fn matches_patterns() {
-        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
-        assert!(id.matches("spiffe://cluster.local/ns/shop/sa/web"));
-        assert!(id.matches("spiffe://cluster.local/ns/shop/*"));
-        assert!(id.matches("spiffe://cluster.local/*"));
-        assert!(id.matches("*"));
-        assert!(!id.matches("spiffe://cluster.local/ns/sho*"));
-        assert!(!id.matches("spiffe://cluster.local/ns/shop/sa/we"));
-        assert!(!id.matches("spiffe://other.local/*"));
-        let other = SpiffeId::parse("spiffe://cluster.local/ns/shopping/sa/x").unwrap();
-        assert!(!other.matches("spiffe://cluster.local/ns/shop/*"));
+    fn validates_patterns() {
+        assert!(validate_pattern("*").is_ok());
         assert!(validate_pattern("spiffe://cluster.local/ns/shop/*").is_ok());
         assert!(validate_pattern("spiffe://cluster.local/ns/sho*").is_err());
+        assert!(validate_pattern("spiffe://cluster.local/ns/*/sa/x").is_err());
     }
 }
