@@ -1,8 +1,6 @@
-//! Upstream connections. The proxy dials only addresses the egress policy checked: the
-//! pooled HTTP client gets request URIs whose authority is that IP (the Host header keeps
-//! the name), so its pool is keyed by checked address and its connector never resolves.
+//! Upstream connections. The proxy dials only addresses the egress policy checked (the
+//! Host header keeps the name), so nothing here ever resolves a name.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,9 +9,6 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -44,9 +39,6 @@ pub enum ConnectError {
     /// mTLS; nothing is sent in plaintext instead.
     #[error("no workload certificate yet for mTLS to mesh peer {0}")]
     NoCertificate(SocketAddr),
-    /// The URI given to the connector carried no IP address (a bug upstream of here).
-    #[error("upstream URI {0} has no checked address")]
-    NoAddress(String),
 }
 
 /// Dials `addr` with a timeout, TCP_NODELAY on, and counts failures.
@@ -202,52 +194,4 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Tls(s) => s.is_write_vectored(),
         }
     }
-}
-
-impl Connection for MaybeTls {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// The pooled client's connector: dials the IP in the URI, never resolves a name, and speaks
-/// mesh mTLS to mesh destinations (so HTTP between sidecars reuses pooled mTLS connections).
-#[derive(Clone)]
-pub struct CheckedConnector {
-    /// Connect timeout.
-    pub timeout: Duration,
-    /// Mesh mTLS, when this workload has an identity.
-    pub mesh: Option<MeshClient>,
-}
-
-impl tower_service::Service<Uri> for CheckedConnector {
-    type Response = TokioIo<MaybeTls>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.timeout;
-        let mesh = self.mesh.clone();
-        Box::pin(async move {
-            let addr = uri_addr(&uri).ok_or_else(|| ConnectError::NoAddress(uri.to_string()))?;
-            connect_maybe_mesh(addr, timeout, mesh.as_ref())
-                .await
-                .map(TokioIo::new)
-        })
-    }
-}
-
-/// The socket address in a URI whose host is an IP literal.
-fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
-    let host = uri.host()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let ip = host.parse().ok()?;
-    Some(SocketAddr::new(ip, uri.port_u16().unwrap_or(80)))
 }

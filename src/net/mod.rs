@@ -3,3 +3,4 @@
 pub mod connect;
 pub mod dns;
 pub mod orig_dst;
+pub mod upstream;

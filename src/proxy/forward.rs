@@ -14,7 +14,7 @@ use super::http::{add_via, strip_hop_by_hop, wants_upgrade};
 use super::{ConnInfo, Inputs, State};
 use crate::access_log::LogGuard;
 use crate::body::{self, Body, Counted};
-use crate::net::connect::ConnectError;
+use crate::net::upstream::SendError;
 use crate::policy::host::{parse_host, parse_port, split_authority, Host};
 
 /// Serves one request from an outbound client connection. Never fails: every error becomes
@@ -75,7 +75,7 @@ pub fn record_error(guard: &mut LogGuard, e: &ProxyError) {
 }
 
 /// Both halves of a protocol switch (WebSocket and the like), to be joined.
-type Upgrade = (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade);
+type Upgrade = (hyper::upgrade::OnUpgrade, crate::net::upstream::Upgraded);
 
 async fn forward(
     inputs: &Inputs,
@@ -98,12 +98,11 @@ async fn forward(
     let host_value = HeaderValue::from_str(&authority)
         .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
     parts.headers.insert(header::HOST, host_value);
-    // The cache keys on the URL as the client named it; the pooled client dials the checked
-    // address (`Pooled` rewrites the URI just before sending).
+    // The cache keys on the URL as the client named it; `Pooled` dials the checked address.
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::try_from(format!("http://{authority}{path}"))
         .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
-    // The upstream hop is HTTP/1.1 whatever the client spoke; the pool negotiates nothing else.
+    // The upstream hop is HTTP/1.1 whatever the client spoke.
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
     let upstream_req = Request::from_parts(
@@ -111,7 +110,7 @@ async fn forward(
         body::boxed(Counted::new(incoming, counter, false, None)),
     );
     let pooled = Pooled {
-        client: state.client.clone(),
+        upstreams: state.upstreams.clone(),
         addr: admitted.addr,
         timeout: state.cfg.response_timeout,
         mesh: state
@@ -138,7 +137,10 @@ async fn forward(
     };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let upgrade = match (client_upgrade, switching) {
-        (Some(client_side), true) => Some((client_side, hyper::upgrade::on(&mut resp))),
+        (Some(client_side), true) => resp
+            .extensions_mut()
+            .remove::<crate::net::upstream::Upgraded>()
+            .map(|up| (client_side, up)),
         _ => None,
     };
     let (mut parts, body) = resp.into_parts();
@@ -153,7 +155,7 @@ async fn forward(
 /// the response-head timeout. Also what the cache calls on a miss or revalidation.
 #[derive(Clone)]
 pub(super) struct Pooled {
-    pub(super) client: super::HttpClient,
+    pub(super) upstreams: Arc<crate::net::upstream::Upstreams>,
     pub(super) addr: std::net::SocketAddr,
     pub(super) timeout: std::time::Duration,
     /// Whether `addr` is a mesh peer reached over mTLS (for clearer errors).
@@ -161,14 +163,11 @@ pub(super) struct Pooled {
 }
 
 impl Pooled {
-    /// Sends to `addr` (the URI's authority is replaced by it; Host stays).
+    /// Sends to `addr` (the request target is the URI's path and query; Host stays).
     pub(super) async fn send_to_origin(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        *req.uri_mut() = Uri::try_from(format!("http://{}{}", self.addr, path))
-            .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
         // The response timeout runs from the end of the request body, so that a long
         // upload is never cut off while it is still flowing.
         let (done, sent) = tokio::sync::oneshot::channel::<()>();
@@ -183,17 +182,18 @@ impl Pooled {
             tokio::time::sleep(self.timeout).await;
         };
         tokio::select! {
-            result = self.client.request(req) => match result {
-                Err(e) => Err(match upstream_error(self.addr, &e) {
-                    // With TLS 1.3 the client's handshake completes before the server checks
-                    // the client certificate, so a refusal shows up as a closed connection.
-                    ProxyError::Upstream(a, detail) if self.mesh => ProxyError::Upstream(
-                        a,
-                        format!("{detail} (the mesh peer closed the connection: it may have refused this workload's certificate or identity)"),
-                    ),
-                    other => other,
-                }),
-                Ok(resp) => Ok(resp.map(body::boxed)),
+            result = self.upstreams.send(self.addr, req) => match result {
+                Ok(resp) => Ok(resp),
+                Err(SendError::Connect(e)) => Err(ProxyError::Connect(e)),
+                // With TLS 1.3 the client's handshake completes before the server checks
+                // the client certificate, so a refusal shows up as a closed connection.
+                Err(SendError::Failed(detail)) if self.mesh => Err(ProxyError::Upstream(
+                    self.addr.to_string(),
+                    format!("{detail} (the mesh peer closed the connection: it may have refused this workload's certificate or identity)"),
+                )),
+                Err(SendError::Failed(detail)) => {
+                    Err(ProxyError::Upstream(self.addr.to_string(), detail))
+                }
             },
             () = timer => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
         }
@@ -283,32 +283,4 @@ pub fn parse_authority(authority: &str, default_port: u16) -> Result<(Host, u16)
             .ok_or_else(|| ProxyError::BadRequest(format!("invalid port in {authority:?}")))?,
     };
     Ok((host, port))
-}
-
-/// Classifies a pooled-client failure: connect errors keep their kind (timeout → 504).
-fn upstream_error(addr: std::net::SocketAddr, e: &hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(ce) = s.downcast_ref::<ConnectError>() {
-            return ProxyError::Connect(match ce {
-                ConnectError::Timeout(a) => ConnectError::Timeout(*a),
-                ConnectError::Io { addr, source } => ConnectError::Io {
-                    addr: *addr,
-                    source: std::io::Error::new(source.kind(), source.to_string()),
-                },
-                ConnectError::NoAddress(u) => ConnectError::NoAddress(u.clone()),
-                ConnectError::NoCertificate(a) => ConnectError::NoCertificate(*a),
-                ConnectError::Mtls { addr, source } => ConnectError::Mtls {
-                    addr: *addr,
-                    source: std::io::Error::new(source.kind(), source.to_string()),
-                },
-            });
-        }
-        source = s.source();
-    }
-    let detail = match std::error::Error::source(e) {
-        Some(s) => s.to_string(),
-        None => e.to_string(),
-    };
-    ProxyError::Upstream(addr.to_string(), detail)
 }

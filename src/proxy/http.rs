@@ -4,14 +4,16 @@
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send a request's headers (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP/1 + HTTP/2 server settings for client connections, both directions.
-pub fn server_builder() -> auto::Builder<TokioExecutor> {
+fn server_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -21,14 +23,64 @@ pub fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Serves one client connection (keep-alive, upgrades) until it closes, draining it
+/// gracefully on shutdown. `http1` says detection already saw HTTP/1: the connection is then
+/// served by hyper's HTTP/1 server alone, whose state is a fraction of the size of the
+/// auto-detecting one's, which every idle keep-alive connection would otherwise carry.
+pub async fn serve_connection<I, S, B>(
+    io: I,
+    svc: S,
+    http1: bool,
+    shutdown: CancellationToken,
+) -> Result<(), crate::body::BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<crate::body::BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let io = TokioIo::new(io);
+    if http1 {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        tokio::pin!(connection);
+        return tokio::select! {
+            res = connection.as_mut() => res.map_err(Into::into),
+            () = shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await.map_err(Into::into)
+            }
+        };
+    }
+    let builder = server_builder();
+    let connection = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(connection);
+    tokio::select! {
+        res = connection.as_mut() => res,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the
 /// de-facto ones clients still send to proxies.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// (`Trailer` is not one: it names the trailer fields end to end, and hyper sends only the
+/// trailers it names.)
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -79,7 +78,10 @@ pub async fn serve(
         return;
     }
     match protocol {
-        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, io, conn, None, shutdown).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            let http1 = protocol == Protocol::Http1;
+            serve_http(inputs, io, conn, None, http1, shutdown).await
+        }
         other => pass_through(inputs, io, conn, None, other.name()).await,
     }
 }
@@ -118,7 +120,10 @@ async fn terminate_mtls<I>(
     };
     let io = Rewind::new(prefix, tls);
     match inner {
-        Protocol::Http1 | Protocol::Http2 => serve_http(inputs, io, conn, peer, shutdown).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            let http1 = inner == Protocol::Http1;
+            serve_http(inputs, io, conn, peer, http1, shutdown).await
+        }
         _ => pass_through(inputs, io, conn, peer, "mtls").await,
     }
 }
@@ -150,6 +155,7 @@ async fn serve_http<I>(
     io: I,
     conn: ConnInfo,
     peer: Option<Arc<str>>,
+    http1: bool,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -157,15 +163,8 @@ async fn serve_http<I>(
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let svc = service_fn(move |req| Box::pin(handle(inputs.clone(), conn, peer.clone(), req)));
-    let builder = super::http::server_builder();
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => {}
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
+    if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
+        tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
     }
 }
 
@@ -294,7 +293,7 @@ async fn to_app(
         body::boxed(Counted::new(incoming, counter, false, None)),
     );
     let pooled = super::forward::Pooled {
-        client: state.client.clone(),
+        upstreams: state.upstreams.clone(),
         addr: target,
         timeout: state.cfg.response_timeout,
         mesh: false,

@@ -16,17 +16,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::access_log::AccessLog;
-use crate::body::Body;
 use crate::config::Compiled;
-use crate::net::connect::{CheckedConnector, MeshClient};
+use crate::net::connect::MeshClient;
 use crate::net::dns::Dns;
-
-/// The pooled upstream HTTP client.
-pub type HttpClient = Client<CheckedConnector, Body>;
 
 /// What a config produces at run time. Replaced whole on reload.
 pub struct State {
@@ -36,8 +30,8 @@ pub struct State {
     pub dns: Dns,
     /// The access log.
     pub log: AccessLog,
-    /// Pooled upstream connections, keyed by checked address.
-    pub client: HttpClient,
+    /// Pooled upstream HTTP/1.1 connections, keyed by checked address.
+    pub upstreams: Arc<crate::net::upstream::Upstreams>,
     /// The shared HTTP cache (kept across reloads unless its settings change).
     pub cache: crate::cache::HttpCache,
     /// Mesh mTLS for outbound connections to `mesh.networks`.
@@ -106,14 +100,8 @@ impl State {
             _ => AccessLog::open(&cfg.access_log)
                 .map_err(|e| format!("access_log.output: cannot open {:?}: {e}", cfg.access_log))?,
         };
-        let connector = CheckedConnector {
-            timeout: cfg.connect_timeout,
-            mesh: mesh_client.clone(),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let upstreams =
+            crate::net::upstream::Upstreams::new(cfg.connect_timeout, mesh_client.clone());
         let cache = match prev {
             Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),
             _ => crate::cache::HttpCache::new(&cfg.cache),
@@ -122,7 +110,7 @@ impl State {
             cfg,
             dns,
             log,
-            client,
+            upstreams,
             cache,
             mesh_client,
         })

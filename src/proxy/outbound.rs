@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +34,7 @@ pub async fn serve(
         original_dst,
     };
     let Some(od) = original_dst else {
-        return serve_http(inputs, stream, conn, shutdown).await;
+        return serve_http(inputs, stream, conn, false, shutdown).await;
     };
     let state = inputs.state.load_full();
     if state.cfg.server_first_ports.contains(&od.port()) {
@@ -62,33 +61,29 @@ pub async fn serve(
     }
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            serve_http(inputs, Rewind::new(prefix, stream), conn, shutdown).await
+            let http1 = protocol == Protocol::Http1;
+            serve_http(inputs, Rewind::new(prefix, stream), conn, http1, shutdown).await
         }
         other => tunnel_tcp(inputs, stream, prefix, conn, other).await,
     }
 }
 
 /// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.
-async fn serve_http<I>(inputs: Arc<Inputs>, io: I, conn: ConnInfo, shutdown: CancellationToken)
-where
+/// `http1` when detection saw HTTP/1 (explicit clients are not sniffed: either is served).
+async fn serve_http<I>(
+    inputs: Arc<Inputs>,
+    io: I,
+    conn: ConnInfo,
+    http1: bool,
+    shutdown: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let svc = service_fn(move |req| Box::pin(super::forward::handle(inputs.clone(), conn, req)));
-    let builder = super::http::server_builder();
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(connection);
-    tokio::select! {
-        res = connection.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
-            }
-        }
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
+    if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
+        tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
     }
 }
 

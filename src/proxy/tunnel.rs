@@ -99,10 +99,18 @@ where
 
 /// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like);
 /// the request's record is written when it closes, with the bytes each way.
-pub async fn splice_upgrades(client: OnUpgrade, upstream: OnUpgrade, mut guard: LogGuard) {
+pub async fn splice_upgrades(
+    client: OnUpgrade,
+    upstream: crate::net::upstream::Upgraded,
+    mut guard: LogGuard,
+) {
     let _gauge = crate::metrics::ConnectionGauge::continued();
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => splice(TokioIo::new(c), TokioIo::new(u), guard).await,
+    let Some(upstream) = upstream.take() else {
+        guard.fail("protocol upgrade failed: the upstream connection was already taken".into());
+        return;
+    };
+    match client.await {
+        Ok(c) => splice(TokioIo::new(c), upstream, guard).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }

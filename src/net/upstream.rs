@@ -1,0 +1,916 @@
+//! The upstream HTTP/1.1 client.
+//!
+//! A request is sent from inside the task of the client connection that asked for it: the
+//! head (and body) are written to a pooled connection, the response head is read and parsed
+//! there, and the response body is read from the upstream socket as the client connection
+//! polls it. There is no connection task and no channel between tasks, so a request costs no
+//! wakeup of another task; with hyper's pooled client that hand-off (and its pool
+//! bookkeeping) was the largest share of the proxy's own CPU per request (bench/README.md).
+//!
+//! Framing follows RFC 9112 §6: `Transfer-Encoding` wins over `Content-Length` (and such a
+//! connection is not reused), differing `Content-Length`s are an error, a body without either
+//! runs to the close. Idle connections wait in a pool keyed by the checked address they were
+//! dialled at; a pooled connection the peer has closed is noticed before it is used, and an
+//! idempotent request without a body is retried once more when the race is lost anyway.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+
+use super::connect::{connect_maybe_mesh, ConnectError, MaybeTls, MeshClient};
+use crate::body::{self, Body};
+
+/// Longest response head (and trailer section) accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one response head.
+const MAX_HEADERS: usize = 128;
+/// Read size while waiting for a head; bodies read up to [`MAX_READ`] at a time.
+const HEAD_READ: usize = 8 * 1024;
+const MAX_READ: usize = 64 * 1024;
+/// Longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Idle connections older than this are closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream address.
+const MAX_IDLE_PER_ADDR: usize = 256;
+/// How often the pool sweeps connections that went idle too long (and empty entries).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The exchange failed: the upstream closed, reset, or answered with something that
+    /// is not HTTP/1.1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The protocol switch an upstream accepted with `101`: its connection, with any bytes
+/// already read after the response head replayed first. Carried in the response's
+/// extensions (which need `Clone`, hence the shared slot; the first `take` gets it).
+#[derive(Clone)]
+pub struct Upgraded(Arc<Mutex<Option<crate::proxy::detect::Rewind<MaybeTls>>>>);
+
+impl Upgraded {
+    /// The upgraded connection, once.
+    pub fn take(&self) -> Option<crate::proxy::detect::Rewind<MaybeTls>> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// Pooled HTTP/1.1 connections to checked addresses (plain, or mesh mTLS where the mesh
+/// covers the address).
+pub struct Upstreams {
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    connect_timeout: Duration,
+    mesh: Option<MeshClient>,
+    checkins: AtomicU32,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One upstream connection and the bytes read from it but not yet used.
+struct Conn {
+    io: MaybeTls,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// Whether an idle connection can take a request: nothing unread, and the peer has not
+    /// closed it (a readable idle socket means EOF, a reset, or bytes nobody asked for).
+    fn is_usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let tcp = match &self.io {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(t) => t.get_ref().0,
+        };
+        let mut probe = [0u8; 1];
+        matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+impl Upstreams {
+    /// A pool whose connections are dialled with `connect_timeout`, in mTLS where `mesh`
+    /// covers the address. Inside a runtime, a background sweep closes connections idle
+    /// longer than the idle timeout; it ends with the pool.
+    pub fn new(connect_timeout: Duration, mesh: Option<MeshClient>) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            mesh,
+            checkins: AtomicU32::new(0),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            rt.spawn(sweep_while_alive(weak));
+        }
+        pool
+    }
+
+    /// Idle connections in the pool (all addresses).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .map_or(0, |m| m.values().map(VecDeque::len).sum())
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(&addr)?;
+        // Most recently used first: its socket is the least likely to have been closed.
+        while let Some(entry) = list.pop_back() {
+            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_usable() {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, conn: Conn) {
+        let now = Instant::now();
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let list = idle.entry(addr).or_default();
+        while list
+            .front()
+            .is_some_and(|e| now.duration_since(e.since) >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
+        }
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push_back(Idle { conn, since: now });
+        }
+        // Without a runtime there is no background sweep: sweep now and then instead.
+        if self.checkins.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            sweep(&mut idle, now);
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
+        let io = connect_maybe_mesh(addr, self.connect_timeout, self.mesh.as_ref()).await?;
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Sends `req` to `addr` over HTTP/1.1 (the request URI's path and query form the
+    /// request target; without a Host header, its authority, or else `addr`, is sent as
+    /// one). The response body streams from the upstream connection, which goes back to
+    /// the pool once the body has been read whole.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        let (parts, mut body) = req.into_parts();
+        let empty = http_body::Body::is_end_stream(&body);
+        let chunked = !empty && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        let head = encode_head(&parts, addr, chunked);
+        let asked_upgrade = parts.headers.contains_key(header::UPGRADE);
+        let head_only = parts.method == Method::HEAD;
+        let replayable = empty && is_idempotent(&parts.method);
+        loop {
+            let (mut conn, reused) = match self.checkout(addr) {
+                Some(conn) => (conn, true),
+                None => (self.dial(addr).await?, false),
+            };
+            let exchanged =
+                match write_request(&mut conn.io, &head, &mut body, empty, chunked).await {
+                    Ok(()) => read_head(&mut conn).await,
+                    Err(e) => Err(e),
+                };
+            match exchanged {
+                Ok(resp) => return self.respond(addr, conn, resp, head_only, asked_upgrade),
+                // A pooled connection the upstream closed just as it was reused: nothing
+                // was answered, so a request that can be repeated goes on a fresh one.
+                Err(Exchange::Closed { answered: false }) if reused && replayable => continue,
+                Err(e) => return Err(SendError::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Builds the response whose body reads the rest from `conn`.
+    fn respond(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut conn: Conn,
+        head: Head,
+        head_only: bool,
+        asked_upgrade: bool,
+    ) -> Result<Response<Body>, SendError> {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        let headers = head.headers;
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            if !asked_upgrade {
+                return Err(SendError::Failed(
+                    "upstream switched protocols without being asked to".into(),
+                ));
+            }
+            let rest = conn.buf.split().freeze();
+            *resp.headers_mut() = headers;
+            resp.extensions_mut()
+                .insert(Upgraded(Arc::new(Mutex::new(Some(
+                    crate::proxy::detect::Rewind::new(rest, conn.io),
+                )))));
+            return Ok(resp);
+        }
+        let mut keep_alive = head.version == http::Version::HTTP_11
+            && !has_token(&headers, header::CONNECTION, "close");
+        let framing = if head_only
+            || head.status == StatusCode::NO_CONTENT
+            || head.status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Length(0)
+        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+            // Both framings at once is how requests get smuggled: use TE, never reuse.
+            keep_alive &= !headers.contains_key(header::CONTENT_LENGTH);
+            if last_token_is(&headers, header::TRANSFER_ENCODING, "chunked") {
+                Framing::Chunked(Chunked::Size)
+            } else {
+                Framing::Eof
+            }
+        } else {
+            match content_length(&headers) {
+                Ok(Some(n)) => Framing::Length(n),
+                Ok(None) => Framing::Eof,
+                Err(()) => {
+                    return Err(SendError::Failed(
+                        "upstream sent an invalid Content-Length".into(),
+                    ))
+                }
+            }
+        };
+        *resp.headers_mut() = headers;
+        if matches!(framing, Framing::Eof) {
+            keep_alive = false;
+        }
+        let body = match framing {
+            // The whole body is already here (the usual small response): the connection
+            // goes back to the pool before the client has even been answered.
+            Framing::Length(n) if conn.buf.len() as u64 >= n => {
+                let data = conn.buf.split_to(n as usize).freeze();
+                if keep_alive && conn.buf.is_empty() {
+                    self.checkin(addr, conn);
+                }
+                if data.is_empty() {
+                    body::empty()
+                } else {
+                    body::full(data)
+                }
+            }
+            framing => body::boxed(UpstreamBody {
+                conn: Some(conn),
+                framing,
+                keep_alive,
+                pool: Arc::downgrade(self),
+                addr,
+            }),
+        };
+        *resp.body_mut() = body;
+        Ok(resp)
+    }
+}
+
+async fn sweep_while_alive(pool: Weak<Upstreams>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        if let Ok(mut idle) = pool.idle.lock() {
+            sweep(&mut idle, Instant::now());
+        };
+    }
+}
+
+fn sweep(idle: &mut HashMap<SocketAddr, VecDeque<Idle>>, now: Instant) {
+    for list in idle.values_mut() {
+        list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.is_usable());
+    }
+    idle.retain(|_, list| !list.is_empty());
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// `METHOD target HTTP/1.1`, the headers, a Host if there was none, the framing header.
+fn encode_head(parts: &http::request::Parts, addr: SocketAddr, chunked: bool) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        match parts.uri.authority() {
+            Some(a) => out.extend_from_slice(a.as_str().as_bytes()),
+            None => out.extend_from_slice(addr.to_string().as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// How an exchange failed, and whether anything at all came back.
+#[derive(Debug, thiserror::Error)]
+enum Exchange {
+    #[error("upstream closed the connection before a complete response head")]
+    Closed { answered: bool },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Writes the head and the body (as it arrives from the client) with its framing.
+async fn write_request(
+    io: &mut MaybeTls,
+    head: &[u8],
+    body: &mut Body,
+    empty: bool,
+    chunked: bool,
+) -> Result<(), Exchange> {
+    let closed = |e: io::Error| match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+            Exchange::Closed { answered: false }
+        }
+        _ => Exchange::Failed(format!("writing the request upstream failed: {e}")),
+    };
+    if empty {
+        io.write_all(head).await.map_err(closed)?;
+        return io.flush().await.map_err(closed);
+    }
+    // The head goes out with the first piece of the body when that is small, in one write.
+    let mut pending = head.to_vec();
+    let mut ended = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Exchange::Failed(format!("the client's request body failed: {e}")))?;
+        match frame.into_data() {
+            Ok(data) => {
+                if chunked && !data.is_empty() {
+                    pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                }
+                if pending.len() + data.len() <= 16 * 1024 {
+                    pending.extend_from_slice(&data);
+                } else {
+                    io.write_all(&pending).await.map_err(closed)?;
+                    pending.clear();
+                    io.write_all(&data).await.map_err(closed)?;
+                }
+                if chunked && !data.is_empty() {
+                    pending.extend_from_slice(b"\r\n");
+                }
+            }
+            Err(frame) => {
+                if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                    pending.extend_from_slice(b"0\r\n");
+                    for (name, value) in &trailers {
+                        pending.extend_from_slice(name.as_str().as_bytes());
+                        pending.extend_from_slice(b": ");
+                        pending.extend_from_slice(value.as_bytes());
+                        pending.extend_from_slice(b"\r\n");
+                    }
+                    pending.extend_from_slice(b"\r\n");
+                    ended = true;
+                }
+            }
+        }
+        if pending.len() >= 16 * 1024 {
+            io.write_all(&pending).await.map_err(closed)?;
+            pending.clear();
+        }
+    }
+    if chunked && !ended {
+        pending.extend_from_slice(b"0\r\n\r\n");
+    }
+    io.write_all(&pending).await.map_err(closed)?;
+    io.flush().await.map_err(closed)
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+/// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
+/// final). What follows the head stays in `conn.buf`.
+async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            match parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
+                Some(head)
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue
+                }
+                Some(head) => return Ok(head),
+                None if conn.buf.len() >= MAX_HEAD => {
+                    return Err(Exchange::Failed(format!(
+                        "upstream response head is larger than {MAX_HEAD} bytes"
+                    )))
+                }
+                None => {}
+            }
+        }
+        conn.buf.reserve(HEAD_READ);
+        let n = std::future::poll_fn(|cx| {
+            tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
+        })
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof if !answered => {
+                Exchange::Closed { answered }
+            }
+            _ => Exchange::Failed(format!("reading the upstream response failed: {e}")),
+        })?;
+        if n == 0 {
+            return Err(Exchange::Closed { answered });
+        }
+    }
+}
+
+/// Parses one response head off the front of `buf`; `None` when it is not complete yet.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+    // Offsets into `buf` of each name and value, so that the head can be split off and
+    // the values shared with it instead of copied one by one.
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, code, minor, count) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("upstream sent an invalid response head: {e}")),
+        };
+        let base = buf.as_ptr() as usize;
+        let mut count = 0;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (name, h.name.len(), value, h.value.len());
+            count += 1;
+        }
+        (
+            len,
+            resp.code.unwrap_or(0),
+            resp.version.unwrap_or(1),
+            count,
+        )
+    };
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| format!("upstream sent an invalid status code {code}"))?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(n, nl, v, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n..n + nl])
+            .map_err(|_| "upstream sent an invalid header name".to_string())?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
+            .map_err(|_| format!("upstream sent an invalid value for {name}"))?;
+        headers.append(name, value);
+    }
+    let version = if minor == 0 {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    };
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// Whether a comma-separated header has `token` (case-insensitive) anywhere.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the last coding in a comma-separated header is `token`.
+fn last_token_is(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The body length from `Content-Length`: every field and list member must agree.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let s = value.to_str().map_err(|_| ())?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = part.parse().map_err(|_| ())?;
+            if found.is_some_and(|f| f != n) {
+                return Err(());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// How the rest of a response body is delimited.
+enum Framing {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// Chunked, in this state.
+    Chunked(Chunked),
+    /// Until the upstream closes.
+    Eof,
+}
+
+/// Where a chunked decoder is.
+enum Chunked {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(Option<HeaderMap>, usize),
+}
+
+/// What a step of the chunked decoder produced.
+enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl Chunked {
+    /// Decodes what `buf` holds; `None` when more bytes are needed.
+    fn step(&mut self, buf: &mut BytesMut) -> io::Result<Option<Step>> {
+        loop {
+            match self {
+                Chunked::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(bad("upstream chunk-size line is too long"));
+                        }
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    *self = if size == 0 {
+                        Chunked::Trailers(None, 0)
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(rest) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (*rest).min(buf.len() as u64);
+                    let data = buf.split_to(take as usize).freeze();
+                    *rest -= take;
+                    if *rest == 0 {
+                        *self = Chunked::DataEnd;
+                    }
+                    return Ok(Some(Step::Data(data)));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(bad("upstream chunk is longer than its size"));
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers(map, seen) => {
+                    let Some(end) = find_crlf(buf) else {
+                        if *seen + buf.len() > MAX_HEAD {
+                            return Err(bad("upstream trailers are too large"));
+                        }
+                        return Ok(None);
+                    };
+                    if end == 0 {
+                        buf.advance(2);
+                        return Ok(Some(map.take().map_or(Step::End, Step::Trailers)));
+                    }
+                    *seen += end + 2;
+                    if *seen > MAX_HEAD {
+                        return Err(bad("upstream trailers are too large"));
+                    }
+                    let line = buf.split_to(end).freeze();
+                    buf.advance(2);
+                    let (name, value) = trailer(&line)?;
+                    map.get_or_insert_with(HeaderMap::new).append(name, value);
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The size in a chunk-size line (`hex[;extensions]`); extensions are ignored.
+fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    if line.contains(&b'\n') || line.contains(&b'\r') {
+        return Err(bad("upstream chunk-size line has a bare line break"));
+    }
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    let rest_ok = rest.is_empty() || {
+        let t = rest.trim_ascii_start();
+        t.first() == Some(&b';')
+    };
+    if digits.is_empty() || digits.len() > 15 || !rest_ok {
+        return Err(bad("upstream sent an invalid chunk size"));
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| bad("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| bad("upstream sent an invalid chunk size"))
+}
+
+fn trailer(line: &Bytes) -> io::Result<(HeaderName, HeaderValue)> {
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or_else(|| bad("upstream sent an invalid trailer"))?;
+    let name = HeaderName::from_bytes(&line[..colon])
+        .map_err(|_| bad("upstream sent an invalid trailer name"))?;
+    let raw = &line[colon + 1..];
+    let value = raw.trim_ascii();
+    let start = value.as_ptr() as usize - line.as_ptr() as usize;
+    let value = HeaderValue::from_maybe_shared(line.slice(start..start + value.len()))
+        .map_err(|_| bad("upstream sent an invalid trailer value"))?;
+    Ok((name, value))
+}
+
+/// A response body read straight from its upstream connection, which returns to the pool
+/// when the body has been read whole (and is closed if the body is dropped before).
+struct UpstreamBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Weak<Upstreams>,
+    addr: SocketAddr,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.checkin(self.addr, conn);
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let mut want = HEAD_READ;
+            match &mut this.framing {
+                Framing::Length(rest) => {
+                    if *rest == 0 {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    if !conn.buf.is_empty() {
+                        let take = (*rest).min(conn.buf.len() as u64);
+                        let data = conn.buf.split_to(take as usize).freeze();
+                        *rest -= take;
+                        if *rest == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    want = usize::try_from(*rest).unwrap_or(MAX_READ).min(MAX_READ);
+                }
+                Framing::Eof => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    want = MAX_READ;
+                }
+                Framing::Chunked(state) => match state.step(&mut conn.buf) {
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Ok(Some(Step::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Some(Step::Trailers(map))) => {
+                        this.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                    }
+                    Ok(Some(Step::End)) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {
+                        if let Chunked::Data(rest) = state {
+                            want = usize::try_from(*rest)
+                                .unwrap_or(MAX_READ)
+                                .clamp(HEAD_READ, MAX_READ);
+                        }
+                    }
+                },
+            }
+            conn.buf.reserve(want);
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
+            match ready!(read) {
+                Ok(0) => {
+                    this.conn = None;
+                    if matches!(this.framing, Framing::Eof) {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection before the response body ended",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.framing, Framing::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn decode(input: &[u8]) -> io::Result<(Vec<u8>, Option<HeaderMap>, bool)> {
+        let mut buf = BytesMut::from(input);
+        let mut state = Chunked::Size;
+        let mut out = Vec::new();
+        loop {
+            match state.step(&mut buf)? {
+                Some(Step::Data(d)) => out.extend_from_slice(&d),
+                Some(Step::Trailers(t)) => return Ok((out, Some(t), true)),
+                Some(Step::End) => return Ok((out, None, true)),
+                None => return Ok((out, None, false)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let (body, trailers, done) =
+            decode(b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\n0\r\nx-sum: 42\r\n\r\n").unwrap();
+        assert_eq!(body, b"hello world");
+        assert!(done);
+        assert_eq!(trailers.unwrap()["x-sum"], "42");
+        let (body, trailers, done) = decode(b"A\r\n0123456789\r\n0\r\n\r\n").unwrap();
+        assert_eq!((body.len(), trailers.is_none(), done), (10, true, true));
+    }
+
+    #[test]
+    fn a_partial_chunked_body_waits_for_more() {
+        let (body, _, done) = decode(b"5\r\nhel").unwrap();
+        assert_eq!((body.as_slice(), done), (&b"hel"[..], false));
+        let (_, _, done) = decode(b"5\r\nhello\r").unwrap();
+        assert!(!done);
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"zz\r\nhello\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"\r\nhello\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"5 junk\r\nhello\r\n",
+            b"0\r\nno colon here\r\n\r\n",
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn content_length_must_agree() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h), Ok(None));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        assert_eq!(content_length(&h), Ok(Some(5)));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert_eq!(content_length(&h), Err(()));
+        for bad in ["-1", "+5", "0x10", "", "99999999999999999999"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static(bad));
+            assert_eq!(content_length(&h), Err(()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn response_heads_parse_and_share_the_buffer() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabc"[..],
+        );
+        let head = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buf[..], b"abc");
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
+        assert!(parse_head(&mut partial).unwrap().is_none());
+        let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
+        assert!(parse_head(&mut garbage).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_a_host_and_the_framing() {
+        let req = Request::post("http://example.test:8080/a?b=1")
+            .header("x-k", "v")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let head = encode_head(&parts, "127.0.0.1:1".parse().unwrap(), true);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.test:8080\r\nx-k: v\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+}

@@ -1,0 +1,252 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! What the proxy's upstream HTTP/1.1 client does with the responses real servers send:
+//! chunked bodies with extensions and trailers, bodies that run to the close, interim 1xx
+//! heads, connections the server closes while they sit in the pool, and responses that are
+//! not valid HTTP (a 502 that names the problem, and the proxy keeps serving).
+//!
+//! The origin here is a raw TCP server that answers each request with exactly the bytes a
+//! test scripts for its path, so that framing the hyper-based test upstream would never
+//! produce can be sent.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use outrider::testing::{proxy_get, ClientBody, ProxyClient, TestProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A scripted origin: per request path, the raw response and whether to close after it.
+struct RawOrigin {
+    addr: SocketAddr,
+    /// Connections accepted so far.
+    conns: Arc<AtomicUsize>,
+}
+
+fn script(path: &str) -> (Vec<u8>, bool) {
+    let ok = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    match path {
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n"
+                .to_vec(),
+            false,
+        ),
+        "/to-close" => (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nread me until the close".to_vec(),
+            true,
+        ),
+        "/interim" => (
+            format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n{}",
+                ok("final")
+            )
+            .into_bytes(),
+            false,
+        ),
+        "/two-lengths" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".to_vec(),
+            true,
+        ),
+        "/not-http" => (b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(), true),
+        "/huge-head" => {
+            let filler = "x".repeat(70 * 1024);
+            (
+                format!("HTTP/1.1 200 OK\r\nX-Filler: {filler}\r\nContent-Length: 0\r\n\r\n")
+                    .into_bytes(),
+                true,
+            )
+        }
+        "/unasked-upgrade" => (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+                .to_vec(),
+            true,
+        ),
+        "/cut-body" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec(),
+            true,
+        ),
+        // Keep-alive as far as the head says, but the server closes right after: the pooled
+        // connection is dead by the time the next request wants it.
+        "/then-close" => (ok("first").into_bytes(), true),
+        other => (ok(other).into_bytes(), false),
+    }
+}
+
+impl RawOrigin {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        Self { addr, conns }
+    }
+}
+
+async fn serve(mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        let (response, close) = script(&path);
+        if stream.write_all(&response).await.is_err() {
+            return;
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+fn no_body() -> ClientBody {
+    http_body_util::Full::new(bytes::Bytes::new()).boxed()
+}
+
+fn config() -> &'static str {
+    "outbound:\n  timeouts:\n    response: 2s\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_responses_arrive_whole_with_their_trailers() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    let req = http::Request::get(format!("http://{}/chunked", origin.addr))
+        .header("te", "trailers")
+        .body(no_body())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    assert_eq!(collected.to_bytes(), "hello world");
+    assert_eq!(
+        trailers
+            .as_ref()
+            .and_then(|t| t.get("x-sum"))
+            .map(|v| v.to_str().unwrap()),
+        Some("11"),
+        "trailers: {trailers:?}"
+    );
+    // The connection went back to the pool: the next request reuses it.
+    let again = client.get(&format!("http://{}/next", origin.addr)).await;
+    assert_eq!(again.text(), "/next");
+    assert_eq!(origin.conns.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_without_length_runs_to_the_close_and_interim_heads_are_skipped() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let r = proxy_get(
+        proxy.proxy_addr(),
+        &format!("http://{}/to-close", origin.addr),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "read me until the close");
+    let r = proxy_get(
+        proxy.proxy_addr(),
+        &format!("http://{}/interim", origin.addr),
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "final"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_is_not_used() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    for round in 0..5 {
+        let r = client
+            .get(&format!("http://{}/then-close", origin.addr))
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "first"),
+            "round {round}"
+        );
+        // Give the server's FIN time to arrive, so it is the idle connection that is stale.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.conns.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_responses_are_502_with_the_reason_and_the_proxy_keeps_serving() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    for (path, reason) in [
+        ("/two-lengths", "Content-Length"),
+        ("/not-http", "invalid response"),
+        ("/huge-head", "larger than"),
+        ("/unasked-upgrade", "switched protocols"),
+    ] {
+        let r = proxy_get(proxy.proxy_addr(), &format!("http://{}{path}", origin.addr)).await;
+        assert_eq!(r.status, 502, "{path}: {r:?}");
+        assert!(
+            r.error_header().contains(reason),
+            "{path}: error header {:?} should name {reason:?}",
+            r.error_header()
+        );
+        let line = proxy
+            .wait_log(|l| l["path"] == path && !l["error"].is_null())
+            .await;
+        assert_eq!(line["status"], 502, "{line}");
+    }
+    let r = proxy_get(
+        proxy.proxy_addr(),
+        &format!("http://{}/still-here", origin.addr),
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "/still-here"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_by_the_upstream_is_not_passed_off_as_complete() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    let req = http::Request::get(format!("http://{}/cut-body", origin.addr))
+        .body(no_body())
+        .unwrap();
+    // The client sees the transfer fail (the head may or may not have gone out before the
+    // proxy saw the cut) rather than a short body that looks whole.
+    let failed = match client.send(req).await {
+        Err(_) => true,
+        Ok(resp) => resp.into_body().collect().await.is_err(),
+    };
+    assert!(failed, "a cut-off body was delivered as complete");
+    let line = proxy.wait_log(|l| l["path"] == "/cut-body").await;
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("before the response body ended")),
+        "{line}"
+    );
+}
