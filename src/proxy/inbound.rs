@@ -63,7 +63,9 @@ pub async fn serve(
         (Protocol::Tls(hello), Some(mesh))
             if hello.mesh && state.cfg.inbound_mtls != MtlsMode::Disabled =>
         {
-            return terminate_mtls(inputs, io, conn, &mesh, shutdown).await;
+            // Boxed: the TLS session and the HTTP server over it would otherwise size the
+            // state of every plaintext connection too (about 7 KB each, idle or not).
+            return Box::pin(terminate_mtls(inputs, io, conn, &mesh, shutdown)).await;
         }
         _ => {}
     }
@@ -82,7 +84,7 @@ pub async fn serve(
             let http1 = protocol == Protocol::Http1;
             serve_http(inputs, io, conn, None, http1, shutdown).await
         }
-        other => pass_through(inputs, io, conn, None, other.name()).await,
+        other => Box::pin(pass_through(inputs, io, conn, None, other.name())).await,
     }
 }
 

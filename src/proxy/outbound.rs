@@ -33,18 +33,28 @@ pub async fn serve(
         client,
         original_dst,
     };
-    let Some(od) = original_dst else {
-        return serve_http(inputs, stream, conn, false, shutdown).await;
-    };
     let state = inputs.state.load_full();
+    let Some(od) = original_dst else {
+        // Explicit clients are sniffed only to serve HTTP/1 with hyper's HTTP/1 server alone
+        // (see `serve_connection`); one that is slow to speak is served by either.
+        let mut stream = stream;
+        let Ok((protocol, prefix)) = detect(&mut stream, state.cfg.detect_timeout).await else {
+            return;
+        };
+        drop(state);
+        let http1 = protocol == Protocol::Http1;
+        return serve_http(inputs, Rewind::new(prefix, stream), conn, http1, shutdown).await;
+    };
     if state.cfg.server_first_ports.contains(&od.port()) {
-        return tunnel_tcp(
+        // Boxed here and below: admission (DNS) and the tunnel would otherwise size the state
+        // of every HTTP connection too.
+        return Box::pin(tunnel_tcp(
             inputs,
             stream,
             bytes::Bytes::new(),
             conn,
             Protocol::Tcp { timed_out: false },
-        )
+        ))
         .await;
     }
     let mut stream = stream;
@@ -64,12 +74,12 @@ pub async fn serve(
             let http1 = protocol == Protocol::Http1;
             serve_http(inputs, Rewind::new(prefix, stream), conn, http1, shutdown).await
         }
-        other => tunnel_tcp(inputs, stream, prefix, conn, other).await,
+        other => Box::pin(tunnel_tcp(inputs, stream, prefix, conn, other)).await,
     }
 }
 
 /// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.
-/// `http1` when detection saw HTTP/1 (explicit clients are not sniffed: either is served).
+/// `http1` when detection saw HTTP/1.
 async fn serve_http<I>(
     inputs: Arc<Inputs>,
     io: I,
