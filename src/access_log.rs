@@ -206,6 +206,7 @@ pub struct LogGuard {
     /// when no body is being tracked (tunnels, refusals).
     pub response_complete: Option<bool>,
     start: Instant,
+    started: SystemTime,
     log: AccessLog,
 }
 
@@ -213,7 +214,8 @@ impl LogGuard {
     /// Starts a record now.
     pub fn start(log: AccessLog, record: Record) -> Self {
         let mut record = record;
-        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        // The start time is formatted when the record is written, and only if it is.
+        let started = SystemTime::now();
         if record.decision.is_empty() {
             record.decision = "allow";
         }
@@ -222,6 +224,7 @@ impl LogGuard {
             bytes: Arc::new(Bytes::default()),
             response_complete: None,
             start: Instant::now(),
+            started,
             log,
         }
     }
@@ -248,6 +251,9 @@ impl Drop for LogGuard {
             }
         }
         crate::metrics::record_request(r);
-        self.log.write(r);
+        if self.log.shared.is_some() {
+            r.timestamp = humantime::format_rfc3339_millis(self.started).to_string();
+            self.log.write(r);
+        }
     }
 }

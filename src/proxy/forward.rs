@@ -98,10 +98,13 @@ async fn forward(
     let host_value = HeaderValue::from_str(&authority)
         .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
     parts.headers.insert(header::HOST, host_value);
-    // The cache keys on the URL as the client named it; `Pooled` dials the checked address.
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("http://{authority}{path}"))
-        .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
+    // The cache keys on the URL as the client named it, so an origin-form request (from a
+    // transparent client) gets its absolute form; `Pooled` dials the checked address.
+    if parts.uri.authority().is_none() {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(format!("http://{authority}{path}"))
+            .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
+    }
     // The upstream hop is HTTP/1.1 whatever the client spoke.
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
@@ -170,15 +173,19 @@ impl Pooled {
     ) -> Result<Response<Body>, ProxyError> {
         // The response timeout runs from the end of the request body, so that a long
         // upload is never cut off while it is still flowing.
-        let (done, sent) = tokio::sync::oneshot::channel::<()>();
-        let req = if http_body::Body::is_end_stream(req.body()) {
-            let _ = done.send(());
-            req
+        let (req, sent) = if http_body::Body::is_end_stream(req.body()) {
+            (req, None)
         } else {
-            req.map(|b| body::boxed(body::OnEnd::new(b, done)))
+            let (done, sent) = tokio::sync::oneshot::channel::<()>();
+            (
+                req.map(|b| body::boxed(body::OnEnd::new(b, done))),
+                Some(sent),
+            )
         };
         let timer = async {
-            let _ = sent.await;
+            if let Some(sent) = sent {
+                let _ = sent.await;
+            }
             tokio::time::sleep(self.timeout).await;
         };
         tokio::select! {

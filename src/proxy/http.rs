@@ -130,11 +130,17 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
         http::Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    let hop = format!("{proto} outrider");
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {hop}"),
-        None => hop,
+    let Some(prev) = headers.get(header::VIA).and_then(|v| v.to_str().ok()) else {
+        // The usual case: the first proxy on the path; no formatting, no allocation.
+        let hop = match proto {
+            "1.0" => "1.0 outrider",
+            "2" => "2 outrider",
+            _ => "1.1 outrider",
+        };
+        headers.insert(header::VIA, HeaderValue::from_static(hop));
+        return;
     };
+    let value = format!("{prev}, {proto} outrider");
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(header::VIA, v);
     }
