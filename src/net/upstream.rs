@@ -185,7 +185,11 @@ impl Upstreams {
     ) -> Result<Response<Body>, SendError> {
         let (parts, mut body) = req.into_parts();
         let empty = http_body::Body::is_end_stream(&body);
-        let chunked = !empty && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        // A body of declared length is sent as exactly that many bytes, never more: whatever
+        // followed would be read by the upstream as another request.
+        let declared = content_length(&parts.headers)
+            .map_err(|()| SendError::Failed("the request has an invalid Content-Length".into()))?;
+        let chunked = !empty && declared.is_none();
         let head = encode_head(&parts, addr, chunked);
         let asked_upgrade = parts.headers.contains_key(header::UPGRADE);
         let head_only = parts.method == Method::HEAD;
@@ -196,7 +200,7 @@ impl Upstreams {
                 None => (self.dial(addr).await?, false),
             };
             let exchanged =
-                match write_request(&mut conn.io, &head, &mut body, empty, chunked).await {
+                match write_request(&mut conn.io, &head, &mut body, empty, declared).await {
                     Ok(()) => read_head(&mut conn).await,
                     Err(e) => Err(e),
                 };
@@ -365,8 +369,10 @@ async fn write_request(
     head: &[u8],
     body: &mut Body,
     empty: bool,
-    chunked: bool,
+    declared: Option<u64>,
 ) -> Result<(), Exchange> {
+    let chunked = declared.is_none();
+    let mut left = declared.unwrap_or(0);
     let closed = |e: io::Error| match e.kind() {
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
             Exchange::Closed { answered: false }
@@ -385,6 +391,13 @@ async fn write_request(
             .map_err(|e| Exchange::Failed(format!("the client's request body failed: {e}")))?;
         match frame.into_data() {
             Ok(data) => {
+                if !chunked {
+                    left = left.checked_sub(data.len() as u64).ok_or_else(|| {
+                        Exchange::Failed(
+                            "the request body is longer than its Content-Length".into(),
+                        )
+                    })?;
+                }
                 if chunked && !data.is_empty() {
                     pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                 }
@@ -420,6 +433,11 @@ async fn write_request(
     }
     if chunked && !ended {
         pending.extend_from_slice(b"0\r\n\r\n");
+    }
+    if left > 0 {
+        return Err(Exchange::Failed(
+            "the request body ended before its Content-Length".into(),
+        ));
     }
     io.write_all(&pending).await.map_err(closed)?;
     io.flush().await.map_err(closed)
@@ -898,6 +916,29 @@ mod tests {
         assert!(parse_head(&mut partial).unwrap().is_none());
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
         assert!(parse_head(&mut garbage).is_err());
+    }
+
+    /// A body that disagrees with its Content-Length is never written past the length.
+    #[tokio::test]
+    async fn a_body_longer_or_shorter_than_its_length_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got).await;
+            got
+        });
+        let mut io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut long = body::full("0123456789");
+        let err = write_request(&mut io, b"H", &mut long, false, Some(5)).await;
+        assert!(matches!(err, Err(Exchange::Failed(ref m)) if m.contains("longer")), "{err:?}");
+        let mut short = body::full("012");
+        let err = write_request(&mut io, b"H", &mut short, false, Some(5)).await;
+        assert!(matches!(err, Err(Exchange::Failed(ref m)) if m.contains("ended before")), "{err:?}");
+        drop(io);
+        // Small bodies are held back with the head until they end, so neither went out at all.
+        assert_eq!(peer.await.unwrap(), b"");
     }
 
     #[test]
