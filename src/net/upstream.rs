@@ -932,10 +932,16 @@ mod tests {
         let mut io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let mut long = body::full("0123456789");
         let err = write_request(&mut io, b"H", &mut long, false, Some(5)).await;
-        assert!(matches!(err, Err(Exchange::Failed(ref m)) if m.contains("longer")), "{err:?}");
+        assert!(
+            matches!(err, Err(Exchange::Failed(ref m)) if m.contains("longer")),
+            "{err:?}"
+        );
         let mut short = body::full("012");
         let err = write_request(&mut io, b"H", &mut short, false, Some(5)).await;
-        assert!(matches!(err, Err(Exchange::Failed(ref m)) if m.contains("ended before")), "{err:?}");
+        assert!(
+            matches!(err, Err(Exchange::Failed(ref m)) if m.contains("ended before")),
+            "{err:?}"
+        );
         drop(io);
         // Small bodies are held back with the head until they end, so neither went out at all.
         assert_eq!(peer.await.unwrap(), b"");
