@@ -373,7 +373,7 @@ async fn invalid_hosts_are_refused() {
         format!("GET http://b.test:{p}:{p}/ HTTP/1.1\r\nHost: b.test\r\n\r\n").into_bytes(),
     ];
     // Some of these never reach the proxy's code: hyper's parser answers a bare 400 itself
-    // (no x-outrider-error, no log line). Those are listed, not failed.
+    // (no x-outrider-error). Those are listed, and each must still leave a log line.
     let mut bare = Vec::new();
     for req in &raw_cases {
         let raw = raw_exchange(proxy.proxy_addr(), req).await;
@@ -384,6 +384,24 @@ async fn invalid_hosts_are_refused() {
         }
     }
     eprintln!("refused by the HTTP parser without {ERROR_HEADER}: {bare:#?}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let refused_by_parser = proxy
+        .log_lines()
+        .await
+        .into_iter()
+        .filter(|l| {
+            l["status"] == 400
+                && l["decision"] == "deny"
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("malformed request refused by the HTTP parser"))
+        })
+        .count();
+    assert_eq!(
+        refused_by_parser,
+        bare.len(),
+        "every request the parser refused is logged"
+    );
     assert_eq!(up.requests(), 0, "an invalid host reached the upstream");
     // The proxy is still serving.
     let ok = proxy_get(proxy.proxy_addr(), &format!("http://good.test:{p}/")).await;

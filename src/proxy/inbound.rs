@@ -164,9 +164,11 @@ async fn serve_http<I>(
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
+    let state = inputs.clone();
     let svc = service_fn(move |req| Box::pin(handle(inputs.clone(), conn, peer.clone(), req)));
     if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
         tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
+        super::log_refused_head(&state.state.load(), "inbound", conn, &e);
     }
 }
 

@@ -206,6 +206,39 @@ pub fn request_record<B>(
     }
 }
 
+/// Logs a request head that hyper's parser refused before it reached the proxy (a bad
+/// request line or header, a head too large). hyper has already answered it (400, or 431
+/// for a head too large) and closes the connection; without this, the refusal would leave
+/// no trace.
+pub fn log_refused_head(
+    state: &State,
+    direction: &'static str,
+    conn: ConnInfo,
+    error: &crate::body::BoxError,
+) {
+    let Some(e) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    if !e.is_parse() {
+        return;
+    }
+    let mut guard = crate::access_log::LogGuard::start(
+        state.log.clone(),
+        crate::access_log::Record {
+            direction,
+            mode: conn.mode(),
+            protocol: "http1",
+            client: Some(conn.client),
+            original_dst: conn.original_dst,
+            ..crate::access_log::Record::default()
+        },
+    );
+    guard.record.status = if e.is_parse_too_large() { 431 } else { 400 };
+    guard.record.decision = "deny";
+    guard.record.reason = Some(format!("malformed request refused by the HTTP parser: {e}"));
+    crate::metrics::record_denial("malformed_request", "deny");
+}
+
 /// Accepts connections until shutdown, handing each (with its client address in canonical
 /// form) to `serve`; accept errors (EMFILE and the like) back off instead of spinning.
 pub async fn accept_loop<F>(
