@@ -29,6 +29,8 @@ impl Routes {
         path: &str,
         headers: &http::HeaderMap,
     ) -> Option<SocketAddr> {
+        // Lower-cased (an allocation) only when some route matches on host.
+        let host = host.filter(|_| self.0.iter().any(|r| r.host.is_some()));
         let host = host.map(|h| {
             let h = crate::policy::host::split_authority(h).map_or(h, |(h, _)| h);
             h.trim_end_matches('.').to_ascii_lowercase()
