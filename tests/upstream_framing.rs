@@ -55,6 +55,12 @@ fn script(path: &str) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".to_vec(),
             true,
         ),
+        "/te-and-cl" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            false,
+        ),
         "/not-http" => (b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(), true),
         "/huge-head" => {
             let filler = "x".repeat(70 * 1024);
@@ -175,6 +181,15 @@ async fn a_body_without_length_runs_to_the_close_and_interim_heads_are_skipped()
     )
     .await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "final"));
+    // Chunked wins over a Content-Length beside it, and that length is not passed on, so
+    // the client is not framed by a number that does not describe the body.
+    let r = proxy_get(
+        proxy.proxy_addr(),
+        &format!("http://{}/te-and-cl", origin.addr),
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "hello"));
+    assert_ne!(r.header("content-length").as_deref(), Some("100"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

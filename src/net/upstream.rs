@@ -38,6 +38,8 @@ const MAX_HEADERS: usize = 128;
 /// Read size while waiting for a head; bodies read up to [`MAX_READ`] at a time.
 const HEAD_READ: usize = 8 * 1024;
 const MAX_READ: usize = 64 * 1024;
+/// Most interim (1xx) responses accepted before the final one.
+const MAX_INTERIM: usize = 16;
 /// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 /// Idle connections older than this are closed rather than reused.
@@ -93,15 +95,26 @@ struct Conn {
 }
 
 impl Conn {
-    /// Whether an idle connection can take a request: nothing unread, and the peer has not
-    /// closed it (a readable idle socket means EOF, a reset, or bytes nobody asked for).
-    fn is_usable(&self) -> bool {
+    /// Whether an idle connection can take a request: nothing unread (here or inside the
+    /// TLS session), and the peer has not closed it (a readable idle socket means EOF, a
+    /// reset, or bytes nobody asked for). The socket probe trusts the runtime's readiness,
+    /// as nginx's keepalive cache trusts epoll: a close that arrived in the last instant is
+    /// caught by the retry in `send` (bodiless idempotent requests) or answered with a 502.
+    fn is_usable(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let tcp = match &self.io {
-            MaybeTls::Plain(s) => s,
-            MaybeTls::Tls(t) => t.get_ref().0,
+        let tcp = match &mut self.io {
+            MaybeTls::Plain(s) => &*s,
+            MaybeTls::Tls(t) => {
+                let (tcp, session) = t.get_mut();
+                match session.process_new_packets() {
+                    Ok(state)
+                        if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+                    _ => return false,
+                }
+                &*tcp
+            }
         };
         let mut probe = [0u8; 1];
         matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -137,7 +150,7 @@ impl Upstreams {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.get_mut(&addr)?;
         // Most recently used first: its socket is the least likely to have been closed.
-        while let Some(entry) = list.pop_back() {
+        while let Some(mut entry) = list.pop_back() {
             if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_usable() {
                 return Some(entry.conn);
             }
@@ -189,13 +202,23 @@ impl Upstreams {
         // followed would be read by the upstream as another request.
         let declared = content_length(&parts.headers)
             .map_err(|()| SendError::Failed("the request has an invalid Content-Length".into()))?;
-        let chunked = !empty && declared.is_none();
-        let head = encode_head(&parts, addr, chunked);
+        let framing = match declared {
+            _ if !empty => declared.map_or(BodyFraming::Chunked, BodyFraming::Length),
+            // Nothing is sent; a method that carries a body says so with a zero length.
+            Some(_) => BodyFraming::Length(0),
+            None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
+                BodyFraming::Length(0)
+            }
+            None => BodyFraming::None,
+        };
+        let head = encode_head(&parts, addr, framing);
         let asked_upgrade = parts.headers.contains_key(header::UPGRADE);
         let head_only = parts.method == Method::HEAD;
         let replayable = empty && is_idempotent(&parts.method);
+        let mut retried = false;
         loop {
-            let (mut conn, reused) = match self.checkout(addr) {
+            let pooled = if retried { None } else { self.checkout(addr) };
+            let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None => (self.dial(addr).await?, false),
             };
@@ -208,7 +231,9 @@ impl Upstreams {
                 Ok(resp) => return self.respond(addr, conn, resp, head_only, asked_upgrade),
                 // A pooled connection the upstream closed just as it was reused: nothing
                 // was answered, so a request that can be repeated goes on a fresh one.
-                Err(Exchange::Closed { answered: false }) if reused && replayable => continue,
+                Err(Exchange::Closed { answered: false }) if reused && replayable => {
+                    retried = true;
+                }
                 Err(e) => return Err(SendError::Failed(e.to_string())),
             }
         }
@@ -226,7 +251,7 @@ impl Upstreams {
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
-        let headers = head.headers;
+        let mut headers = head.headers;
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
             if !asked_upgrade {
                 return Err(SendError::Failed(
@@ -249,8 +274,11 @@ impl Upstreams {
         {
             Framing::Length(0)
         } else if headers.contains_key(header::TRANSFER_ENCODING) {
-            // Both framings at once is how requests get smuggled: use TE, never reuse.
-            keep_alive &= !headers.contains_key(header::CONTENT_LENGTH);
+            // Both framings at once is how requests get smuggled: use TE, never reuse, and
+            // drop the Content-Length (RFC 9112 §6.3) so the client is framed by neither.
+            if headers.remove(header::CONTENT_LENGTH).is_some() {
+                keep_alive = false;
+            }
             if last_token_is(&headers, header::TRANSFER_ENCODING, "chunked") {
                 Framing::Chunked(Chunked::Size)
             } else {
@@ -313,7 +341,7 @@ async fn sweep_while_alive(pool: Weak<Upstreams>) {
 
 fn sweep(idle: &mut HashMap<SocketAddr, VecDeque<Idle>>, now: Instant) {
     for list in idle.values_mut() {
-        list.retain(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.is_usable());
+        list.retain_mut(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.is_usable());
     }
     idle.retain(|_, list| !list.is_empty());
 }
@@ -326,7 +354,7 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// `METHOD target HTTP/1.1`, the headers, a Host if there was none, the framing header.
-fn encode_head(parts: &http::request::Parts, addr: SocketAddr, chunked: bool) -> Vec<u8> {
+fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFraming) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -342,16 +370,37 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, chunked: bool) ->
         out.extend_from_slice(b"\r\n");
     }
     for (name, value) in &parts.headers {
+        // The framing headers are written below from what will really be sent, never
+        // copied: a client's Content-Length on a request whose body is not sent (a cache
+        // revalidation) would have the upstream read the next request as this one's body.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match framing {
+        BodyFraming::None => {}
+        BodyFraming::Length(n) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// How a request body is framed on the upstream hop.
+#[derive(Debug, Clone, Copy)]
+enum BodyFraming {
+    /// No body and no framing header.
+    None,
+    /// `Content-Length: n` and exactly n bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// How an exchange failed, and whether anything at all came back.
@@ -423,6 +472,8 @@ async fn write_request(
                     }
                     pending.extend_from_slice(b"\r\n");
                     ended = true;
+                    // Nothing may follow the last chunk: it would read as another request.
+                    break;
                 }
             }
         }
@@ -454,6 +505,7 @@ struct Head {
 /// final). What follows the head stays in `conn.buf`.
 async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
     let mut answered = false;
+    let mut interim = 0;
     loop {
         if !conn.buf.is_empty() {
             answered = true;
@@ -462,7 +514,13 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS =>
                 {
-                    continue
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(Exchange::Failed(format!(
+                            "upstream sent more than {MAX_INTERIM} interim (1xx) responses"
+                        )));
+                    }
+                    continue;
                 }
                 Some(head) => return Ok(head),
                 None if conn.buf.len() >= MAX_HEAD => {
@@ -954,10 +1012,77 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let head = encode_head(&parts, "127.0.0.1:1".parse().unwrap(), true);
+        let head = encode_head(&parts, "127.0.0.1:1".parse().unwrap(), BodyFraming::Chunked);
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "POST /a?b=1 HTTP/1.1\r\nhost: example.test:8080\r\nx-k: v\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    /// The client's framing headers never reach the upstream as they were: a body that is
+    /// not sent (a cache revalidation copies the client's headers onto an empty body) must
+    /// not be announced, or the upstream would read the next request as this one's body.
+    #[tokio::test]
+    async fn framing_headers_describe_what_is_sent_not_what_the_client_said() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // One response per head seen, until the client closes.
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut s, &mut chunk)
+                    .await
+                    .unwrap_or(0);
+                if n == 0 {
+                    return String::from_utf8_lossy(&got).into_owned();
+                }
+                got.extend_from_slice(&chunk[..n]);
+                let heads = String::from_utf8_lossy(&got).matches("\r\n\r\n").count();
+                let answered = String::from_utf8_lossy(&got)
+                    .matches("HTTP/1.1\r\n")
+                    .count();
+                if heads >= answered {
+                    let _ = tokio::io::AsyncWriteExt::write_all(
+                        &mut s,
+                        b"HTTP/1.1 304 Not Modified\r\n\r\n",
+                    )
+                    .await;
+                }
+            }
+        });
+        let pool = Upstreams::new(Duration::from_secs(2), None);
+        for (method, length, te) in [
+            ("GET", "60", None),
+            ("POST", "60", Some("chunked")),
+            ("DELETE", "0", None),
+        ] {
+            let mut b = Request::builder()
+                .method(method)
+                .uri("/u")
+                .header("host", "o.test")
+                .header("content-length", length);
+            if let Some(te) = te {
+                b = b.header("transfer-encoding", te);
+            }
+            let resp = pool
+                .send(addr, b.body(body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 304);
+        }
+        drop(pool);
+        let seen = peer.await.unwrap();
+        assert!(!seen.contains("content-length: 60"), "{seen}");
+        assert!(!seen.contains("transfer-encoding"), "{seen}");
+        assert!(
+            seen.contains("POST /u HTTP/1.1\r\nhost: o.test\r\ncontent-length: 0\r\n\r\n"),
+            "{seen}"
+        );
+        assert!(
+            seen.contains("GET /u HTTP/1.1\r\nhost: o.test\r\ncontent-length: 0\r\n\r\n"),
+            "{seen}"
         );
     }
 }
