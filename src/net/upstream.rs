@@ -17,7 +17,6 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -80,7 +79,6 @@ pub struct Upstreams {
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     connect_timeout: Duration,
     mesh: Option<MeshClient>,
-    checkins: AtomicU32,
 }
 
 struct Idle {
@@ -130,7 +128,6 @@ impl Upstreams {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
             mesh,
-            checkins: AtomicU32::new(0),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&pool);
@@ -172,10 +169,6 @@ impl Upstreams {
         }
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push_back(Idle { conn, since: now });
-        }
-        // Without a runtime there is no background sweep: sweep now and then instead.
-        if self.checkins.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            sweep(&mut idle, now);
         }
     }
 
@@ -222,11 +215,10 @@ impl Upstreams {
                 Some(conn) => (conn, true),
                 None => (self.dial(addr).await?, false),
             };
-            let exchanged =
-                match write_request(&mut conn.io, &head, &mut body, empty, declared).await {
-                    Ok(()) => read_head(&mut conn).await,
-                    Err(e) => Err(e),
-                };
+            let exchanged = match write_request(&mut conn.io, &head, &mut body, framing).await {
+                Ok(()) => read_head(&mut conn).await,
+                Err(e) => Err(e),
+            };
             match exchanged {
                 Ok(resp) => return self.respond(addr, conn, resp, head_only, asked_upgrade),
                 // A pooled connection the upstream closed just as it was reused: nothing
@@ -373,13 +365,9 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFram
         // The framing headers are written below from what will really be sent, never
         // copied: a client's Content-Length on a request whose body is not sent (a cache
         // revalidation) would have the upstream read the next request as this one's body.
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            put_field(&mut out, name, value);
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     match framing {
         BodyFraming::None => {}
@@ -390,6 +378,14 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFram
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Appends `name: value` and its line end.
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How a request body is framed on the upstream hop.
@@ -417,18 +413,20 @@ async fn write_request(
     io: &mut MaybeTls,
     head: &[u8],
     body: &mut Body,
-    empty: bool,
-    declared: Option<u64>,
+    framing: BodyFraming,
 ) -> Result<(), Exchange> {
-    let chunked = declared.is_none();
-    let mut left = declared.unwrap_or(0);
+    let (chunked, mut left) = match framing {
+        BodyFraming::Chunked => (true, 0),
+        BodyFraming::Length(n) => (false, n),
+        BodyFraming::None => (false, 0),
+    };
     let closed = |e: io::Error| match e.kind() {
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
             Exchange::Closed { answered: false }
         }
         _ => Exchange::Failed(format!("writing the request upstream failed: {e}")),
     };
-    if empty {
+    if http_body::Body::is_end_stream(body) {
         io.write_all(head).await.map_err(closed)?;
         return io.flush().await.map_err(closed);
     }
@@ -465,10 +463,7 @@ async fn write_request(
                 if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                     pending.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
-                        pending.extend_from_slice(name.as_str().as_bytes());
-                        pending.extend_from_slice(b": ");
-                        pending.extend_from_slice(value.as_bytes());
-                        pending.extend_from_slice(b"\r\n");
+                        put_field(&mut pending, name, value);
                     }
                     pending.extend_from_slice(b"\r\n");
                     ended = true;
@@ -600,7 +595,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
 }
 
 /// Whether a comma-separated header has `token` (case-insensitive) anywhere.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -989,13 +984,13 @@ mod tests {
         });
         let mut io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
         let mut long = body::full("0123456789");
-        let err = write_request(&mut io, b"H", &mut long, false, Some(5)).await;
+        let err = write_request(&mut io, b"H", &mut long, BodyFraming::Length(5)).await;
         assert!(
             matches!(err, Err(Exchange::Failed(ref m)) if m.contains("longer")),
             "{err:?}"
         );
         let mut short = body::full("012");
-        let err = write_request(&mut io, b"H", &mut short, false, Some(5)).await;
+        let err = write_request(&mut io, b"H", &mut short, BodyFraming::Length(5)).await;
         assert!(
             matches!(err, Err(Exchange::Failed(ref m)) if m.contains("ended before")),
             "{err:?}"

@@ -164,11 +164,11 @@ async fn serve_http<I>(
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
-    let state = inputs.clone();
-    let svc = service_fn(move |req| Box::pin(handle(inputs.clone(), conn, peer.clone(), req)));
+    let for_svc = inputs.clone();
+    let svc = service_fn(move |req| Box::pin(handle(for_svc.clone(), conn, peer.clone(), req)));
     if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
         tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
-        super::log_refused_head(&state.state.load(), "inbound", conn, &e);
+        super::log_refused_head(&inputs, "inbound", conn, &e);
     }
 }
 
@@ -356,22 +356,18 @@ fn add_forwarding(
 /// fresh random id per request cost a DRBG call, which showed in the inbound profile.)
 fn new_request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
-    static KEY: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+    static KEY: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let key = KEY.get_or_init(|| {
+    let key = *KEY.get_or_init(|| {
         let mut b = [0u8; 16];
-        if aws_lc_rs::rand::fill(&mut b).is_err() {
-            // Uniqueness, not secrecy, is what a request id needs: fall back to the clock.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            b = (t ^ u128::from(std::process::id())).to_le_bytes();
+        if aws_lc_rs::rand::fill(&mut b).is_ok() {
+            return u128::from_le_bytes(b);
         }
-        let (lo, hi) = b.split_at(8);
-        [
-            u64::from_le_bytes(lo.try_into().unwrap_or_default()),
-            u64::from_le_bytes(hi.try_into().unwrap_or_default()),
-        ]
+        // Uniqueness, not secrecy, is what a request id needs: fall back to the clock.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        t ^ u128::from(std::process::id())
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // splitmix64's finalizer is a bijection, so distinct counters give distinct ids.
@@ -380,8 +376,9 @@ fn new_request_id() -> String {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     };
-    let hi = mix(n ^ key[0]);
-    let lo = mix(hi ^ key[1]);
+    // Truncations on purpose: the key's two halves.
+    let hi = mix(n ^ key as u64);
+    let lo = mix(hi ^ (key >> 64) as u64);
     format!("{hi:016x}{lo:016x}")
 }
 

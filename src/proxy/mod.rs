@@ -211,7 +211,7 @@ pub fn request_record<B>(
 /// for a head too large) and closes the connection; without this, the refusal would leave
 /// no trace.
 pub fn log_refused_head(
-    state: &State,
+    inputs: &Inputs,
     direction: &'static str,
     conn: ConnInfo,
     error: &crate::body::BoxError,
@@ -223,7 +223,7 @@ pub fn log_refused_head(
         return;
     }
     let mut guard = crate::access_log::LogGuard::start(
-        state.log.clone(),
+        inputs.state.load().log.clone(),
         crate::access_log::Record {
             direction,
             mode: conn.mode(),

@@ -91,11 +91,11 @@ async fn serve_http<I>(
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
-    let state = inputs.clone();
-    let svc = service_fn(move |req| Box::pin(super::forward::handle(inputs.clone(), conn, req)));
+    let for_svc = inputs.clone();
+    let svc = service_fn(move |req| Box::pin(super::forward::handle(for_svc.clone(), conn, req)));
     if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
         tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
-        super::log_refused_head(&state.state.load(), "outbound", conn, &e);
+        super::log_refused_head(&inputs, "outbound", conn, &e);
     }
 }
 
