@@ -108,6 +108,11 @@ impl AccessLog {
         }
     }
 
+    /// Whether records are written anywhere (`output: off` writes none).
+    pub fn is_on(&self) -> bool {
+        self.shared.is_some()
+    }
+
     /// Writes out every queued record now (at shutdown, so that none is lost).
     pub fn flush(&self) {
         if let Some(shared) = &self.shared {
@@ -144,14 +149,14 @@ pub struct Record {
     /// The connection's original destination (transparent mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub original_dst: Option<SocketAddr>,
-    /// Request method.
+    /// Request method (borrowed for the standard ones: no allocation per request).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<std::borrow::Cow<'static, str>>,
     /// Target `host:port`.
     pub authority: Option<String>,
-    /// Request path and query.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    /// Request path and query (shares the request's bytes).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "path_text")]
+    pub path: Option<http::uri::PathAndQuery>,
     /// TLS SNI seen in a ClientHello.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
@@ -169,7 +174,7 @@ pub struct Record {
     pub decision: &'static str,
     /// The rule that allowed it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
+    pub rule: Option<std::sync::Arc<str>>,
     /// Why it was denied (or would have been, in report mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -181,10 +186,33 @@ pub struct Record {
     pub cache: Option<&'static str>,
     /// The caller's verified SPIFFE ID (inbound mTLS).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_identity: Option<String>,
-    /// The request id (inbound).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
+    pub peer_identity: Option<std::sync::Arc<str>>,
+    /// The request id (inbound), as sent to the app.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "header_text"
+    )]
+    pub request_id: Option<http::HeaderValue>,
+}
+
+fn path_text<S: serde::Serializer>(
+    p: &Option<http::uri::PathAndQuery>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_str(p.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+fn header_text<S: serde::Serializer>(
+    v: &Option<http::HeaderValue>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&String::from_utf8_lossy(v.as_bytes())),
+        None => s.serialize_none(),
+    }
 }
 
 /// Byte counters shared between a guard and the bodies or copy loops it watches.

@@ -25,6 +25,19 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// A client's request body for the upstream hop, counting bytes from the client into
+/// `counter`. A body that is already over (most requests have none) is not boxed.
+pub fn request_body<B>(incoming: B, counter: std::sync::Arc<crate::access_log::Bytes>) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + std::fmt::Display,
+{
+    if incoming.is_end_stream() {
+        return empty();
+    }
+    boxed(Counted::new(incoming, counter, false, None))
+}
+
 /// Boxes any body whose error converts into [`BoxError`].
 pub fn boxed<B>(body: B) -> Body
 where

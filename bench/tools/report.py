@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -60,7 +61,27 @@ def collect(raw):
             p["status"] = "partial"
         p["loads"] = loads_of(raw, name)
         p["memory"] = memory_of(raw, name)
+        if name == "h2h":
+            p["h2h"] = head_to_head(raw)
     return [paths[n] for n in order]
+
+
+def head_to_head(raw):
+    """Per proxy: req/s and p99 of each interleaved round, and their medians."""
+    rounds = {}
+    for fn in sorted(os.listdir(raw)):
+        parts = fn.split(".")
+        if len(parts) == 5 and parts[0] == "h2h" and fn.endswith(".wrk.json"):
+            w = load_json(os.path.join(raw, fn))
+            if w and w["requests"]:
+                rounds.setdefault(parts[1], []).append(
+                    (w["requests"] / (w["duration_us"] / 1e6), w["latency_us"]["p99"]))
+    out = {}
+    for name, rs in rounds.items():
+        out[name] = {"rounds": [{"rps": round(r, 1), "p99_us": q} for r, q in rs],
+                     "rps_median": round(statistics.median(r for r, _ in rs), 1),
+                     "p99_median_us": statistics.median(q for _, q in rs)}
+    return out
 
 
 def loads_of(raw, name):
@@ -169,6 +190,14 @@ def targets(paths):
         b = get(peer, "loads", "rate_1k", "latency_us", "p99")
         add(f"inbound p99 at the fixed rate vs {peer[3:]}", a and b and f"{a} µs vs {b} µs" or None,
             "lower", None if not (a and b) else a < b)
+    h2h = get("h2h", "h2h") or {}
+    for peer in ("nginx", "haproxy"):
+        a, b = h2h.get("outrider"), h2h.get(peer)
+        add(f"inbound head to head (interleaved rounds, medians) vs {peer}: req/s, p99",
+            a and b and f"{a['rps_median']:.0f} vs {b['rps_median']:.0f} req/s; "
+                        f"{a['p99_median_us']} µs vs {b['p99_median_us']} µs" or None,
+            "ahead in both", None if not (a and b) else
+            a["rps_median"] > b["rps_median"] and a["p99_median_us"] < b["p99_median_us"])
     idles = [get(p, "memory", "idle_kb") for p in ("fwd-outrider", "in-outrider")]
     idles = [x for x in idles if x]
     add("outrider idle RSS", idles and f"{max(idles) / MB:.1f} MB" or None, "≤ 10 MB",
@@ -272,6 +301,21 @@ def markdown(res):
         for c in res["comparisons"]:
             lines.append(f"| {labels[c['outrider']]} | {labels[c['peer']]} | {c['load']} | "
                          f"{fnum(c['rps_ratio'], 2)} | {fnum(c['p99_ratio'], 2)} |")
+    h2h = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2h" and p.get("h2h")), None)
+    if h2h:
+        n = max(len(v["rounds"]) for v in h2h.values())
+        base = h2h.get("outrider")
+        lines += ["", "## Inbound head to head (interleaved)", "",
+                  f"outrider inbound, nginx and HAProxy running at once and taking turns with the 1 KiB "
+                  f"keep-alive load, {n} rounds in rotating order; medians. Less exposed to the machine's "
+                  "background load shifting between paths than the table above.", "",
+                  "| proxy | req/s (median) | rounds | p99 (median) | outrider req/s × | outrider p99 × |",
+                  "|---|--:|---|--:|--:|--:|"]
+        for name, v in sorted(h2h.items(), key=lambda kv: kv[0] != "outrider"):
+            rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
+            x = base and name != "outrider" and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
+            y = base and name != "outrider" and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
+            lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {fus(v['p99_median_us'])} | {x} | {y} |")
     lines += ["", "## Targets", "", "| target | goal | value | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

@@ -258,16 +258,16 @@ fn compile_egress(config: &Config) -> Result<EgressPolicy, ConfigError> {
             Some(list) => PortSet::Only(ports(&format!("{base}.ports"), list)?),
         };
         match (&rule.host, &rule.cidr) {
-            (Some(h), None) => hosts.push(HostRule {
+            (Some(h), None) => hosts.push(HostRule::new(
                 index,
-                pattern: host_pattern(&format!("{base}.host"), h)?,
-                ports: port_set,
-            }),
-            (None, Some(c)) => cidrs.push(CidrRule {
+                host_pattern(&format!("{base}.host"), h)?,
+                port_set,
+            )),
+            (None, Some(c)) => cidrs.push(CidrRule::new(
                 index,
-                net: cidr(&format!("{base}.cidr"), c)?,
-                ports: port_set,
-            }),
+                cidr(&format!("{base}.cidr"), c)?,
+                port_set,
+            )),
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
                     &base,
@@ -430,6 +430,7 @@ fn compile_authz(
         }
         out.push(AuthzRule {
             index,
+            label: format!("authorization[{index}]").into(),
             from,
             ports: ports(&format!("{base}.ports"), &r.ports)?,
             paths: r.paths.clone(),

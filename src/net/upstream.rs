@@ -372,7 +372,8 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFram
     match framing {
         BodyFraming::None => {}
         BodyFraming::Length(n) => {
-            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+            use std::io::Write as _;
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }

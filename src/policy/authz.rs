@@ -7,6 +7,8 @@
 pub struct AuthzRule {
     /// Index in `inbound.authorization`, for the log.
     pub index: usize,
+    /// How the log names it (`authorization[i]`), built once.
+    pub label: std::sync::Arc<str>,
     /// Identity patterns: exact SPIFFE IDs, or prefixes written with a trailing `/*`
     /// (stored without the `*`). Empty means any identity, including none.
     pub from: Vec<IdPattern>,
@@ -69,9 +71,10 @@ pub struct Authz(pub Vec<AuthzRule>);
 
 impl Authz {
     /// `Ok(rule)` naming the allowing rule (or "no rules"), or `Err(reason)`.
-    pub fn check(&self, req: Request<'_>) -> Result<String, String> {
+    pub fn check(&self, req: Request<'_>) -> Result<std::sync::Arc<str>, String> {
         if self.0.is_empty() {
-            return Ok("no authorization rules".into());
+            static NONE: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+            return Ok(NONE.get_or_init(|| "no authorization rules".into()).clone());
         }
         for rule in &self.0 {
             let from_ok = rule.from.is_empty()
@@ -88,7 +91,7 @@ impl Authz {
                     .method
                     .is_some_and(|m| rule.methods.iter().any(|r| r == m));
             if from_ok && port_ok && path_ok && method_ok {
-                return Ok(format!("authorization[{}]", rule.index));
+                return Ok(rule.label.clone());
             }
         }
         let who = req.identity.unwrap_or("an unauthenticated caller");
@@ -109,6 +112,7 @@ mod tests {
     fn rules() -> Authz {
         Authz(vec![AuthzRule {
             index: 0,
+            label: "authorization[0]".into(),
             from: vec![IdPattern::parse("spiffe://cluster.local/ns/shop/*")
                 .unwrap_or(IdPattern::Exact(String::new()))],
             ports: vec![8080],

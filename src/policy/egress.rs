@@ -4,6 +4,7 @@
 //! step two returns, so a rebinding resolver cannot change what was checked.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -55,6 +56,24 @@ pub struct HostRule {
     pub pattern: HostPattern,
     /// Its ports.
     pub ports: PortSet,
+    /// How the log names it, built once: it is written on every request it allows.
+    pub label: Arc<str>,
+}
+
+impl HostRule {
+    /// A rule, with its log label.
+    pub fn new(index: usize, pattern: HostPattern, ports: PortSet) -> Self {
+        let label = match &pattern {
+            HostPattern::Exact(h) => format!("allow[{index}] host {h}"),
+            HostPattern::Suffix(s) => format!("allow[{index}] host *{s}"),
+        };
+        Self {
+            index,
+            pattern,
+            ports,
+            label: label.into(),
+        }
+    }
 }
 
 /// A compiled CIDR rule.
@@ -66,6 +85,20 @@ pub struct CidrRule {
     pub net: IpNet,
     /// Its ports.
     pub ports: PortSet,
+    /// How the log names it, built once.
+    pub label: Arc<str>,
+}
+
+impl CidrRule {
+    /// A rule, with its log label.
+    pub fn new(index: usize, net: IpNet, ports: PortSet) -> Self {
+        Self {
+            index,
+            net,
+            ports,
+            label: format!("allow[{index}] cidr {net}").into(),
+        }
+    }
 }
 
 /// Why egress is denied. Each reads as a sentence for the `x-outrider-error` header.
@@ -131,12 +164,12 @@ pub enum TargetCheck {
     /// A host rule allows the name; resolve it and call [`EgressPolicy::choose_addr`].
     HostAllowed {
         /// The rule, for the log.
-        rule: String,
+        rule: Arc<str>,
     },
     /// An IP literal allowed by a CIDR rule: dial it.
     IpAllowed {
         /// The rule, for the log.
-        rule: String,
+        rule: Arc<str>,
     },
     /// Denied before DNS.
     Denied(Deny),
@@ -168,7 +201,7 @@ impl EgressPolicy {
                         named = true;
                         if rule.ports.allows(port) {
                             return TargetCheck::HostAllowed {
-                                rule: describe_host_rule(rule),
+                                rule: rule.label.clone(),
                             };
                         }
                     }
@@ -195,21 +228,21 @@ impl EgressPolicy {
         &self,
         name: &str,
         port: u16,
-        host_rule: Option<&str>,
+        host_rule: Option<&Arc<str>>,
         addrs: &[IpAddr],
-    ) -> Result<(IpAddr, String), Deny> {
+    ) -> Result<(IpAddr, Arc<str>), Deny> {
         for &addr in addrs {
             if let Some(cidr) = self.cidr_allows(addr, port) {
                 // Name both rules when a host rule's name needed a CIDR rule for its address.
                 let rule = match host_rule {
-                    Some(h) if !is_public(addr) => format!("{h} + {cidr}"),
+                    Some(h) if !is_public(addr) => format!("{h} + {cidr}").into(),
                     _ => cidr,
                 };
                 return Ok((addr, rule));
             }
             if let Some(rule) = host_rule {
                 if is_public(addr) {
-                    return Ok((addr, rule.to_owned()));
+                    return Ok((addr, rule.clone()));
                 }
             }
         }
@@ -223,19 +256,12 @@ impl EgressPolicy {
     }
 
     /// The first CIDR rule that allows this address and port, described for the log.
-    pub fn cidr_allows(&self, addr: IpAddr, port: u16) -> Option<String> {
+    pub fn cidr_allows(&self, addr: IpAddr, port: u16) -> Option<Arc<str>> {
         let addr = canonical(addr);
         self.cidrs
             .iter()
             .find(|c| c.net.contains(&addr) && c.ports.allows(port))
-            .map(|c| format!("allow[{}] cidr {}", c.index, c.net))
-    }
-}
-
-fn describe_host_rule(rule: &HostRule) -> String {
-    match &rule.pattern {
-        HostPattern::Exact(h) => format!("allow[{}] host {h}", rule.index),
-        HostPattern::Suffix(s) => format!("allow[{}] host *{s}", rule.index),
+            .map(|c| c.label.clone())
     }
 }
 
@@ -297,22 +323,22 @@ mod tests {
         EgressPolicy {
             mode: EgressMode::Enforce,
             hosts: vec![
-                HostRule {
-                    index: 0,
-                    pattern: HostPattern::Exact("api.example.com".into()),
-                    ports: PortSet::Any,
-                },
-                HostRule {
-                    index: 1,
-                    pattern: HostPattern::Suffix(".example.org".into()),
-                    ports: PortSet::Only(vec![443]),
-                },
+                HostRule::new(
+                    0,
+                    HostPattern::Exact("api.example.com".into()),
+                    PortSet::Any,
+                ),
+                HostRule::new(
+                    1,
+                    HostPattern::Suffix(".example.org".into()),
+                    PortSet::Only(vec![443]),
+                ),
             ],
-            cidrs: vec![CidrRule {
-                index: 2,
-                net: "10.20.0.0/16".parse().unwrap_or_else(|_| IpNet::default()),
-                ports: PortSet::Only(vec![5432]),
-            }],
+            cidrs: vec![CidrRule::new(
+                2,
+                "10.20.0.0/16".parse().unwrap_or_else(|_| IpNet::default()),
+                PortSet::Only(vec![5432]),
+            )],
         }
     }
 
@@ -344,7 +370,8 @@ mod tests {
     #[test]
     fn private_addresses_need_a_cidr_rule() {
         let p = policy();
-        let rule = Some("allow[0] host api.example.com");
+        let label: Arc<str> = "allow[0] host api.example.com".into();
+        let rule = Some(&label);
         let private: Vec<IpAddr> = [
             "127.0.0.1",
             "10.1.2.3",

@@ -17,7 +17,7 @@ pub struct Admitted {
     /// `allow` or `report`.
     pub decision: &'static str,
     /// The allowing rule.
-    pub rule: Option<String>,
+    pub rule: Option<std::sync::Arc<str>>,
     /// In report mode, what enforcement would have denied.
     pub reason: Option<String>,
     /// Whether the request's name is known to belong to `addr`, so that a response may be

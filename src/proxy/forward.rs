@@ -85,7 +85,9 @@ async fn forward(
     guard: &mut LogGuard,
 ) -> Result<(Response<Body>, Option<Upgrade>), ProxyError> {
     let (host, port, authority) = target(&req, conn)?;
-    guard.record.authority = Some(authority.clone());
+    if guard.record.authority.as_deref() != Some(authority.as_str()) {
+        guard.record.authority = Some(authority.clone());
+    }
     let admitted = admit(inputs, state, &host, port, conn.original_dst).await?;
     note_admission(guard, &admitted);
 
@@ -95,9 +97,17 @@ async fn forward(
     let (mut parts, incoming) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrading);
     add_via(&mut parts.headers, parts.version);
-    let host_value = HeaderValue::from_str(&authority)
-        .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
-    parts.headers.insert(header::HOST, host_value);
+    // Host is the checked authority, and only it (RFC 9112 §3.2.2); usually it already is.
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host_is_authority = matches!(
+        (hosts.next(), hosts.next()),
+        (Some(h), None) if h.as_bytes() == authority.as_bytes()
+    );
+    if !host_is_authority {
+        let host_value = HeaderValue::from_str(&authority)
+            .map_err(|_| ProxyError::BadRequest("authority is not a valid Host".into()))?;
+        parts.headers.insert(header::HOST, host_value);
+    }
     // The cache keys on the URL as the client named it, so an origin-form request (from a
     // transparent client) gets its absolute form; `Pooled` dials the checked address.
     if parts.uri.authority().is_none() {
@@ -108,10 +118,7 @@ async fn forward(
     // The upstream hop is HTTP/1.1 whatever the client spoke.
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
-    let upstream_req = Request::from_parts(
-        parts,
-        body::boxed(Counted::new(incoming, counter, false, None)),
-    );
+    let upstream_req = Request::from_parts(parts, body::request_body(incoming, counter));
     let pooled = Pooled {
         upstreams: state.upstreams.clone(),
         addr: admitted.addr,

@@ -90,19 +90,47 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay, for a protocol switch.
 /// `Transfer-Encoding` goes too: hyper re-frames the body on the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    // The names in Connection are copied out before the map changes: onto the stack when
+    // they fit (every request has one, usually `keep-alive` or `close`), else the heap.
+    const ROOM: usize = 256;
+    let mut stack = [0u8; ROOM];
+    let mut spans = [(0u16, 0u16); 16];
+    let (mut used, mut count) = (0usize, 0usize);
+    let mut spilled: Vec<String> = Vec::new();
+    let tokens = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    for t in tokens {
+        if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
+            stack[used..used + t.len()].copy_from_slice(t.as_bytes());
+            // Both fit in u16: ROOM is 256.
+            spans[count] = (used as u16, t.len() as u16);
+            used += t.len();
+            count += 1;
+        } else {
+            spilled.push(t.to_owned());
+        }
+    }
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for &(at, len) in &spans[..count] {
+        let (at, len) = (usize::from(at), usize::from(len));
+        // Names are removed by string: parsed on the stack, no HeaderName built.
+        if let Ok(name) = std::str::from_utf8(&stack[at..at + len]) {
+            headers.remove(name);
+        }
+    }
+    for name in &spilled {
+        headers.remove(name.as_str());
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     headers.remove("proxy-connection");
@@ -143,6 +171,7 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -162,6 +191,29 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strips_every_named_header_when_there_are_many() {
+        // More names than fit on the stack: the rest must still go.
+        let mut h = HeaderMap::new();
+        let names: Vec<String> = (0..40)
+            .map(|i| format!("x-hop-{i:02}-{}", "n".repeat(i)))
+            .collect();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(&names.join(", ")).unwrap(),
+        );
+        for n in &names {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "left: {h:?}");
         assert!(h.contains_key("x-keep"));
     }
 }

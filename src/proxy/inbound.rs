@@ -184,7 +184,7 @@ async fn pass_through<I>(
 {
     let state = inputs.state.load_full();
     let mut guard = inbound_guard(&state, conn, protocol);
-    guard.record.peer_identity = peer.as_deref().map(str::to_owned);
+    guard.record.peer_identity = peer.clone();
     let Some(od) = conn.original_dst else {
         guard.fail("no original destination and not HTTP: nowhere to send it".into());
         return;
@@ -224,18 +224,20 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let state = inputs.state.load_full();
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(new_request_id);
+    // The caller's id when it sent a usable one, else a new one; the app and the log get
+    // the same value.
+    let request_id = match req.headers().get(X_REQUEST_ID) {
+        Some(v) if v.to_str().is_ok() => v.clone(),
+        _ => new_request_id(),
+    };
     let mut record = super::request_record("inbound", conn, &req);
-    record.request_id = Some(request_id.clone());
+    if state.log.is_on() {
+        record.request_id = Some(request_id.clone());
+    }
     let mut guard = LogGuard::start(state.log.clone(), record);
 
-    guard.record.peer_identity = peer.as_deref().map(str::to_owned);
-    match to_app(&state, conn, peer.as_deref(), req, &request_id, &mut guard).await {
+    guard.record.peer_identity = peer.clone();
+    match to_app(&state, conn, peer.as_deref(), req, request_id, &mut guard).await {
         Ok(resp) => {
             guard.record.status = resp.status().as_u16();
             let counter = guard.bytes.clone();
@@ -245,20 +247,25 @@ async fn handle(
     }
 }
 
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// Route → authorize → forwarding headers → the app (pooled) → response filters.
 async fn to_app(
     state: &super::State,
     conn: ConnInfo,
     peer: Option<&str>,
     req: Request<Incoming>,
-    request_id: &str,
+    request_id: HeaderValue,
     guard: &mut LogGuard,
 ) -> Result<Response<Body>, ProxyError> {
-    let host = guard.record.authority.clone();
     let target = state
         .cfg
         .routes
-        .pick(host.as_deref(), req.uri().path(), req.headers())
+        .pick(
+            guard.record.authority.as_deref(),
+            req.uri().path(),
+            req.headers(),
+        )
         .or_else(|| {
             conn.original_dst
                 .map(|od| SocketAddr::new(state.cfg.app_host, od.port()))
@@ -281,21 +288,21 @@ async fn to_app(
 
     let (mut parts, incoming) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    add_forwarding(&mut parts.headers, conn, host.as_deref(), request_id);
+    add_forwarding(
+        &mut parts.headers,
+        conn,
+        guard.record.authority.as_deref(),
+        request_id,
+    );
     // Only the proxy may say who the caller is: a caller's own XFCC header is dropped.
-    parts.headers.remove("x-forwarded-client-cert");
-    if let Some(id) = peer {
-        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            parts.headers.insert("x-forwarded-client-cert", v);
-        }
+    parts.headers.remove(X_FORWARDED_CLIENT_CERT);
+    if let Some(v) = peer.and_then(|id| header_value(None, format_args!("URI={id}"))) {
+        parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
     }
     let client_version = parts.version;
     parts.version = http::Version::HTTP_11;
     let counter = guard.bytes.clone();
-    let up = Request::from_parts(
-        parts,
-        body::boxed(Counted::new(incoming, counter, false, None)),
-    );
+    let up = Request::from_parts(parts, body::request_body(incoming, counter));
     let pooled = super::forward::Pooled {
         upstreams: state.upstreams.clone(),
         addr: target,
@@ -310,51 +317,82 @@ async fn to_app(
     Ok(Response::from_parts(parts, body))
 }
 
+const X_FORWARDED_CLIENT_CERT: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
 fn add_forwarding(
     headers: &mut http::HeaderMap,
     conn: ConnInfo,
     host: Option<&str>,
-    request_id: &str,
+    request_id: HeaderValue,
 ) {
-    use std::fmt::Write as _;
-    // Each value is built in one string and handed to the header map without a copy.
-    fn set(headers: &mut http::HeaderMap, name: http::HeaderName, value: String) {
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-            headers.insert(name, v);
-        }
-    }
+    const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
     let ip = conn.client.ip();
-    let xff_name = http::HeaderName::from_static("x-forwarded-for");
-    let mut xff = String::with_capacity(48);
-    if let Some(prev) = headers.get(&xff_name).and_then(|v| v.to_str().ok()) {
-        xff.push_str(prev);
-        xff.push_str(", ");
+    // An earlier hop's value is kept only when it is visible ASCII.
+    let prev = |name: &http::HeaderName| headers.get(name).filter(|v| v.to_str().is_ok()).cloned();
+    let xff = header_value(
+        prev(&XFF).as_ref().map(HeaderValue::as_bytes),
+        format_args!("{ip}"),
+    );
+    if let Some(v) = xff {
+        headers.insert(XFF, v);
     }
-    let _ = write!(xff, "{ip}");
-    set(headers, xff_name, xff);
-    let mut fwd = String::with_capacity(64);
-    if let Some(prev) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        fwd.push_str(prev);
-        fwd.push_str(", ");
-    }
-    let _ = if ip.is_ipv6() {
-        write!(fwd, "for=\"[{ip}]\";proto=http")
-    } else {
-        write!(fwd, "for={ip};proto=http")
+    // A host that could not be a quoted-string's content is left out rather than escaped.
+    let host = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
+    let prev_fwd = headers
+        .get(header::FORWARDED)
+        .filter(|v| v.to_str().is_ok())
+        .cloned();
+    let prev_fwd = prev_fwd.as_ref().map(HeaderValue::as_bytes);
+    let fwd = match (ip.is_ipv6(), host) {
+        (false, None) => header_value(prev_fwd, format_args!("for={ip};proto=http")),
+        (true, None) => header_value(prev_fwd, format_args!("for=\"[{ip}]\";proto=http")),
+        (false, Some(h)) => {
+            header_value(prev_fwd, format_args!("for={ip};proto=http;host=\"{h}\""))
+        }
+        (true, Some(h)) => header_value(
+            prev_fwd,
+            format_args!("for=\"[{ip}]\";proto=http;host=\"{h}\""),
+        ),
     };
-    if let Some(h) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic())) {
-        let _ = write!(fwd, ";host=\"{h}\"");
+    if let Some(v) = fwd {
+        headers.insert(header::FORWARDED, v);
     }
-    set(headers, header::FORWARDED, fwd);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(http::HeaderName::from_static("x-request-id"), v);
+    headers.insert(X_REQUEST_ID, request_id);
+}
+
+/// A header value `prev, <args>` (or just `<args>`), formatted on the stack when it fits, so
+/// that the value's own bytes are the only allocation.
+fn header_value(prev: Option<&[u8]>, args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    fn put(
+        w: &mut impl std::io::Write,
+        prev: Option<&[u8]>,
+        args: std::fmt::Arguments<'_>,
+    ) -> std::io::Result<()> {
+        if let Some(p) = prev {
+            w.write_all(p)?;
+            w.write_all(b", ")?;
+        }
+        w.write_fmt(args)
     }
+    let mut stack = [0u8; 192];
+    let mut rest = &mut stack[..];
+    if put(&mut rest, prev, args).is_ok() {
+        let n = 192 - rest.len();
+        return HeaderValue::from_bytes(&stack[..n]).ok();
+    }
+    let mut heap = Vec::with_capacity(prev.map_or(0, <[u8]>::len) + 64);
+    put(&mut heap, prev, args).ok()?;
+    HeaderValue::from_bytes(&heap).ok()
 }
 
 /// A 128-bit request id in hex, unique within the process and unlikely to repeat across
 /// processes: a counter through a bijective mixer, keyed by 128 random bits drawn once. (A
 /// fresh random id per request cost a DRBG call, which showed in the inbound profile.)
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     use std::sync::atomic::{AtomicU64, Ordering};
     static KEY: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -379,15 +417,22 @@ fn new_request_id() -> String {
     // Truncations on purpose: the key's two halves.
     let hi = mix(n ^ key as u64);
     let lo = mix(hi ^ (key >> 64) as u64);
-    format!("{hi:016x}{lo:016x}")
+    let id = (u128::from(hi) << 64) | u128::from(lo);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn request_ids_are_128_bit_hex_and_do_not_repeat() {
-        let ids: std::collections::HashSet<String> =
-            (0..10_000).map(|_| super::new_request_id()).collect();
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| String::from_utf8_lossy(super::new_request_id().as_bytes()).into_owned())
+            .collect();
         assert_eq!(ids.len(), 10_000);
         assert!(ids
             .iter()

@@ -199,10 +199,33 @@ pub fn request_record<B>(
         },
         client: Some(conn.client),
         original_dst: conn.original_dst,
-        method: Some(req.method().to_string()),
-        path: req.uri().path_and_query().map(|p| p.to_string()),
+        method: Some(method_text(req.method())),
+        path: req.uri().path_and_query().cloned(),
         authority,
         ..crate::access_log::Record::default()
+    }
+}
+
+/// A method for the log: the standard ones as static strings (no allocation per request).
+fn method_text(m: &::http::Method) -> std::borrow::Cow<'static, str> {
+    use ::http::Method;
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match known.iter().position(|k| k == m) {
+        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
     }
 }
 
