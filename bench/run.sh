@@ -11,7 +11,7 @@
 # OUTRIDER_COMMIT says what it was built from),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
 # of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
-# BENCH_H2H_ROUNDS (rounds of the inbound head-to-head, default 3),
+# BENCH_H2H_ROUNDS (rounds of the head-to-head, default 3),
 # BENCH_KEEP=1 (keep the scratch directory with logs), BENCH_PERF=1 (profile
 # outrider with perf during its 1 KiB keep-alive loads),
 # BENCH_REQUIRE_OUTRIDER=1 (fail instead of skipping outrider's paths when the
@@ -519,37 +519,46 @@ peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "h
     "mode http, http-reuse always, threads = cores, no log" "${ALL_LOADS[*]}" mem -- \
     haproxy -db -f "$RUN/conf/haproxy-reverse.cfg"
 
-# --- head to head: the inbound proxies at once, taking turns ------------------------
+# --- head to head: the proxies at once, taking turns ---------------------------------
 # The paths above run one after another, and on a shared machine the background load
-# moves between them (10-20 %). Here outrider, nginx and HAProxy run side by side and
-# take turns with the 1 KiB keep-alive load, round after round (the order rotating); the
-# report takes each one's median. Output: h2h.<proxy>.<round>.wrk.json.
+# moves between them (10-20 %). Here the origin alone (direct), outrider's explicit
+# forward path (allowlist + access log), outrider inbound, nginx and HAProxy run side by
+# side and take turns with the 1 KiB keep-alive load, round after round (the order
+# rotating); the report takes each one's median. Output: h2h.<name>.<round>.wrk.json.
 H2H_ROUNDS=${BENCH_H2H_ROUNDS:-3}
 [[ $MODE == smoke ]] && H2H_ROUNDS=1
 if want h2h && [[ -n $OUTRIDER ]]; then
-    log "path h2h (inbound, $H2H_ROUNDS interleaved rounds)"
-    h2h_pids=()
-    start_outrider inbound "$P_OI_ADM" && h2h_pids+=("$LAST_PID")
+    log "path h2h ($H2H_ROUNDS interleaved rounds)"
+    h2h_pids=() h2h_ok=1
+    start_outrider inbound "$P_OI_ADM" && h2h_pids+=("$LAST_PID") || h2h_ok=0
+    start_outrider fwd-log "$P_OF_ADM" && h2h_pids+=("$LAST_PID") || h2h_ok=0
     start h2h-nginx nginx -p "$RUN" -e "$RUN/logs/nginx-reverse-error.log" -c "$RUN/conf/nginx-reverse.conf"
     h2h_pids+=("$LAST_PID")
     start h2h-haproxy haproxy -db -f "$RUN/conf/haproxy-reverse.cfg"
     h2h_pids+=("$LAST_PID")
-    h2h=("outrider:127.0.0.1:$P_OI_IN" "nginx:127.0.0.1:$P_NGINX" "haproxy:127.0.0.1:$P_HAPROXY")
-    if wait_http "http://127.0.0.1:$P_OI_IN/1k" 15 && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 &&
-        wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15; then
+    # name:mode:address (mode forward: absolute-form requests for the origin)
+    h2h=("direct:reverse:127.0.0.1:$P_ORIGIN" "outrider-explicit:forward:127.0.0.1:$P_OF_OUT"
+        "outrider-inbound:reverse:127.0.0.1:$P_OI_IN" "nginx:reverse:127.0.0.1:$P_NGINX"
+        "haproxy:reverse:127.0.0.1:$P_HAPROXY")
+    if ((h2h_ok)) && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 && wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15; then
         for ((round = 0; round < H2H_ROUNDS; round++)); do
             for ((i = 0; i < ${#h2h[@]}; i++)); do
                 entry=${h2h[$(((i + round) % ${#h2h[@]}))]}
-                name=${entry%%:*} addr=${entry#*:}
-                WRK_JSON=$OUT/h2h.$name.$round.wrk.json "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" \
-                    -d"${DUR}s" --timeout 5s --latency -s "$LUA" "http://$addr/1k" >"$OUT/h2h.$name.$round.wrk.txt" 2>&1 ||
+                name=${entry%%:*} rest=${entry#*:}
+                mode=${rest%%:*} addr=${rest#*:} abs="" host=""
+                if [[ $mode == forward ]]; then
+                    abs="http://127.0.0.1:$P_ORIGIN/1k" host="127.0.0.1:$P_ORIGIN"
+                fi
+                WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/h2h.$name.$round.wrk.json \
+                    "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency \
+                    -s "$LUA" "http://$addr/1k" >"$OUT/h2h.$name.$round.wrk.txt" 2>&1 ||
                     fail h2h "wrk against $name failed in round $round (see $OUT/h2h.$name.$round.wrk.txt)"
             done
         done
-        manifest h2h group=h2h label="inbound head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
-            notes="outrider inbound, nginx proxy_pass and haproxy running at once, taking turns; medians of $H2H_ROUNDS rounds"
+        manifest h2h group=h2h label="head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
+            notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass and haproxy running at once, taking turns; medians of $H2H_ROUNDS rounds"
     else
-        fail h2h "a proxy did not come up for the head-to-head round"
+        fail h2h "a proxy did not come up for the head-to-head rounds"
     fi
     for p in "${h2h_pids[@]}"; do stop "$p"; done
 fi

@@ -192,12 +192,17 @@ def targets(paths):
             "lower", None if not (a and b) else a < b)
     h2h = get("h2h", "h2h") or {}
     for peer in ("nginx", "haproxy"):
-        a, b = h2h.get("outrider"), h2h.get(peer)
+        a, b = h2h.get("outrider-inbound"), h2h.get(peer)
         add(f"inbound head to head (interleaved rounds, medians) vs {peer}: req/s, p99",
             a and b and f"{a['rps_median']:.0f} vs {b['rps_median']:.0f} req/s; "
                         f"{a['p99_median_us']} µs vs {b['p99_median_us']} µs" or None,
             "ahead in both", None if not (a and b) else
             a["rps_median"] > b["rps_median"] and a["p99_median_us"] < b["p99_median_us"])
+    d, e, hp = h2h.get("direct"), h2h.get("outrider-explicit"), h2h.get("haproxy")
+    if d and e and hp and d["rps_median"]:
+        fr, hr = e["rps_median"] / d["rps_median"], hp["rps_median"] / d["rps_median"]
+        add("explicit forward (allowlist + log) ratio to direct vs haproxy's, head to head",
+            f"{fr:.2f} vs {hr:.2f}", "≥ haproxy's", fr >= hr)
     idles = [get(p, "memory", "idle_kb") for p in ("fwd-outrider", "in-outrider")]
     idles = [x for x in idles if x]
     add("outrider idle RSS", idles and f"{max(idles) / MB:.1f} MB" or None, "≤ 10 MB",
@@ -304,18 +309,23 @@ def markdown(res):
     h2h = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2h" and p.get("h2h")), None)
     if h2h:
         n = max(len(v["rounds"]) for v in h2h.values())
-        base = h2h.get("outrider")
-        lines += ["", "## Inbound head to head (interleaved)", "",
-                  f"outrider inbound, nginx and HAProxy running at once and taking turns with the 1 KiB "
-                  f"keep-alive load, {n} rounds in rotating order; medians. Less exposed to the machine's "
-                  "background load shifting between paths than the table above.", "",
-                  "| proxy | req/s (median) | rounds | p99 (median) | outrider req/s × | outrider p99 × |",
-                  "|---|--:|---|--:|--:|--:|"]
-        for name, v in sorted(h2h.items(), key=lambda kv: kv[0] != "outrider"):
+        direct = h2h.get("direct")
+        lines += ["", "## Head to head (interleaved)", "",
+                  f"The origin alone, outrider (explicit forward with allowlist and access log; inbound), "
+                  f"nginx and HAProxy running at once and taking turns with the 1 KiB keep-alive load, {n} "
+                  "rounds in rotating order; medians. Less exposed than the tables above to the machine's "
+                  "background load shifting between paths run minutes apart.", "",
+                  "| path | req/s (median) | rounds | × direct | p99 (median) | outrider inbound req/s × | outrider inbound p99 × |",
+                  "|---|--:|---|--:|--:|--:|--:|"]
+        base = h2h.get("outrider-inbound")
+        order = ["direct", "outrider-explicit", "outrider-inbound", "nginx", "haproxy"]
+        for name, v in sorted(h2h.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
-            x = base and name != "outrider" and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
-            y = base and name != "outrider" and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
-            lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {fus(v['p99_median_us'])} | {x} | {y} |")
+            xd = direct and direct["rps_median"] and fnum(v["rps_median"] / direct["rps_median"], 2) or "–"
+            peer = name in ("nginx", "haproxy")
+            x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
+            y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
+            lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {xd} | {fus(v['p99_median_us'])} | {x} | {y} |")
     lines += ["", "## Targets", "", "| target | goal | value | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

@@ -57,7 +57,9 @@ impl Dns {
         // A fully qualified query so that resolv.conf search domains cannot turn
         // `api.example.com` into `api.example.com.corp.internal`.
         let fqdn = format!("{host}.");
-        match self.resolver.lookup_ip(fqdn.as_str()).await {
+        // Boxed: the resolver's future is large, and inline it would enlarge every request's
+        // future, including those for IP literals and static names that never get here.
+        match Box::pin(self.resolver.lookup_ip(fqdn.as_str())).await {
             Ok(found) => {
                 let ips: Vec<IpAddr> = found.iter().collect();
                 if ips.is_empty() {

@@ -213,7 +213,9 @@ impl Upstreams {
             let pooled = if retried { None } else { self.checkout(addr) };
             let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
-                None => (self.dial(addr).await?, false),
+                // Boxed: dialing (TCP, and the mTLS handshake to a mesh peer) is rare with a
+                // warm pool, and inline its state would make every request's future larger.
+                None => (Box::pin(self.dial(addr)).await?, false),
             };
             let exchanged = match write_request(&mut conn.io, &head, &mut body, framing).await {
                 Ok(()) => read_head(&mut conn).await,

@@ -136,7 +136,9 @@ async fn forward(
             .insert(crate::cache::CacheScope(format!("dest={}", admitted.addr)));
     }
     let mut resp = if use_cache {
-        let (result, outcome) = state.cache.handle(upstream_req, Arc::new(pooled)).await;
+        // Boxed: the cache's future is large, and inline it would enlarge the future of
+        // every request, cached or not.
+        let (result, outcome) = Box::pin(state.cache.handle(upstream_req, Arc::new(pooled))).await;
         guard.record.cache = Some(outcome.as_str());
         result.map_err(|e| ProxyError::Gateway {
             status: e.status,
