@@ -13,7 +13,7 @@
 # of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
 # BENCH_H2H_ROUNDS (rounds of the head-to-head, default 3),
 # BENCH_KEEP=1 (keep the scratch directory with logs), BENCH_PERF=1 (profile
-# outrider with perf during its 1 KiB keep-alive loads),
+# outrider with perf during its 1 KiB keep-alive loads: report and flame graph),
 # BENCH_REQUIRE_OUTRIDER=1 (fail instead of skipping outrider's paths when the
 # binary is missing or does not come up). See bench/README.md.
 set -euo pipefail
@@ -283,8 +283,10 @@ run_loads() {
         local perf_pid=""
         if [[ ${BENCH_PERF:-0} == 1 && $path == *outrider* && $load == ka_1k ]] && command -v perf >/dev/null; then
             # shellcheck disable=SC2086 # pids is a list
-            perf record -q -F 499 -g -p "$(echo $pids | tr ' ' ',')" -o "$RUN/out/$path.perf.data" \
-                -- sleep "$DUR" >/dev/null 2>&1 &
+            # DWARF unwinding: the release build keeps no frame pointers, and async stacks
+            # are deep; 8 KiB of stack per sample reaches through hyper to the proxy.
+            perf record -q -F 299 --call-graph dwarf,8192 -p "$(echo $pids | tr ' ' ',')" \
+                -o "$RUN/out/$path.perf.data" -- sleep "$DUR" >/dev/null 2>&1 &
             perf_pid=$!
         fi
         case $load in
@@ -299,8 +301,12 @@ run_loads() {
             wait "$perf_pid" || true
             mkdir -p "$BENCH_DIR/results/tmp"
             perf report -i "$RUN/out/$path.perf.data" --stdio --no-children --percent-limit 0.5 \
-                >"$BENCH_DIR/results/tmp/perf-$STAMP-$path.txt" 2>/dev/null || true
-            log "  profile: bench/results/tmp/perf-$STAMP-$path.txt"
+                -g none --sort dso,sym >"$BENCH_DIR/results/tmp/perf-$STAMP-$path.txt" 2>/dev/null || true
+            perf script -i "$RUN/out/$path.perf.data" 2>/dev/null |
+                python3 "$TOOLS/flamegraph.py" --title "$path, 1 KiB keep-alive ($STAMP)" \
+                    --folded "$BENCH_DIR/results/tmp/flame-$STAMP-$path.folded" \
+                    >"$BENCH_DIR/results/tmp/flame-$STAMP-$path.svg" || true
+            log "  profile: bench/results/tmp/perf-$STAMP-$path.txt, flame-$STAMP-$path.svg"
         fi
     done
 }
