@@ -11,7 +11,7 @@
 # OUTRIDER_COMMIT says what it was built from),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
 # of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
-# BENCH_H2H_ROUNDS (rounds of the head-to-head, default 3),
+# BENCH_H2H_ROUNDS (rounds of the head-to-head comparisons, default 3),
 # BENCH_KEEP=1 (keep the scratch directory with logs), BENCH_PERF=1 (profile
 # outrider with perf during its 1 KiB keep-alive loads: report and flame graph),
 # BENCH_REQUIRE_OUTRIDER=1 (fail instead of skipping outrider's paths when the
@@ -532,6 +532,27 @@ peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "h
 # side and take turns with the 1 KiB keep-alive load, round after round (the order
 # rotating); the report takes each one's median. Output: h2h.<name>.<round>.wrk.json.
 H2H_ROUNDS=${BENCH_H2H_ROUNDS:-3}
+# h2h_rounds PREFIX URLPATH NAME:MODE:ADDR...: H2H_ROUNDS rounds of the 1 KiB keep-alive
+# load against each entry in turn, the order rotating; PREFIX.<name>.<round>.wrk.json.
+h2h_rounds() {
+    local prefix=$1 upath=$2 round i entry name rest mode addr abs host
+    shift 2
+    local entries=("$@")
+    for ((round = 0; round < H2H_ROUNDS; round++)); do
+        for ((i = 0; i < ${#entries[@]}; i++)); do
+            entry=${entries[$(((i + round) % ${#entries[@]}))]}
+            name=${entry%%:*} rest=${entry#*:}
+            mode=${rest%%:*} addr=${rest#*:} abs="" host=""
+            if [[ $mode == forward ]]; then
+                abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
+            fi
+            WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/$prefix.$name.$round.wrk.json \
+                "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency \
+                -s "$LUA" "http://$addr$upath" >"$OUT/$prefix.$name.$round.wrk.txt" 2>&1 ||
+                fail "$prefix" "wrk against $name failed in round $round (see $OUT/$prefix.$name.$round.wrk.txt)"
+        done
+    done
+}
 [[ $MODE == smoke ]] && H2H_ROUNDS=1
 if want h2h && [[ -n $OUTRIDER ]]; then
     log "path h2h ($H2H_ROUNDS interleaved rounds)"
@@ -547,20 +568,7 @@ if want h2h && [[ -n $OUTRIDER ]]; then
         "outrider-inbound:reverse:127.0.0.1:$P_OI_IN" "nginx:reverse:127.0.0.1:$P_NGINX"
         "haproxy:reverse:127.0.0.1:$P_HAPROXY")
     if ((h2h_ok)) && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 && wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15; then
-        for ((round = 0; round < H2H_ROUNDS; round++)); do
-            for ((i = 0; i < ${#h2h[@]}; i++)); do
-                entry=${h2h[$(((i + round) % ${#h2h[@]}))]}
-                name=${entry%%:*} rest=${entry#*:}
-                mode=${rest%%:*} addr=${rest#*:} abs="" host=""
-                if [[ $mode == forward ]]; then
-                    abs="http://127.0.0.1:$P_ORIGIN/1k" host="127.0.0.1:$P_ORIGIN"
-                fi
-                WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/h2h.$name.$round.wrk.json \
-                    "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency \
-                    -s "$LUA" "http://$addr/1k" >"$OUT/h2h.$name.$round.wrk.txt" 2>&1 ||
-                    fail h2h "wrk against $name failed in round $round (see $OUT/h2h.$name.$round.wrk.txt)"
-            done
-        done
+        h2h_rounds h2h /1k "${h2h[@]}"
         manifest h2h group=h2h label="head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
             notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass and haproxy running at once, taking turns; medians of $H2H_ROUNDS rounds"
     else
@@ -830,6 +838,36 @@ if want cache-outrider || want cache-squid || want cache-nginx; then
     peer_path cache-nginx cache "nginx proxy_cache hits" nginx reverse "127.0.0.1:$P_NGC" "http://127.0.0.1:$P_NGC/c/1k" \
         "proxy_cache, /c/1k with max-age=3600" "ka_c1k rate_c1k" nomem -- \
         nginx -p "$RUN" -e "$RUN/logs/nginx-cache-error.log" -c "$RUN/conf/nginx-cache.conf"
+fi
+
+# --- cache hits head to head: the three caches at once, taking turns -------------------
+# As h2h above, for cache hits of /c/1k; each cache must first pass the same check as its
+# own path (fill it, hide the origin's copy, still get a 200), or it is left out.
+if want h2hc && [[ -n $OUTRIDER ]]; then
+    log "path h2hc (cache hits, $H2H_ROUNDS interleaved rounds)"
+    h2h_pids=() h2hc=()
+    render "$PEERS/squid-cache.conf" "$RUN/conf/squid-cache.conf" PORT="$P_SQC"
+    render "$PEERS/nginx-cache.conf" "$RUN/conf/nginx-cache.conf" PORT="$P_NGC"
+    if start_outrider cache "$P_ON_ADM"; then
+        h2h_pids+=("$LAST_PID")
+        cache_hit forward "127.0.0.1:$P_ON_OUT" && h2hc+=("outrider:forward:127.0.0.1:$P_ON_OUT")
+    fi
+    start h2hc-squid squid -N -f "$RUN/conf/squid-cache.conf"
+    h2h_pids+=("$LAST_PID")
+    start h2hc-nginx nginx -p "$RUN" -e "$RUN/logs/nginx-cache-error.log" -c "$RUN/conf/nginx-cache.conf"
+    h2h_pids+=("$LAST_PID")
+    wait_http "http://127.0.0.1:$P_SQC/" 15 && cache_hit forward "127.0.0.1:$P_SQC" &&
+        h2hc+=("squid:forward:127.0.0.1:$P_SQC")
+    wait_http "http://127.0.0.1:$P_NGC/c/1k" 15 && cache_hit reverse "127.0.0.1:$P_NGC" &&
+        h2hc+=("nginx:reverse:127.0.0.1:$P_NGC")
+    if ((${#h2hc[@]} == 3)); then
+        h2h_rounds h2hc /c/1k "${h2hc[@]}"
+        manifest h2hc group=h2h label="cache hits head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
+            notes="outrider, squid and nginx caches running at once, taking turns on /c/1k hits; medians of $H2H_ROUNDS rounds"
+    else
+        fail h2hc "not every cache passed the hit check: ${h2hc[*]:-none}"
+    fi
+    for p in "${h2h_pids[@]}"; do stop "$p"; done
 fi
 
 # --- report -----------------------------------------------------------------------

@@ -61,17 +61,17 @@ def collect(raw):
             p["status"] = "partial"
         p["loads"] = loads_of(raw, name)
         p["memory"] = memory_of(raw, name)
-        if name == "h2h":
-            p["h2h"] = head_to_head(raw)
+        if name in ("h2h", "h2hc"):
+            p["h2h"] = head_to_head(raw, name)
     return [paths[n] for n in order]
 
 
-def head_to_head(raw):
+def head_to_head(raw, prefix):
     """Per proxy: req/s and p99 of each interleaved round, and their medians."""
     rounds = {}
     for fn in sorted(os.listdir(raw)):
         parts = fn.split(".")
-        if len(parts) == 5 and parts[0] == "h2h" and fn.endswith(".wrk.json"):
+        if len(parts) == 5 and parts[0] == prefix and fn.endswith(".wrk.json"):
             w = load_json(os.path.join(raw, fn))
             if w and w["requests"]:
                 rounds.setdefault(parts[1], []).append(
@@ -203,6 +203,10 @@ def targets(paths):
         fr, hr = e["rps_median"] / d["rps_median"], hp["rps_median"] / d["rps_median"]
         add("explicit forward (allowlist + log) ratio to direct vs haproxy's, head to head",
             f"{fr:.2f} vs {hr:.2f}", "≥ haproxy's", fr >= hr)
+    hc = get("h2hc", "h2h") or {}
+    a, b = hc.get("outrider"), hc.get("squid")
+    v = round(a["rps_median"] / b["rps_median"], 2) if a and b and b["rps_median"] else None
+    add("cache hits vs squid's, head to head (medians)", v and f"{v}×", "≥ 2×", None if v is None else v >= 2)
     idles = [get(p, "memory", "idle_kb") for p in ("fwd-outrider", "in-outrider")]
     idles = [x for x in idles if x]
     add("outrider idle RSS", idles and f"{max(idles) / MB:.1f} MB" or None, "≤ 10 MB",
@@ -326,6 +330,18 @@ def markdown(res):
             x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
             y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {xd} | {fus(v['p99_median_us'])} | {x} | {y} |")
+    hc = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2hc" and p.get("h2h")), None)
+    if hc:
+        n = max(len(v["rounds"]) for v in hc.values())
+        lines += ["", "## Cache hits head to head (interleaved)", "",
+                  f"outrider, squid and nginx `proxy_cache` running at once and taking turns with /c/1k hits "
+                  f"over 64 keep-alive connections, {n} rounds in rotating order; medians.", "",
+                  "| cache | req/s (median) | rounds | p99 (median) | outrider req/s × |", "|---|--:|---|--:|--:|"]
+        base = hc.get("outrider")
+        for name, v in sorted(hc.items(), key=lambda kv: kv[0] != "outrider"):
+            rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
+            x = base and name != "outrider" and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
+            lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {fus(v['p99_median_us'])} | {x} |")
     lines += ["", "## Targets", "", "| target | goal | value | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
