@@ -75,7 +75,7 @@ def svg(root, title, width=1200, row=16):
     def walk(node, name, x, depth):
         nonlocal depth_max
         w = node["n"] / total * (width - 20)
-        if w < 0.3:
+        if w < 0.6:
             return
         depth_max = max(depth_max, depth)
         rects.append((x, depth, w, name, node["n"]))
