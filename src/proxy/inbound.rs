@@ -327,14 +327,18 @@ fn add_forwarding(
     request_id: HeaderValue,
 ) {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    /// The client as a `Forwarded` node: IPv6 in quoted brackets (RFC 7239 §6).
+    struct Node(std::net::IpAddr);
+    impl std::fmt::Display for Node {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                std::net::IpAddr::V6(ip) => write!(f, "\"[{ip}]\""),
+                ip => write!(f, "{ip}"),
+            }
+        }
+    }
     let ip = conn.client.ip();
-    // An earlier hop's value is kept only when it is visible ASCII.
-    let prev = |name: &http::HeaderName| headers.get(name).filter(|v| v.to_str().is_ok()).cloned();
-    let xff = header_value(
-        prev(&XFF).as_ref().map(HeaderValue::as_bytes),
-        format_args!("{ip}"),
-    );
-    if let Some(v) = xff {
+    if let Some(v) = header_value(headers.get(&XFF), format_args!("{ip}")) {
         headers.insert(XFF, v);
     }
     // A host that could not be a quoted-string's content is left out rather than escaped.
@@ -342,20 +346,12 @@ fn add_forwarding(
         h.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let prev_fwd = headers
-        .get(header::FORWARDED)
-        .filter(|v| v.to_str().is_ok())
-        .cloned();
-    let prev_fwd = prev_fwd.as_ref().map(HeaderValue::as_bytes);
-    let fwd = match (ip.is_ipv6(), host) {
-        (false, None) => header_value(prev_fwd, format_args!("for={ip};proto=http")),
-        (true, None) => header_value(prev_fwd, format_args!("for=\"[{ip}]\";proto=http")),
-        (false, Some(h)) => {
-            header_value(prev_fwd, format_args!("for={ip};proto=http;host=\"{h}\""))
-        }
-        (true, Some(h)) => header_value(
-            prev_fwd,
-            format_args!("for=\"[{ip}]\";proto=http;host=\"{h}\""),
+    let prev = headers.get(header::FORWARDED);
+    let fwd = match host {
+        None => header_value(prev, format_args!("for={};proto=http", Node(ip))),
+        Some(h) => header_value(
+            prev,
+            format_args!("for={};proto=http;host=\"{h}\"", Node(ip)),
         ),
     };
     if let Some(v) = fwd {
@@ -364,9 +360,13 @@ fn add_forwarding(
     headers.insert(X_REQUEST_ID, request_id);
 }
 
-/// A header value `prev, <args>` (or just `<args>`), formatted on the stack when it fits, so
-/// that the value's own bytes are the only allocation.
-fn header_value(prev: Option<&[u8]>, args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+/// A header value `prev, <args>` (or just `<args>`; an earlier hop's value is kept only when
+/// it is visible ASCII), formatted on the stack when it fits, so that the value's own bytes
+/// are the only allocation.
+fn header_value(prev: Option<&HeaderValue>, args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    let prev = prev
+        .filter(|v| v.to_str().is_ok())
+        .map(HeaderValue::as_bytes);
     fn put(
         w: &mut impl std::io::Write,
         prev: Option<&[u8]>,
@@ -428,6 +428,62 @@ fn new_request_id() -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+    use http::{HeaderMap, HeaderValue};
+
+    fn forwarded(client: &str, host: Option<&str>, prev: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in prev {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let conn = super::ConnInfo {
+            client: client.parse().unwrap(),
+            original_dst: None,
+        };
+        super::add_forwarding(&mut h, conn, host, HeaderValue::from_static("id-1"));
+        h
+    }
+
+    #[test]
+    fn forwarding_headers_append_to_earlier_hops_and_quote_ipv6() {
+        let h = forwarded("10.0.0.7:5000", Some("app.test"), &[]);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http;host=\"app.test\"");
+        assert_eq!(h["x-request-id"], "id-1");
+
+        let h = forwarded(
+            "[2001:db8::1]:5000",
+            None,
+            &[
+                ("x-forwarded-for", "192.0.2.1"),
+                ("forwarded", "for=192.0.2.1"),
+            ],
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 2001:db8::1");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.1, for=\"[2001:db8::1]\";proto=http"
+        );
+    }
+
+    #[test]
+    fn a_host_that_would_break_the_quoted_string_is_left_out() {
+        let h = forwarded("10.0.0.7:5000", Some("a\"b"), &[]);
+        assert_eq!(h["forwarded"], "for=10.0.0.7;proto=http");
+    }
+
+    #[test]
+    fn long_earlier_values_are_kept_whole() {
+        // Longer than the stack buffer: the value is built on the heap instead, not cut.
+        let prev: Vec<String> = (0..40).map(|i| format!("192.0.2.{i}")).collect();
+        let prev = prev.join(", ");
+        let h = forwarded("10.0.0.7:5000", None, &[("x-forwarded-for", &prev)]);
+        assert_eq!(h["x-forwarded-for"], format!("{prev}, 10.0.0.7").as_str());
+    }
+
     #[test]
     fn request_ids_are_128_bit_hex_and_do_not_repeat() {
         let ids: std::collections::HashSet<String> = (0..10_000)
