@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use outrider::testing::{proxy_get, ClientBody, ProxyClient, TestProxy};
+use outrider::testing::{curl, proxy_get, ClientBody, ProxyClient, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -77,6 +77,12 @@ fn script(path: &str) -> (Vec<u8>, bool) {
         ),
         "/cut-body" => (
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec(),
+            true,
+        ),
+        // Refuses an upload on its head alone and closes without reading the body.
+        "/refuse-upload" => (
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large"
+                .to_vec(),
             true,
         ),
         // Keep-alive as far as the head says, but the server closes right after: the pooled
@@ -264,4 +270,31 @@ async fn a_body_cut_short_by_the_upstream_is_not_passed_off_as_complete() {
             .is_some_and(|e| e.contains("before the response body ended")),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_an_upload_early_is_heard() {
+    // The origin answers 413 on the head and closes without reading the 8 MiB body: the
+    // client must get that 413, not a 502 for the write that then fails.
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let dir = std::env::temp_dir().join(format!("outrider-upload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("8MiB");
+    std::fs::write(&file, vec![b'x'; 8 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let proxy_url = format!("http://{}", proxy.proxy_addr());
+    let url = format!("http://{}/refuse-upload", origin.addr);
+    for round in 0..3 {
+        let out = curl(&["-x", &proxy_url, "--data-binary", &data, &url]).await;
+        assert_eq!(out.status, 413, "round {round}: {out:?}");
+        // curl stops sending once it has the answer; what body it got is the upstream's.
+        if !out.body.is_empty() {
+            assert_eq!(out.body, b"too large", "round {round}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    // And the proxy still serves: a refused upload poisons nothing.
+    let r = proxy_get(proxy.proxy_addr(), &format!("http://{}/after", origin.addr)).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "/after"));
 }

@@ -25,7 +25,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::connect::{connect_maybe_mesh, ConnectError, MaybeTls, MeshClient};
 use crate::body::{self, Body};
@@ -217,12 +217,10 @@ impl Upstreams {
                 // warm pool, and inline its state would make every request's future larger.
                 None => (Box::pin(self.dial(addr)).await?, false),
             };
-            let exchanged = match write_request(&mut conn.io, &head, &mut body, framing).await {
-                Ok(()) => read_head(&mut conn).await,
-                Err(e) => Err(e),
-            };
-            match exchanged {
-                Ok(resp) => return self.respond(addr, conn, resp, head_only, asked_upgrade),
+            match exchange(&mut conn, &head, &mut body, framing).await {
+                Ok((resp, whole)) => {
+                    return self.respond(addr, conn, resp, head_only, asked_upgrade, whole)
+                }
                 // A pooled connection the upstream closed just as it was reused: nothing
                 // was answered, so a request that can be repeated goes on a fresh one.
                 Err(Exchange::Closed { answered: false }) if reused && replayable => {
@@ -241,6 +239,7 @@ impl Upstreams {
         head: Head,
         head_only: bool,
         asked_upgrade: bool,
+        request_sent_whole: bool,
     ) -> Result<Response<Body>, SendError> {
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = head.status;
@@ -260,7 +259,10 @@ impl Upstreams {
                 )))));
             return Ok(resp);
         }
-        let mut keep_alive = head.version == http::Version::HTTP_11
+        // A connection whose request was cut short (an early refusal) is not reused: the
+        // upstream would read the rest of it as the next request.
+        let mut keep_alive = request_sent_whole
+            && head.version == http::Version::HTTP_11
             && !has_token(&headers, header::CONNECTION, "close");
         let framing = if head_only
             || head.status == StatusCode::NO_CONTENT
@@ -411,9 +413,54 @@ enum Exchange {
     Failed(String),
 }
 
+/// Writes the request and reads the final response head; returns it and whether the whole
+/// request went out. With a body, the head is read while the body is still being sent: an
+/// upstream may refuse an upload on its head (413, 401) and stop reading, and the client must
+/// get that answer, not a 502 for the write that then fails (nginx and hyper's client pass it
+/// on too). An early refusal (4xx, 5xx) ends the upload; an early success still waits for
+/// the body to be sent whole.
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Body,
+    framing: BodyFraming,
+) -> Result<(Head, bool), Exchange> {
+    if http_body::Body::is_end_stream(body) {
+        write_request(&mut conn.io, head, body, framing).await?;
+        return Ok((read_head(conn).await?, true));
+    }
+    let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
+    let write = write_request(&mut wr, head, body, framing);
+    let read = read_head_on(&mut rd, &mut conn.buf);
+    tokio::pin!(write, read);
+    let early = tokio::select! {
+        biased;
+        r = &mut read => r?,
+        w = &mut write => {
+            return match w {
+                Ok(()) => Ok(((&mut read).await?, true)),
+                // The upstream stopped reading: it may have said why before it did.
+                Err(closed @ Exchange::Closed { .. }) => match (&mut read).await {
+                    Ok(head) => Ok((head, false)),
+                    Err(_) => Err(closed),
+                },
+                Err(e) => Err(e),
+            };
+        }
+    };
+    if early.status.as_u16() >= 400 {
+        return Ok((early, false));
+    }
+    match write.await {
+        Ok(()) => Ok((early, true)),
+        Err(Exchange::Closed { .. }) => Ok((early, false)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes the head and the body (as it arrives from the client) with its framing.
-async fn write_request(
-    io: &mut MaybeTls,
+async fn write_request<W: AsyncWrite + Unpin>(
+    io: &mut W,
     head: &[u8],
     body: &mut Body,
     framing: BodyFraming,
@@ -502,12 +549,20 @@ struct Head {
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
 /// final). What follows the head stays in `conn.buf`.
 async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
+    read_head_on(&mut conn.io, &mut conn.buf).await
+}
+
+/// [`read_head`] on a connection's read side and buffer.
+async fn read_head_on<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Head, Exchange> {
     let mut answered = false;
     let mut interim = 0;
     loop {
-        if !conn.buf.is_empty() {
+        if !buf.is_empty() {
             answered = true;
-            match parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
+            match parse_head(buf).map_err(Exchange::Failed)? {
                 Some(head)
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS =>
@@ -521,7 +576,7 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
                     continue;
                 }
                 Some(head) => return Ok(head),
-                None if conn.buf.len() >= MAX_HEAD => {
+                None if buf.len() >= MAX_HEAD => {
                     return Err(Exchange::Failed(format!(
                         "upstream response head is larger than {MAX_HEAD} bytes"
                     )))
@@ -529,17 +584,16 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
                 None => {}
             }
         }
-        conn.buf.reserve(HEAD_READ);
-        let n = std::future::poll_fn(|cx| {
-            tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
-        })
-        .await
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof if !answered => {
-                Exchange::Closed { answered }
-            }
-            _ => Exchange::Failed(format!("reading the upstream response failed: {e}")),
-        })?;
+        buf.reserve(HEAD_READ);
+        let n =
+            std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf))
+                .await
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof if !answered => {
+                        Exchange::Closed { answered }
+                    }
+                    _ => Exchange::Failed(format!("reading the upstream response failed: {e}")),
+                })?;
         if n == 0 {
             return Err(Exchange::Closed { answered });
         }
