@@ -294,6 +294,23 @@ async fn an_upstream_that_refuses_an_upload_early_is_heard() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+    // A client that keeps sending (hyper's does, as do many libraries) still gets the answer
+    // whole: the proxy reads and discards the rest of the upload instead of closing under it.
+    for round in 0..3 {
+        let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+        let body = bytes::Bytes::from(vec![b'x'; 8 << 20]);
+        let req = http::Request::post(&url)
+            .body(
+                http_body_util::Full::new(body)
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = client.send(req).await.unwrap();
+        assert_eq!(resp.status(), 413, "round {round}");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(text, "too large", "round {round}");
+    }
     // And the proxy still serves: a refused upload poisons nothing.
     let r = proxy_get(proxy.proxy_addr(), &format!("http://{}/after", origin.addr)).await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "/after"));

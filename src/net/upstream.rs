@@ -47,6 +47,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE_PER_ADDR: usize = 256;
 /// How often the pool sweeps connections that went idle too long (and empty entries).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long the rest of a refused upload is read and discarded at most, and how long a pause
+/// in it ends that early (nginx's `lingering_time` and `lingering_timeout`).
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+const LINGER_IDLE: Duration = Duration::from_secs(5);
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +223,10 @@ impl Upstreams {
             };
             match exchange(&mut conn, &head, &mut body, framing).await {
                 Ok((resp, whole)) => {
-                    return self.respond(addr, conn, resp, head_only, asked_upgrade, whole)
+                    if !whole && !http_body::Body::is_end_stream(&body) {
+                        tokio::spawn(linger(std::mem::replace(&mut body, body::empty())));
+                    }
+                    return self.respond(addr, conn, resp, head_only, asked_upgrade, whole);
                 }
                 // A pooled connection the upstream closed just as it was reused: nothing
                 // was answered, so a request that can be repeated goes on a fresh one.
@@ -411,6 +418,22 @@ enum Exchange {
     Closed { answered: bool },
     #[error("{0}")]
     Failed(String),
+}
+
+/// Reads and discards what is left of a client's upload after the upstream answered early
+/// and the upload stopped going upstream, as nginx's lingering close does: a client still
+/// sending would otherwise have the connection closed under it, and its failed write can
+/// hide the answer it has not read yet. Bounded in time, not in bytes (discarding is cheap).
+async fn linger(mut body: Body) {
+    let until = tokio::time::Instant::now() + LINGER_TOTAL;
+    loop {
+        let deadline = until.min(tokio::time::Instant::now() + LINGER_IDLE);
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            // Over, failed, or paused too long: dropping the body lets the server close.
+            _ => return,
+        }
+    }
 }
 
 /// Writes the request and reads the final response head; returns it and whether the whole
