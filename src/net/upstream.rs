@@ -450,11 +450,11 @@ async fn exchange(
 ) -> Result<(Head, bool), Exchange> {
     if http_body::Body::is_end_stream(body) {
         write_request(&mut conn.io, head, body, framing).await?;
-        return Ok((read_head(conn).await?, true));
+        return Ok((read_head(&mut conn.io, &mut conn.buf).await?, true));
     }
     let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
     let write = write_request(&mut wr, head, body, framing);
-    let read = read_head_on(&mut rd, &mut conn.buf);
+    let read = read_head(&mut rd, &mut conn.buf);
     tokio::pin!(write, read);
     let early = tokio::select! {
         biased;
@@ -570,16 +570,8 @@ struct Head {
 }
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
-/// final). What follows the head stays in `conn.buf`.
-async fn read_head(conn: &mut Conn) -> Result<Head, Exchange> {
-    read_head_on(&mut conn.io, &mut conn.buf).await
-}
-
-/// [`read_head`] on a connection's read side and buffer.
-async fn read_head_on<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Head, Exchange> {
+/// final). What follows the head stays in `buf`.
+async fn read_head<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> Result<Head, Exchange> {
     let mut answered = false;
     let mut interim = 0;
     loop {
@@ -674,14 +666,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     }))
 }
 
-/// Whether a comma-separated header has `token` (case-insensitive) anywhere.
-pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// The members of a comma-separated header, over all its fields, trimmed, empty ones left out.
+pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
-        .iter()
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a comma-separated header has `token` (case-insensitive) anywhere.
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Whether the last coding in a comma-separated header is `token`.

@@ -97,14 +97,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut spans = [(0u16, 0u16); 16];
     let (mut used, mut count) = (0usize, 0usize);
     let mut spilled: Vec<String> = Vec::new();
-    let tokens = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    for t in tokens {
+    for t in crate::net::upstream::tokens(headers, header::CONNECTION) {
         if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
             stack[used..used + t.len()].copy_from_slice(t.as_bytes());
             // Both fit in u16: ROOM is 256.
@@ -153,7 +146,7 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
         http::Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    let Some(prev) = headers.get(header::VIA).and_then(|v| v.to_str().ok()) else {
+    let Some(prev) = headers.get(header::VIA).filter(|v| v.to_str().is_ok()) else {
         // The usual case: the first proxy on the path; no formatting, no allocation.
         let hop = match proto {
             "1.0" => "1.0 outrider",
@@ -163,10 +156,41 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
         headers.insert(header::VIA, HeaderValue::from_static(hop));
         return;
     };
-    let value = format!("{prev}, {proto} outrider");
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = append_value(Some(prev), format_args!("{proto} outrider")) {
         headers.insert(header::VIA, v);
     }
+}
+
+/// A header value `prev, <args>` (or just `<args>`; an earlier hop's value is kept only when
+/// it is visible ASCII), formatted on the stack when it fits, so that the value's own bytes
+/// are the only allocation.
+pub fn append_value(
+    prev: Option<&HeaderValue>,
+    args: std::fmt::Arguments<'_>,
+) -> Option<HeaderValue> {
+    fn put(
+        w: &mut impl std::io::Write,
+        prev: Option<&[u8]>,
+        args: std::fmt::Arguments<'_>,
+    ) -> std::io::Result<()> {
+        if let Some(p) = prev {
+            w.write_all(p)?;
+            w.write_all(b", ")?;
+        }
+        w.write_fmt(args)
+    }
+    let prev = prev
+        .filter(|v| v.to_str().is_ok())
+        .map(HeaderValue::as_bytes);
+    let mut stack = [0u8; 192];
+    let mut rest = &mut stack[..];
+    if put(&mut rest, prev, args).is_ok() {
+        let n = 192 - rest.len();
+        return HeaderValue::from_bytes(&stack[..n]).ok();
+    }
+    let mut heap = Vec::with_capacity(prev.map_or(0, <[u8]>::len) + 64);
+    put(&mut heap, prev, args).ok()?;
+    HeaderValue::from_bytes(&heap).ok()
 }
 
 #[cfg(test)]
@@ -192,6 +216,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn via_names_this_hop_after_earlier_ones() {
+        let mut h = HeaderMap::new();
+        add_via(&mut h, http::Version::HTTP_11);
+        assert_eq!(h[header::VIA], "1.1 outrider");
+        h.insert(header::VIA, HeaderValue::from_static("1.0 edge"));
+        add_via(&mut h, http::Version::HTTP_2);
+        assert_eq!(h[header::VIA], "1.0 edge, 2 outrider");
     }
 
     #[test]

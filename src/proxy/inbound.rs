@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
-use super::http::{add_via, strip_hop_by_hop};
+use super::http::{add_via, append_value, strip_hop_by_hop};
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
@@ -296,7 +296,7 @@ async fn to_app(
     );
     // Only the proxy may say who the caller is: a caller's own XFCC header is dropped.
     parts.headers.remove(X_FORWARDED_CLIENT_CERT);
-    if let Some(v) = peer.and_then(|id| header_value(None, format_args!("URI={id}"))) {
+    if let Some(v) = peer.and_then(|id| append_value(None, format_args!("URI={id}"))) {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
     }
     let client_version = parts.version;
@@ -338,7 +338,7 @@ fn add_forwarding(
         }
     }
     let ip = conn.client.ip();
-    if let Some(v) = header_value(headers.get(&XFF), format_args!("{ip}")) {
+    if let Some(v) = append_value(headers.get(&XFF), format_args!("{ip}")) {
         headers.insert(XFF, v);
     }
     // A host that could not be a quoted-string's content is left out rather than escaped.
@@ -348,8 +348,8 @@ fn add_forwarding(
     });
     let prev = headers.get(header::FORWARDED);
     let fwd = match host {
-        None => header_value(prev, format_args!("for={};proto=http", Node(ip))),
-        Some(h) => header_value(
+        None => append_value(prev, format_args!("for={};proto=http", Node(ip))),
+        Some(h) => append_value(
             prev,
             format_args!("for={};proto=http;host=\"{h}\"", Node(ip)),
         ),
@@ -358,35 +358,6 @@ fn add_forwarding(
         headers.insert(header::FORWARDED, v);
     }
     headers.insert(X_REQUEST_ID, request_id);
-}
-
-/// A header value `prev, <args>` (or just `<args>`; an earlier hop's value is kept only when
-/// it is visible ASCII), formatted on the stack when it fits, so that the value's own bytes
-/// are the only allocation.
-fn header_value(prev: Option<&HeaderValue>, args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
-    let prev = prev
-        .filter(|v| v.to_str().is_ok())
-        .map(HeaderValue::as_bytes);
-    fn put(
-        w: &mut impl std::io::Write,
-        prev: Option<&[u8]>,
-        args: std::fmt::Arguments<'_>,
-    ) -> std::io::Result<()> {
-        if let Some(p) = prev {
-            w.write_all(p)?;
-            w.write_all(b", ")?;
-        }
-        w.write_fmt(args)
-    }
-    let mut stack = [0u8; 192];
-    let mut rest = &mut stack[..];
-    if put(&mut rest, prev, args).is_ok() {
-        let n = 192 - rest.len();
-        return HeaderValue::from_bytes(&stack[..n]).ok();
-    }
-    let mut heap = Vec::with_capacity(prev.map_or(0, <[u8]>::len) + 64);
-    put(&mut heap, prev, args).ok()?;
-    HeaderValue::from_bytes(&heap).ok()
 }
 
 /// A 128-bit request id in hex, unique within the process and unlikely to repeat across

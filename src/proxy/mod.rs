@@ -208,23 +208,11 @@ pub fn request_record<B>(
 
 /// A method for the log: the standard ones as static strings (no allocation per request).
 fn method_text(m: &::http::Method) -> std::borrow::Cow<'static, str> {
-    use ::http::Method;
-    let known = [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::OPTIONS,
-        Method::PATCH,
-        Method::CONNECT,
-        Method::TRACE,
-    ];
-    const NAMES: [&str; 9] = [
+    const STANDARD: [&str; 9] = [
         "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
     ];
-    match known.iter().position(|k| k == m) {
-        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+    match STANDARD.iter().find(|s| **s == m.as_str()) {
+        Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(m.as_str().to_owned()),
     }
 }
