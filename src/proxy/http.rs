@@ -46,11 +46,15 @@ where
 {
     let io = TokioIo::new(io);
     if http1 {
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(io, svc)
-            .with_upgrades();
+        let mut b = hyper::server::conn::http1::Builder::new();
+        if std::env::var_os("EXP_NOTIMER").is_none() {
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+        }
+        if std::env::var_os("EXP_NOWRITEV").is_some() {
+            b.writev(false);
+        }
+        let connection = b.serve_connection(io, svc).with_upgrades();
         tokio::pin!(connection);
         return tokio::select! {
             res = connection.as_mut() => res.map_err(Into::into),
@@ -76,7 +80,7 @@ where
 /// de-facto ones clients still send to proxies.
 /// (`Trailer` is not one: it names the trailer fields end to end, and hyper sends only the
 /// trailers it names.)
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
@@ -84,20 +88,39 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Removes hop-by-hop headers: the fixed set and every header named in `Connection`.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay, for a protocol switch.
 /// `Transfer-Encoding` goes too: hyper re-frames the body on the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names finds which of the fixed set are there: a message usually
+    // has none or one (`Connection: keep-alive`), and a hashed removal for each of the
+    // eight cost more instructions than the rest of the request's header handling.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     // The names in Connection are copied out before the map changes: onto the stack when
-    // they fit (every request has one, usually `keep-alive` or `close`), else the heap.
+    // they fit, else the heap. Names of the fixed set are skipped: the bits above cover
+    // them (`keep-alive` is the usual token).
     const ROOM: usize = 256;
     let mut stack = [0u8; ROOM];
     let mut spans = [(0u16, 0u16); 16];
     let (mut used, mut count) = (0usize, 0usize);
     let mut spilled: Vec<String> = Vec::new();
-    for t in crate::net::upstream::tokens(headers, header::CONNECTION) {
+    let named = crate::net::upstream::tokens(headers, header::CONNECTION).filter(|t| {
+        !HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(t))
+    });
+    for t in named {
         if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
             stack[used..used + t.len()].copy_from_slice(t.as_bytes());
             // Both fit in u16: ROOM is 256.
@@ -123,10 +146,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in &spilled {
         headers.remove(name.as_str());
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove("proxy-connection");
     if let Some(up) = upgrade {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -156,41 +180,92 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
         headers.insert(header::VIA, HeaderValue::from_static(hop));
         return;
     };
-    if let Some(v) = append_value(Some(prev), format_args!("{proto} outrider")) {
+    if let Some(v) = append_value(Some(prev), &[proto.as_bytes(), b" outrider"]) {
         headers.insert(header::VIA, v);
     }
 }
 
-/// A header value `prev, <args>` (or just `<args>`; an earlier hop's value is kept only when
-/// it is visible ASCII), formatted on the stack when it fits, so that the value's own bytes
-/// are the only allocation.
-pub fn append_value(
-    prev: Option<&HeaderValue>,
-    args: std::fmt::Arguments<'_>,
-) -> Option<HeaderValue> {
-    fn put(
-        w: &mut impl std::io::Write,
-        prev: Option<&[u8]>,
-        args: std::fmt::Arguments<'_>,
-    ) -> std::io::Result<()> {
-        if let Some(p) = prev {
-            w.write_all(p)?;
-            w.write_all(b", ")?;
-        }
-        w.write_fmt(args)
-    }
+/// A header value `prev, <parts>` (or just the parts; an earlier hop's value is kept only
+/// when it is visible ASCII), put together on the stack when it fits, so that the value's
+/// own bytes are the only allocation. (Parts, not `format_args!`: the formatting machinery
+/// cost more than the rest of the forwarding headers.)
+pub fn append_value(prev: Option<&HeaderValue>, parts: &[&[u8]]) -> Option<HeaderValue> {
     let prev = prev
         .filter(|v| v.to_str().is_ok())
         .map(HeaderValue::as_bytes);
+    let pieces = || {
+        prev.into_iter()
+            .flat_map(|p| [p, b", "])
+            .chain(parts.iter().copied())
+    };
+    let len: usize = pieces().map(<[u8]>::len).sum();
+    let put = |out: &mut [u8]| {
+        let mut at = 0;
+        for p in pieces() {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+    };
     let mut stack = [0u8; 192];
-    let mut rest = &mut stack[..];
-    if put(&mut rest, prev, args).is_ok() {
-        let n = 192 - rest.len();
-        return HeaderValue::from_bytes(&stack[..n]).ok();
+    if len <= stack.len() {
+        put(&mut stack[..len]);
+        return HeaderValue::from_bytes(&stack[..len]).ok();
     }
-    let mut heap = Vec::with_capacity(prev.map_or(0, <[u8]>::len) + 64);
-    put(&mut heap, prev, args).ok()?;
+    let mut heap = vec![0u8; len];
+    put(&mut heap);
     HeaderValue::from_bytes(&heap).ok()
+}
+
+/// An IP address as text. IPv4, the usual client, is written out by hand: through
+/// `core::fmt` its four octets cost more than the rest of the forwarding headers.
+pub struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    /// Writes `ip` out.
+    pub fn new(ip: std::net::IpAddr) -> Self {
+        let mut t = IpText {
+            buf: [0; 48],
+            len: 0,
+        };
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                for (i, o) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    if o >= 100 {
+                        t.push(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        t.push(b'0' + o / 10 % 10);
+                    }
+                    t.push(b'0' + o % 10);
+                }
+            }
+            std::net::IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut rest = &mut t.buf[..];
+                // The longest IPv6 text is 45 bytes: it always fits.
+                if write!(rest, "{v6}").is_ok() {
+                    t.len = 48 - rest.len();
+                }
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// The text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 #[cfg(test)]
@@ -249,5 +324,71 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "left: {h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked_and_nothing_else_hop_by_hop_does() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, Keep-Alive, X-Trace"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h.len(), 3, "left: {h:?}");
+        // Without any hop-by-hop header the map is left as it is.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        plain.insert("x-keep", HeaderValue::from_static("1"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        let ips = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "1.20.199.0",
+            "127.0.0.1",
+            "::1",
+            "::",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "fe80::1:2:3:4",
+        ];
+        for ip in ips {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        for n in 0..=255u8 {
+            let ip = std::net::IpAddr::from([n, n / 7, 255 - n, n % 10]);
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn appended_values_join_with_a_comma_and_long_ones_go_to_the_heap() {
+        let prev = HeaderValue::from_static("a");
+        assert_eq!(append_value(Some(&prev), &[b"b", b"c"]).unwrap(), "a, bc");
+        assert_eq!(append_value(None, &[b"b"]).unwrap(), "b");
+        // An earlier value that is not visible ASCII is not carried on.
+        let odd = HeaderValue::from_bytes(b"\xff").unwrap();
+        assert_eq!(append_value(Some(&odd), &[b"x"]).unwrap(), "x");
+        let long = "v".repeat(500);
+        let prev = HeaderValue::from_str(&long).unwrap();
+        let v = append_value(Some(&prev), &[b"end"]).unwrap();
+        assert_eq!(v.to_str().unwrap(), format!("{long}, end"));
+        // Bytes a header value may not hold are refused, not sent.
+        assert!(append_value(None, &[b"a\r\nb"]).is_none());
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
-use super::http::{add_via, append_value, strip_hop_by_hop};
+use super::http::{add_via, append_value, strip_hop_by_hop, IpText};
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
@@ -296,7 +296,7 @@ async fn to_app(
     );
     // Only the proxy may say who the caller is: a caller's own XFCC header is dropped.
     parts.headers.remove(X_FORWARDED_CLIENT_CERT);
-    if let Some(v) = peer.and_then(|id| append_value(None, format_args!("URI={id}"))) {
+    if let Some(v) = peer.and_then(|id| append_value(None, &[b"URI=", id.as_bytes()])) {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
     }
     let client_version = parts.version;
@@ -327,33 +327,37 @@ fn add_forwarding(
     request_id: HeaderValue,
 ) {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-    /// The client as a `Forwarded` node: IPv6 in quoted brackets (RFC 7239 §6).
-    struct Node(std::net::IpAddr);
-    impl std::fmt::Display for Node {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            match self.0 {
-                std::net::IpAddr::V6(ip) => write!(f, "\"[{ip}]\""),
-                ip => write!(f, "{ip}"),
-            }
-        }
-    }
-    let ip = conn.client.ip();
-    if let Some(v) = append_value(headers.get(&XFF), format_args!("{ip}")) {
+    let ip = IpText::new(conn.client.ip());
+    if let Some(v) = append_value(headers.get(&XFF), &[ip.as_bytes()]) {
         headers.insert(XFF, v);
     }
+    // The client as a `Forwarded` node: IPv6 in quoted brackets (RFC 7239 §6).
+    let (open, close): (&[u8], &[u8]) = match conn.client {
+        std::net::SocketAddr::V6(_) => (b"\"[", b"]\""),
+        std::net::SocketAddr::V4(_) => (b"", b""),
+    };
     // A host that could not be a quoted-string's content is left out rather than escaped.
     let host = host.filter(|h| {
         h.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let prev = headers.get(header::FORWARDED);
-    let fwd = match host {
-        None => append_value(prev, format_args!("for={};proto=http", Node(ip))),
-        Some(h) => append_value(
-            prev,
-            format_args!("for={};proto=http;host=\"{h}\"", Node(ip)),
-        ),
+    let (host_open, host, host_close): (&[u8], &[u8], &[u8]) = match host {
+        Some(h) => (b";host=\"", h.as_bytes(), b"\""),
+        None => (b"", b"", b""),
     };
+    let fwd = append_value(
+        headers.get(header::FORWARDED),
+        &[
+            b"for=",
+            open,
+            ip.as_bytes(),
+            close,
+            b";proto=http",
+            host_open,
+            host,
+            host_close,
+        ],
+    );
     if let Some(v) = fwd {
         headers.insert(header::FORWARDED, v);
     }
