@@ -145,9 +145,10 @@ pub struct Record {
     /// `http1`, `http2`, `connect`, `tls`, `tcp`.
     pub protocol: &'static str,
     /// The client's address.
+    #[serde(serialize_with = "addr_text")]
     pub client: Option<SocketAddr>,
     /// The connection's original destination (transparent mode).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "addr_text")]
     pub original_dst: Option<SocketAddr>,
     /// Request method (borrowed for the standard ones: no allocation per request).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -169,6 +170,7 @@ pub struct Record {
     /// Milliseconds from start to the end of the response or connection.
     pub duration_ms: f64,
     /// The address the proxy dialled.
+    #[serde(serialize_with = "addr_text")]
     pub upstream: Option<SocketAddr>,
     /// `allow`, `deny` or `report`.
     pub decision: &'static str,
@@ -201,6 +203,13 @@ fn path_text<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     match p {
         Some(p) => s.serialize_str(p.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+fn addr_text<S: serde::Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.serialize_str(crate::net::text::IpText::socket(*a).as_str()),
         None => s.serialize_none(),
     }
 }
@@ -283,5 +292,28 @@ impl Drop for LogGuard {
             r.timestamp = humantime::format_rfc3339_millis(self.started).to_string();
             self.log.write(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let v6: SocketAddr = "[2001:db8::1]:8443".parse().unwrap();
+        let r = Record {
+            client: Some("10.0.0.7:50123".parse().unwrap()),
+            upstream: Some(v6),
+            ..Record::default()
+        };
+        let j: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["client"], "10.0.0.7:50123");
+        assert_eq!(j["upstream"], "[2001:db8::1]:8443");
+        // Absent: `original_dst` is left out, `client` and `upstream` are null.
+        assert!(j.get("original_dst").is_none());
+        let j = serde_json::to_value(Record::default()).unwrap();
+        assert!(j["client"].is_null() && j["upstream"].is_null(), "{j}");
     }
 }

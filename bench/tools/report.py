@@ -63,7 +63,21 @@ def collect(raw):
         p["memory"] = memory_of(raw, name)
         if name in ("h2h", "h2hc"):
             p["h2h"] = head_to_head(raw, name)
+        if name == "instr":
+            p["instr"] = instructions(raw)
     return [paths[n] for n in order]
+
+
+def instructions(raw):
+    """Per proxy: user-space instructions per request under callgrind (instr.<name>.json)."""
+    out = {}
+    for fn in sorted(os.listdir(raw)):
+        parts = fn.split(".")
+        if len(parts) == 3 and parts[0] == "instr" and parts[2] == "json":
+            r = load_json(os.path.join(raw, fn))
+            if r and r.get("per_request"):
+                out[parts[1]] = r
+    return out
 
 
 def head_to_head(raw, prefix):
@@ -342,6 +356,19 @@ def markdown(res):
             rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
             x = base and name != "outrider" and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {fus(v['p99_median_us'])} | {x} |")
+    ins = next((p.get("instr") for p in res["paths"] if p["path"] == "instr" and p.get("instr")), None)
+    if ins:
+        lines += ["", "## Instructions per request (callgrind)", "",
+                  "User-space instructions each proxy executes per 1 KiB keep-alive request, counted by "
+                  "valgrind's callgrind over 16 connections (nginx with one worker, HAProxy with one thread). "
+                  "Unlike req/s, this does not move with the machine's background load; it leaves out the "
+                  "kernel's share (loopback TCP, about 70 % of each proxy's CPU here and much the same for all).", "",
+                  "| proxy | instructions / request | requests counted | outrider’s count × this |", "|---|--:|--:|--:|"]
+        order = ["outrider-inbound", "nginx", "haproxy", "outrider-explicit", "squid"]
+        for name, v in sorted(ins.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            base = ins.get("outrider-explicit" if name == "squid" else "outrider-inbound")
+            x = base and not name.startswith("outrider") and fnum(base["per_request"] / v["per_request"], 2) or "–"
+            lines.append(f"| {name} | {fnum(v['per_request'])} | {fnum(v['requests'])} | {x} |")
     lines += ["", "## Targets", "", "| target | goal | value | met |", "|---|---|---|---|"]
     for t in res["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]

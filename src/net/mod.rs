@@ -3,4 +3,5 @@
 pub mod connect;
 pub mod dns;
 pub mod orig_dst;
+pub mod text;
 pub mod upstream;

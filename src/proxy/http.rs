@@ -46,15 +46,11 @@ where
 {
     let io = TokioIo::new(io);
     if http1 {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        if std::env::var_os("EXP_NOTIMER").is_none() {
-            b.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-        }
-        if std::env::var_os("EXP_NOWRITEV").is_some() {
-            b.writev(false);
-        }
-        let connection = b.serve_connection(io, svc).with_upgrades();
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(io, svc)
+            .with_upgrades();
         tokio::pin!(connection);
         return tokio::select! {
             res = connection.as_mut() => res.map_err(Into::into),
@@ -216,58 +212,6 @@ pub fn append_value(prev: Option<&HeaderValue>, parts: &[&[u8]]) -> Option<Heade
     HeaderValue::from_bytes(&heap).ok()
 }
 
-/// An IP address as text. IPv4, the usual client, is written out by hand: through
-/// `core::fmt` its four octets cost more than the rest of the forwarding headers.
-pub struct IpText {
-    buf: [u8; 48],
-    len: usize,
-}
-
-impl IpText {
-    /// Writes `ip` out.
-    pub fn new(ip: std::net::IpAddr) -> Self {
-        let mut t = IpText {
-            buf: [0; 48],
-            len: 0,
-        };
-        match ip {
-            std::net::IpAddr::V4(v4) => {
-                for (i, o) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        t.push(b'.');
-                    }
-                    if o >= 100 {
-                        t.push(b'0' + o / 100);
-                    }
-                    if o >= 10 {
-                        t.push(b'0' + o / 10 % 10);
-                    }
-                    t.push(b'0' + o % 10);
-                }
-            }
-            std::net::IpAddr::V6(v6) => {
-                use std::io::Write;
-                let mut rest = &mut t.buf[..];
-                // The longest IPv6 text is 45 bytes: it always fits.
-                if write!(rest, "{v6}").is_ok() {
-                    t.len = 48 - rest.len();
-                }
-            }
-        }
-        t
-    }
-
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
-    }
-
-    /// The text.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -349,31 +293,6 @@ mod tests {
         let before = plain.clone();
         strip_hop_by_hop(&mut plain, false);
         assert_eq!(plain, before);
-    }
-
-    #[test]
-    fn ip_text_is_what_display_writes() {
-        let ips = [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.0.100.9",
-            "1.20.199.0",
-            "127.0.0.1",
-            "::1",
-            "::",
-            "2001:db8::8a2e:370:7334",
-            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-            "::ffff:255.255.255.255",
-            "fe80::1:2:3:4",
-        ];
-        for ip in ips {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
-        }
-        for n in 0..=255u8 {
-            let ip = std::net::IpAddr::from([n, n / 7, 255 - n, n % 10]);
-            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
-        }
     }
 
     #[test]

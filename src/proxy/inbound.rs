@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
-use super::http::{add_via, append_value, strip_hop_by_hop, IpText};
+use super::http::{add_via, append_value, strip_hop_by_hop};
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
 use crate::body::{self, Body, Counted};
 use crate::config::MtlsMode;
 use crate::net::connect;
+use crate::net::text::IpText;
 use crate::policy::authz;
 
 /// Accepts inbound connections until shutdown.
