@@ -36,7 +36,8 @@ impl Shared {
     /// Writes out whatever is pending. Callers: the writer thread, and shutdown.
     fn drain(&self) {
         let batch = match self.pending.lock() {
-            Ok(mut p) => std::mem::take(&mut *p),
+            // A buffer with room, so that the next batch does not grow one from nothing.
+            Ok(mut p) => std::mem::replace(&mut *p, Vec::with_capacity(64 * 1024)),
             Err(_) => return,
         };
         if batch.is_empty() {
@@ -94,17 +95,10 @@ impl AccessLog {
             return;
         };
         let before = pending.len();
-        match serde_json::to_writer(&mut *pending, record) {
-            Ok(()) => {
-                pending.push(b'\n');
-                if pending.len() >= WAKE_BYTES && before < WAKE_BYTES {
-                    shared.wake.notify_one();
-                }
-            }
-            Err(e) => {
-                pending.truncate(before);
-                tracing::error!(error = %e, "access log record not serialisable");
-            }
+        record.write_json(&mut pending);
+        pending.push(b'\n');
+        if pending.len() >= WAKE_BYTES && before < WAKE_BYTES {
+            shared.wake.notify_one();
         }
     }
 
@@ -195,6 +189,117 @@ pub struct Record {
         serialize_with = "header_text"
     )]
     pub request_id: Option<http::HeaderValue>,
+}
+
+impl Record {
+    /// The record as one JSON object: the bytes `serde_json` writes for it (a test holds
+    /// the two to the same output), without serde's per-field machinery, which cost about
+    /// a sixth of the explicit path's instructions per request with the log on.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut o = JsonObject { out, first: true };
+        o.str("timestamp", &self.timestamp);
+        o.str("direction", self.direction);
+        o.str("mode", self.mode);
+        o.str("protocol", self.protocol);
+        o.addr("client", self.client);
+        if self.original_dst.is_some() {
+            o.addr("original_dst", self.original_dst);
+        }
+        if let Some(m) = &self.method {
+            o.str("method", m);
+        }
+        match &self.authority {
+            Some(a) => o.str("authority", a),
+            None => o.null("authority"),
+        }
+        if let Some(p) = &self.path {
+            o.str("path", p.as_str());
+        }
+        if let Some(s) = &self.sni {
+            o.str("sni", s);
+        }
+        o.uint("status", u64::from(self.status));
+        o.uint("bytes_in", self.bytes_in);
+        o.uint("bytes_out", self.bytes_out);
+        o.key("duration_ms");
+        // Floats are rare enough here to leave to serde_json, which cannot fail on a Vec.
+        let _ = serde_json::to_writer(&mut *o.out, &self.duration_ms);
+        o.addr("upstream", self.upstream);
+        o.str("decision", self.decision);
+        let optional = [
+            ("rule", self.rule.as_deref()),
+            ("reason", self.reason.as_deref()),
+            ("error", self.error.as_deref()),
+            ("cache", self.cache),
+            ("peer_identity", self.peer_identity.as_deref()),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                o.str(k, v);
+            }
+        }
+        if let Some(id) = &self.request_id {
+            o.str("request_id", &String::from_utf8_lossy(id.as_bytes()));
+        }
+        o.out.push(b'}');
+    }
+}
+
+/// Writes one JSON object's members; keys are this module's own field names.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl JsonObject<'_> {
+    fn key(&mut self, k: &str) {
+        self.out.push(if self.first { b'{' } else { b',' });
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(k.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        // What JSON must escape: quote, backslash, control characters. Anything else is
+        // copied; a string that needs escaping goes through serde_json.
+        if v.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            let _ = serde_json::to_writer(&mut *self.out, v);
+            return;
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(v.as_bytes());
+        self.out.push(b'"');
+    }
+
+    fn null(&mut self, k: &str) {
+        self.key(k);
+        self.out.extend_from_slice(b"null");
+    }
+
+    fn uint(&mut self, k: &str, n: u64) {
+        self.key(k);
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.out.extend_from_slice(&digits[i..]);
+    }
+
+    fn addr(&mut self, k: &str, a: Option<SocketAddr>) {
+        match a {
+            Some(a) => self.str(k, crate::net::text::IpText::socket(a).as_str()),
+            None => self.null(k),
+        }
+    }
 }
 
 fn path_text<S: serde::Serializer>(
@@ -315,5 +420,53 @@ mod tests {
         assert!(j.get("original_dst").is_none());
         let j = serde_json::to_value(Record::default()).unwrap();
         assert!(j["client"].is_null() && j["upstream"].is_null(), "{j}");
+    }
+
+    #[test]
+    fn the_hand_written_json_is_what_serde_writes() {
+        let full = Record {
+            timestamp: "2026-11-22T13:01:15.716Z".into(),
+            direction: "inbound",
+            mode: "transparent",
+            protocol: "http1",
+            client: Some(
+                "[fe80::1%3]:4000"
+                    .parse()
+                    .unwrap_or("[::1]:4000".parse().unwrap()),
+            ),
+            original_dst: Some("10.1.2.3:8080".parse().unwrap()),
+            method: Some("PURGE".to_string().into()),
+            authority: Some("h\u{e9}st\"x\\y:1".into()),
+            path: Some(http::uri::PathAndQuery::from_static("/a?b=c%22d")),
+            sni: Some("tab\there".into()),
+            status: 503,
+            bytes_in: u64::MAX,
+            bytes_out: 0,
+            duration_ms: 12345.678,
+            upstream: Some("127.0.0.1:1".parse().unwrap()),
+            decision: "report",
+            rule: Some("allow[0] host *.example.com".into()),
+            reason: Some("line\nbreak \u{1}".into()),
+            error: Some("upstream reset".into()),
+            cache: Some("hit"),
+            peer_identity: Some("spiffe://td/ns/a/sa/b".into()),
+            request_id: Some(http::HeaderValue::from_bytes(b"id-\xff").unwrap()),
+        };
+        let mut records = vec![Record::default(), full.clone()];
+        for d in [0.0, 1.0, 0.908, 1e-7, 3.5e21] {
+            records.push(Record {
+                duration_ms: d,
+                ..full.clone()
+            });
+        }
+        for r in &records {
+            let mut ours = Vec::new();
+            r.write_json(&mut ours);
+            let theirs = serde_json::to_vec(r).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs)
+            );
+        }
     }
 }
