@@ -2,7 +2,7 @@
 # Outrider benchmark harness: outrider and its peers (squid, tinyproxy, nginx,
 # haproxy) side by side on loopback in one run, reported as ratios.
 #
-#   bench/run.sh            full run (~13 minutes): bench/results/<timestamp>.json,
+#   bench/run.sh            full run (~14 minutes): bench/results/<timestamp>.json,
 #                           latest.json, latest.md, latest.svg
 #   bench/run.sh --smoke    every available path for about a second with tiny loads;
 #                           exits non-zero if a step fails (what CI runs)

@@ -33,7 +33,11 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Body>, up: Arc<dyn Upstream
         .get::<super::CacheScope>()
         .map(|s| format!("{}|", s.0))
         .unwrap_or_default();
-    let key = format!("{scope}{key}");
+    let key = if scope.is_empty() {
+        key
+    } else {
+        format!("{scope}{key}")
+    };
     match *req.method() {
         Method::GET | Method::HEAD => read(inner, req, key, up).await,
         Method::OPTIONS | Method::TRACE | Method::CONNECT => {

@@ -213,9 +213,9 @@ impl HttpCache {
     ) -> (Result<http::Response<Body>, UpstreamError>, CacheOutcome) {
         let handled = flow::handle(&self.inner, req, upstream).await;
         match handled.1 {
-            CacheOutcome::Hit => metrics::counter!("outrider_cache_hits_total").increment(1),
-            CacheOutcome::Miss => metrics::counter!("outrider_cache_misses_total").increment(1),
-            CacheOutcome::Stale => metrics::counter!("outrider_cache_stale_total").increment(1),
+            CacheOutcome::Hit => crate::metrics::record_cache(crate::metrics::CacheCount::Hit),
+            CacheOutcome::Miss => crate::metrics::record_cache(crate::metrics::CacheCount::Miss),
+            CacheOutcome::Stale => crate::metrics::record_cache(crate::metrics::CacheCount::Stale),
             _ => {}
         }
         handled

@@ -32,6 +32,9 @@ pub struct StoredResponse {
     pub timing: Timing,
     /// Freshness lifetime computed when stored.
     pub lifetime: Duration,
+    /// The corrected initial age (RFC 9111 §4.2.3), computed when stored: parsing `Date`
+    /// on every hit was a tenth of a hit's instructions.
+    initial_age: Duration,
     /// The response's `Cache-Control`.
     pub cc: Directives,
     /// Secondary key: the request's values of the fields named by `Vary`.
@@ -49,6 +52,7 @@ impl StoredResponse {
     ) -> Self {
         let cc = Directives::from_headers(&headers);
         let lifetime = policy::freshness_lifetime(status, &headers, &cc, timing.response_time);
+        let initial_age = policy::initial_age(&headers, timing);
         let vary = policy::vary_names(&headers)
             .unwrap_or_default()
             .into_iter()
@@ -63,6 +67,7 @@ impl StoredResponse {
             body,
             timing,
             lifetime,
+            initial_age,
             cc,
             vary,
         }
@@ -70,7 +75,7 @@ impl StoredResponse {
 
     /// Current age (RFC 9111 §4.2.3).
     pub fn age(&self, now: SystemTime) -> Duration {
-        policy::current_age(&self.headers, self.timing, now)
+        self.initial_age + policy::resident_time(self.timing, now)
     }
 
     /// Whether this variant was selected by a request with these headers.
@@ -205,21 +210,41 @@ impl Store {
 /// The primary cache key of an absolute URI: scheme and host lowercased, default
 /// port dropped, path and query kept. `None` for a URI without scheme or host.
 pub fn primary_key(uri: &Uri) -> Option<String> {
-    let origin = origin(uri)?;
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     let pq = if pq.is_empty() { "/" } else { pq };
-    Some(format!("{origin}{pq}"))
+    let mut key = origin_with_room(uri, pq.len())?;
+    key.push_str(pq);
+    Some(key)
 }
 
 /// `scheme://host[:port]` of an absolute URI, normalised like [`primary_key`].
 pub fn origin(uri: &Uri) -> Option<String> {
-    let scheme = uri.scheme_str()?.to_ascii_lowercase();
-    let host = uri.host()?.to_ascii_lowercase();
-    let port = match (scheme.as_str(), uri.port_u16()) {
-        ("http", Some(80)) | ("https", Some(443)) | (_, None) => String::new(),
-        (_, Some(p)) => format!(":{p}"),
-    };
-    Some(format!("{scheme}://{host}{port}"))
+    origin_with_room(uri, 0)
+}
+
+/// The origin in a string with `room` bytes to spare, built without `format!`: the key is
+/// made for every request the cache sees, and formatting it was a tenth of a cache hit's
+/// instructions.
+fn origin_with_room(uri: &Uri, room: usize) -> Option<String> {
+    let scheme = uri.scheme_str()?;
+    let host = uri.host()?;
+    let mut s = String::with_capacity(scheme.len() + 3 + host.len() + 6 + room);
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(host);
+    s.make_ascii_lowercase();
+    match (
+        s.starts_with("http:"),
+        s.starts_with("https:"),
+        uri.port_u16(),
+    ) {
+        (true, _, Some(80)) | (_, true, Some(443)) | (_, _, None) => {}
+        (_, _, Some(p)) => {
+            use std::fmt::Write;
+            let _ = write!(s, ":{p}");
+        }
+    }
+    Some(s)
 }
 
 #[cfg(test)]
@@ -243,5 +268,36 @@ mod tests {
             Some("http://example.com:8080/")
         );
         assert_eq!(key("/relative"), None);
+    }
+
+    #[test]
+    fn a_stored_age_is_the_whole_formula_computed_per_hit() {
+        use std::time::UNIX_EPOCH;
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+        let timing = Timing {
+            request_time: at(0),
+            response_time: at(2),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::DATE,
+            http::HeaderValue::from_str(&httpdate::fmt_http_date(at(0))).unwrap(),
+        );
+        h.insert(http::header::AGE, http::HeaderValue::from_static("30"));
+        let obj = StoredResponse::new(
+            StatusCode::OK,
+            h.clone(),
+            Bytes::new(),
+            timing,
+            &HeaderMap::new(),
+        );
+        for later in [2, 3, 60, 3600] {
+            assert_eq!(
+                obj.age(at(later)),
+                policy::current_age(&h, timing, at(later)),
+                "{later}"
+            );
+        }
+        assert_eq!(obj.age(at(12)), Duration::from_secs(42));
     }
 }
