@@ -879,11 +879,11 @@ fi
 # are zeroed, the 1 KiB keep-alive load runs over 16 connections, and the instruction
 # total is divided by the requests wrk completed. Output: instr.<name>.json.
 if [[ $MODE == smoke ]]; then INSTR_WARM=1 INSTR_DUR=1; else INSTR_WARM=2 INSTR_DUR=6; fi
-# instr_one NAME MODE ADDR WAITURL -- CMD...
+# instr_one NAME MODE ADDR WAITURL URLPATH -- CMD...
 instr_one() {
-    local name=$1 mode=$2 addr=$3 waiturl=$4 abs="" host="" pid cg
+    local name=$1 mode=$2 addr=$3 waiturl=$4 upath=$5 abs="" host="" pid cg
     cg=$RUN/out/instr.$name.cg
-    shift 4
+    shift 5
     [[ ${1:-} == -- ]] && shift
     log "  instr $name"
     start "instr-$name" valgrind --tool=callgrind --callgrind-out-file="$cg" "$@"
@@ -894,10 +894,10 @@ instr_one() {
         return 0
     fi
     if [[ $mode == forward ]]; then
-        abs="http://127.0.0.1:$P_ORIGIN/1k" host="127.0.0.1:$P_ORIGIN"
+        abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
     fi
     WRK_ABS_URL=$abs WRK_HOST=$host wrk -t1 -c16 -d"${INSTR_WARM}s" --timeout 5s -s "$LUA" \
-        "http://$addr/1k" >/dev/null 2>&1 || true
+        "http://$addr$upath" >/dev/null 2>&1 || true
     # (squid is not measured: it drops root for its own user, and valgrind's vgdb could
     # not reach it to zero the counters.)
     if ! timeout 60 callgrind_control -z "$pid" >/dev/null 2>&1; then
@@ -906,7 +906,7 @@ instr_one() {
         return 0
     fi
     WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/instr.$name.wrk.json \
-        wrk -t1 -c16 -d"${INSTR_DUR}s" --timeout 5s -s "$LUA" "http://$addr/1k" >"$OUT/instr.$name.wrk.txt" 2>&1 ||
+        wrk -t1 -c16 -d"${INSTR_DUR}s" --timeout 5s -s "$LUA" "http://$addr$upath" >"$OUT/instr.$name.wrk.txt" 2>&1 ||
         fail instr "wrk against $name under valgrind failed (see $OUT/instr.$name.wrk.txt)"
     timeout 60 callgrind_control -d "$pid" >/dev/null 2>&1 || fail instr "$name: callgrind_control could not dump"
     stop "$pid"
@@ -932,18 +932,25 @@ if want instr; then
         "$RUN/conf/nginx-reverse.conf" >"$RUN/conf/nginx-instr.conf"
     sed -e 's/^global$/global\n    nbthread 1/' "$RUN/conf/haproxy-reverse.cfg" >"$RUN/conf/haproxy-instr.cfg"
     if [[ -n $OUTRIDER ]]; then
-        instr_one outrider-inbound reverse "127.0.0.1:$P_OI_IN" "http://127.0.0.1:$P_OI_IN/1k" -- \
+        instr_one outrider-inbound reverse "127.0.0.1:$P_OI_IN" "http://127.0.0.1:$P_OI_IN/1k" /1k -- \
             "$OUTRIDER" run --config "$RUN/conf/inbound.yaml"
     fi
-    instr_one nginx reverse "127.0.0.1:$P_NGINX" "http://127.0.0.1:$P_NGINX/1k" -- \
+    instr_one nginx reverse "127.0.0.1:$P_NGINX" "http://127.0.0.1:$P_NGINX/1k" /1k -- \
         nginx -p "$RUN" -e "$RUN/logs/nginx-instr-error.log" -c "$RUN/conf/nginx-instr.conf"
     if [[ $MODE == full ]]; then
-        instr_one haproxy reverse "127.0.0.1:$P_HAPROXY" "http://127.0.0.1:$P_HAPROXY/1k" -- \
+        instr_one haproxy reverse "127.0.0.1:$P_HAPROXY" "http://127.0.0.1:$P_HAPROXY/1k" /1k -- \
             haproxy -db -f "$RUN/conf/haproxy-instr.cfg"
         if [[ -n $OUTRIDER ]]; then
-            instr_one outrider-explicit forward "127.0.0.1:$P_OF_OUT" "http://127.0.0.1:$P_OF_OUT/" -- \
+            instr_one outrider-explicit forward "127.0.0.1:$P_OF_OUT" "http://127.0.0.1:$P_OF_OUT/" /1k -- \
                 "$OUTRIDER" run --config "$RUN/conf/fwd-log.yaml"
+            # Cache hits: the warm-up fills the cache, so the counted requests are hits.
+            instr_one outrider-cache forward "127.0.0.1:$P_ON_OUT" "http://127.0.0.1:$P_ON_OUT/" /c/1k -- \
+                "$OUTRIDER" run --config "$RUN/conf/cache.yaml"
         fi
+        render "$PEERS/nginx-cache.conf" "$RUN/conf/nginx-cache-instr.conf" PORT="$P_NGC"
+        sed -i -e 's/^worker_processes auto;/worker_processes 1;\nmaster_process off;/' "$RUN/conf/nginx-cache-instr.conf"
+        instr_one nginx-cache reverse "127.0.0.1:$P_NGC" "http://127.0.0.1:$P_NGC/c/1k" /c/1k -- \
+            nginx -p "$RUN" -e "$RUN/logs/nginx-cache-instr-error.log" -c "$RUN/conf/nginx-cache-instr.conf"
     fi
     manifest instr group=instr label="user-space instructions per request (callgrind)" proxy=all status=ok \
         notes="1 KiB keep-alive, 16 connections, ${INSTR_DUR}s after a ${INSTR_WARM}s warm-up; kernel work not counted"
