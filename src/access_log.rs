@@ -280,18 +280,8 @@ impl JsonObject<'_> {
 
     fn uint(&mut self, k: &str, n: u64) {
         self.key(k);
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        let mut n = n;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.out.extend_from_slice(&digits[i..]);
+        self.out
+            .extend_from_slice(crate::net::text::Decimal::new(n).as_bytes());
     }
 
     fn addr(&mut self, k: &str, a: Option<SocketAddr>) {

@@ -147,33 +147,6 @@ pub fn record_request(r: &Record) {
     }
 }
 
-/// A cache outcome that has its own counter.
-#[derive(Clone, Copy)]
-pub enum CacheCount {
-    /// Served from the cache.
-    Hit = 0,
-    /// Fetched from the origin.
-    Miss = 1,
-    /// Served stale.
-    Stale = 2,
-}
-
-/// Counts one cache outcome. Its handles are resolved on first use (the hit path looked
-/// the counter up in the registry on every request); a process installs its recorder at
-/// start-up, before any request reaches the cache.
-pub fn record_cache(outcome: CacheCount) {
-    static HANDLES: OnceLock<[metrics::Counter; 3]> = OnceLock::new();
-    let h = HANDLES.get_or_init(|| {
-        [
-            "outrider_cache_hits_total",
-            "outrider_cache_misses_total",
-            "outrider_cache_stale_total",
-        ]
-        .map(|name| metrics::counter!(name))
-    });
-    h[outcome as usize].increment(1);
-}
-
 /// Counts an egress denial (or, in report mode, a would-be denial).
 pub fn record_denial(code: &'static str, decision: &'static str) {
     metrics::counter!("outrider_egress_denied_total", "reason" => code, "decision" => decision)

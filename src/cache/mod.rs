@@ -135,6 +135,28 @@ pub enum CacheOutcome {
 }
 
 impl CacheOutcome {
+    /// Counts a hit, miss or stale answer. The handles are resolved on first use (the hit
+    /// path looked its counter up in the registry on every request); a process installs its
+    /// recorder at start-up, before any request reaches the cache.
+    fn count(self) {
+        static HANDLES: std::sync::OnceLock<[metrics::Counter; 3]> = std::sync::OnceLock::new();
+        let i = match self {
+            CacheOutcome::Hit => 0,
+            CacheOutcome::Miss => 1,
+            CacheOutcome::Stale => 2,
+            _ => return,
+        };
+        let h = HANDLES.get_or_init(|| {
+            [
+                "outrider_cache_hits_total",
+                "outrider_cache_misses_total",
+                "outrider_cache_stale_total",
+            ]
+            .map(|name| metrics::counter!(name))
+        });
+        h[i].increment(1);
+    }
+
     /// The access log's value: `hit`, `miss`, `stale`, `revalidated`, `bypass`, `uncacheable`.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -212,12 +234,7 @@ impl HttpCache {
         upstream: Arc<dyn Upstream>,
     ) -> (Result<http::Response<Body>, UpstreamError>, CacheOutcome) {
         let handled = flow::handle(&self.inner, req, upstream).await;
-        match handled.1 {
-            CacheOutcome::Hit => crate::metrics::record_cache(crate::metrics::CacheCount::Hit),
-            CacheOutcome::Miss => crate::metrics::record_cache(crate::metrics::CacheCount::Miss),
-            CacheOutcome::Stale => crate::metrics::record_cache(crate::metrics::CacheCount::Stale),
-            _ => {}
-        }
+        handled.1.count();
         handled
     }
 

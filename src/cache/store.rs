@@ -233,15 +233,12 @@ fn origin_with_room(uri: &Uri, room: usize) -> Option<String> {
     s.push_str("://");
     s.push_str(host);
     s.make_ascii_lowercase();
-    match (
-        s.starts_with("http:"),
-        s.starts_with("https:"),
-        uri.port_u16(),
-    ) {
-        (true, _, Some(80)) | (_, true, Some(443)) | (_, _, None) => {}
-        (_, _, Some(p)) => {
-            use std::fmt::Write;
-            let _ = write!(s, ":{p}");
+    if let Some(p) = uri.port_u16() {
+        let default = (p == 80 && scheme.eq_ignore_ascii_case("http"))
+            || (p == 443 && scheme.eq_ignore_ascii_case("https"));
+        if !default {
+            s.push(':');
+            s.push_str(crate::net::text::Decimal::new(u64::from(p)).as_str());
         }
     }
     Some(s)

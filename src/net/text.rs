@@ -69,18 +69,7 @@ impl IpText {
     }
 
     fn push_decimal(&mut self, n: u32) {
-        let mut digits = [0u8; 10];
-        let mut i = digits.len();
-        let mut n = n;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
+        for &d in Decimal::new(u64::from(n)).as_bytes() {
             self.push(d);
         }
     }
@@ -93,6 +82,42 @@ impl IpText {
         if rest.write_fmt(args).is_ok() {
             self.len += room - rest.len();
         }
+    }
+}
+
+/// An unsigned number in decimal, on the stack (what `Display` writes, without `core::fmt`).
+pub struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    /// Writes `n` out.
+    pub fn new(n: u64) -> Self {
+        let mut d = Decimal {
+            digits: [0; 20],
+            start: 20,
+        };
+        let mut n = n;
+        loop {
+            d.start -= 1;
+            d.digits[d.start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return d;
+            }
+        }
+    }
+
+    /// The digits.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+
+    /// The digits as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits are ever written.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
@@ -137,5 +162,12 @@ mod tests {
             4_294_967_295,
         ));
         assert_eq!(IpText::socket(scoped).as_str(), scoped.to_string());
+    }
+
+    #[test]
+    fn decimal_is_what_display_writes() {
+        for n in [0, 1, 9, 10, 99, 100, 65535, 1 << 32, u64::MAX] {
+            assert_eq!(Decimal::new(n).as_str(), n.to_string());
+        }
     }
 }
