@@ -164,6 +164,20 @@ fn other_invalid_values_are_named() {
     assert_rejected("outbound:\n  egress:\n    allow: [\n", "YAML");
 }
 
+/// The README documents `output: off`; unquoted, YAML 1.1 reads it as the boolean false.
+#[test]
+fn unquoted_off_turns_the_access_log_off() {
+    let (code, _, stderr) = check("access_log:\n  output: off\n");
+    assert_eq!(code, 0, "{stderr}");
+    let config = outrider::config::Config::from_yaml("access_log:\n  output: off\n").unwrap();
+    assert_eq!(config.access_log.output, "off");
+    let config = outrider::config::Config::from_yaml("access_log:\n  output: \"off\"\n").unwrap();
+    assert_eq!(config.access_log.output, "off");
+    // `on` is no output at all.
+    assert_rejected("access_log:\n  output: on\n", "access_log.output");
+    assert_rejected("access_log:\n  output: [a]\n", "access_log.output");
+}
+
 #[test]
 fn a_missing_file_is_an_error() {
     let out = Command::new(BIN)

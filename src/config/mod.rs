@@ -340,7 +340,31 @@ pub struct MeshIdentities {
 #[serde(deny_unknown_fields, default)]
 pub struct AccessLogConfig {
     /// `stdout`, `stderr`, `off`, or a file path (appended to).
+    #[serde(deserialize_with = "log_output")]
     pub output: String,
+}
+
+/// Reads `access_log.output`. The parser follows YAML 1.1, where an unquoted `off` is the
+/// boolean false: the README's `output: off` must mean off, not a type error.
+fn log_output<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Output;
+    impl serde::de::Visitor<'_> for Output {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("stdout, stderr, off or a file path")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            if v {
+                Err(E::invalid_value(serde::de::Unexpected::Bool(v), &self))
+            } else {
+                Ok("off".to_owned())
+            }
+        }
+    }
+    d.deserialize_any(Output)
 }
 
 impl Default for AccessLogConfig {

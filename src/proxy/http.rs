@@ -9,8 +9,14 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may take to send a request's headers (slowloris protection).
+/// How long a client may take to send a request's headers (slowloris protection). hyper
+/// runs it while an HTTP/1 keep-alive connection waits for its next request too, so it is
+/// also HTTP/1's idle timeout.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an HTTP/2 client connection may have no request in flight before it is closed
+/// (GOAWAY, so a client never loses a request it sent): the same as HTTP/1's.
+const IDLE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 
 /// The HTTP/1 + HTTP/2 server settings for client connections, both directions.
 fn server_builder() -> auto::Builder<TokioExecutor> {
@@ -60,12 +66,20 @@ where
             }
         };
     }
+    // HTTP/2 (or not yet known): hyper has no idle timer for HTTP/2, so one is kept here.
+    let idle = super::idle::Idle::new();
     let builder = server_builder();
-    let connection = builder.serve_connection_with_upgrades(io, svc);
+    let connection =
+        builder.serve_connection_with_upgrades(io, super::idle::Tracked::new(svc, idle.clone()));
     tokio::pin!(connection);
     tokio::select! {
         res = connection.as_mut() => res,
         () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = idle.expired(IDLE_TIMEOUT) => {
+            tracing::debug!("closing an idle client connection");
             connection.as_mut().graceful_shutdown();
             connection.await
         }

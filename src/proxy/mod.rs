@@ -8,6 +8,7 @@ pub mod detect;
 pub mod error;
 pub mod forward;
 pub mod http;
+mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod tunnel;

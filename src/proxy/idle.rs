@@ -1,0 +1,180 @@
+//! Idle timeout for client connections that hyper does not time out itself.
+//!
+//! HTTP/1 connections close when the next request head takes longer than the header-read
+//! timeout, which also runs while a keep-alive connection waits. HTTP/2 has no such
+//! timer: a client could hold any number of quiet connections open forever. [`Idle`]
+//! counts what is in flight on a connection (a request being answered, a response body
+//! being sent) and [`Idle::expired`] resolves once nothing has been for the timeout, when
+//! the caller shuts the connection down gracefully (GOAWAY).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+/// What is in flight on one connection, and when it last changed.
+#[derive(Clone)]
+pub struct Idle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Requests being answered plus response bodies being sent.
+    active: AtomicUsize,
+    /// When the last request or response body ended, in ms since `start`.
+    quiet_since_ms: AtomicU64,
+    start: Instant,
+}
+
+impl Idle {
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                active: AtomicUsize::new(0),
+                quiet_since_ms: AtomicU64::new(0),
+                start: Instant::now(),
+            }),
+        }
+    }
+
+    /// Resolves once nothing has been in flight for `timeout`.
+    pub async fn expired(&self, timeout: Duration) {
+        let s = &self.shared;
+        loop {
+            let deadline = if s.active.load(Ordering::Acquire) == 0 {
+                let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
+                s.start + quiet + timeout
+            } else {
+                // Busy: look again a timeout from now; an end before then moves the deadline.
+                Instant::now() + timeout
+            };
+            tokio::time::sleep_until(deadline).await;
+            let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
+            if s.active.load(Ordering::Acquire) == 0 && s.start + quiet + timeout <= Instant::now()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Counts one unit of work until the returned guard is dropped.
+    fn begin(&self) -> Active {
+        self.shared.active.fetch_add(1, Ordering::AcqRel);
+        Active(self.shared.clone())
+    }
+}
+
+/// One request or response body in flight; its drop records when it ended.
+struct Active(Arc<Shared>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The time first: a watcher that sees the count reach zero must see this end.
+        self.0.quiet_since_ms.fetch_max(ms, Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A service wrapper that counts each request, and its response body, as activity.
+#[derive(Clone)]
+pub struct Tracked<S> {
+    inner: S,
+    idle: Idle,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, idle: Idle) -> Self {
+        Self { inner, idle }
+    }
+}
+
+impl<S, R, B> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let active = self.idle.begin();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let res = answer.await?;
+            // The same unit of work goes on with the body, until hyper drops it.
+            Ok(res.map(|body| TrackedBody {
+                body,
+                _active: active,
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection counted as busy while it is sent.
+    pub struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _active: Active,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_only_after_the_last_activity_ends() {
+        let idle = Idle::new();
+        let timeout = Duration::from_secs(30);
+        let watch = idle.clone();
+        let expired = tokio::spawn(async move {
+            watch.expired(timeout).await;
+            Instant::now()
+        });
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let busy = idle.begin();
+        // Held well past the first deadline: a long response body keeps it open.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        drop(busy);
+        let at = expired.await.unwrap();
+        assert_eq!(at.duration_since(start), Duration::from_secs(140));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_expires_after_the_timeout() {
+        let idle = Idle::new();
+        let start = Instant::now();
+        idle.expired(Duration::from_secs(5)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+}
