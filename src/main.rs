@@ -96,6 +96,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            raise_open_file_limit();
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.enable_all();
             if compiled.source.runtime.worker_threads > 0 {
@@ -120,6 +121,46 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one. A proxy holds two descriptors per
+/// proxied connection, and the usual soft limit (1024) would stop it near 500 connections
+/// — accept fails with EMFILE — while the hard limit allows far more. HAProxy and Go's
+/// runtime raise it the same way; nothing else in the process depends on a low limit
+/// (no `select`).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    // Linux refuses an unlimited open-file limit; fs.nr_open's default is the ceiling.
+    const CEILING: u64 = 1 << 20;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let target = if hard == RLIM_INFINITY { CEILING } else { hard };
+    let soft = if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = target, "raised the open-file limit");
+                target
+            }
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if soft < 4096 {
+        tracing::warn!(
+            limit = soft,
+            "the open-file limit allows only about {} proxied connections",
+            soft / 2
+        );
     }
 }
 

@@ -260,15 +260,38 @@ pub async fn accept_loop<F>(
 ) where
     F: FnMut(tokio::net::TcpStream, SocketAddr),
 {
+    // While accepting fails (at the open-file limit it fails every retry), one warning
+    // starts the episode, one every 10 s says it lasts, and one line says it ended: not
+    // twenty lines a second into the operator's log.
+    const REPEAT: std::time::Duration = std::time::Duration::from_secs(10);
+    let mut failing: Option<(tokio::time::Instant, u64)> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.cancelled() => return,
         };
         match accepted {
-            Ok((stream, client)) => serve(stream, crate::net::orig_dst::canonical(client)),
+            Ok((stream, client)) => {
+                if let Some((_, failures)) = failing.take() {
+                    tracing::info!(failures, "accepting connections again");
+                }
+                serve(stream, crate::net::orig_dst::canonical(client));
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                let now = tokio::time::Instant::now();
+                match &mut failing {
+                    None => {
+                        tracing::warn!(error = %e, "accept failed; retrying every 50 ms");
+                        failing = Some((now, 1));
+                    }
+                    Some((warned, failures)) => {
+                        *failures += 1;
+                        if now.duration_since(*warned) >= REPEAT {
+                            tracing::warn!(error = %e, failures = *failures, "accept still failing");
+                            *warned = now;
+                        }
+                    }
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

@@ -245,12 +245,23 @@ pub struct BinProxy {
 impl BinProxy {
     /// Starts `bin` (pass `env!("CARGO_BIN_EXE_outrider")`) and waits for "outrider ready".
     pub fn start(bin: &str, yaml: &str) -> Self {
+        Self::start_under(&[], bin, yaml)
+    }
+
+    /// Like [`BinProxy::start`], run through a wrapper that execs it (e.g. `prlimit … --`),
+    /// so that the child's pid is still the proxy's.
+    pub fn start_under(wrapper: &[&str], bin: &str, yaml: &str) -> Self {
         let dir = TempDir::new("bin");
         let log_path = dir.path().join("access.log");
         let config_path = dir.path().join("outrider.yaml");
         let (_, text) = prepare_config(yaml, &log_path);
         std::fs::write(&config_path, text).unwrap();
-        let mut child = Command::new(bin)
+        let (program, args) = match wrapper.split_first() {
+            Some((w, rest)) => (*w, [rest, &[bin]].concat()),
+            None => (bin, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(args)
             .args(["run", "--config"])
             .arg(&config_path)
             .env("OUTRIDER_LOG", "info")
