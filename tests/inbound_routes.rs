@@ -156,9 +156,24 @@ async fn authorization_denies_what_no_rule_allows_and_xfcc_is_never_forwarded() 
     let (s, _, _) = send(inbound, "GET", "/admin", &[("host", "shop.local")]).await;
     assert_eq!(s, 403);
 
+    // Paths that start with /api/ but that an app resolving dot segments (or decoding them
+    // first) would serve as /admin.
+    let sneaky = [
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api/..;/admin",
+        "/api/x%2F..%2F..%2Fadmin",
+    ];
+    for path in sneaky {
+        let (s, h, _) = send(inbound, "GET", path, &[]).await;
+        assert_eq!(s, 403, "{path}");
+        let reason = h["x-outrider-error"].to_str().unwrap();
+        assert!(reason.contains("normal form"), "{path}: {reason}");
+    }
+
     let lines = p.log_lines().await;
     let denied: Vec<_> = lines.iter().filter(|l| l["decision"] == "deny").collect();
-    assert_eq!(denied.len(), 2);
+    assert_eq!(denied.len(), 2 + sneaky.len());
 }
 
 #[test]

@@ -82,10 +82,13 @@ impl Authz {
                     .identity
                     .is_some_and(|id| rule.from.iter().any(|p| p.matches(id)));
             let port_ok = rule.ports.is_empty() || rule.ports.contains(&req.port);
+            // A prefix only says what the app will serve if the path means to the app what
+            // it says here: a path that is not in normal form matches no rule with paths.
             let path_ok = rule.paths.is_empty()
-                || req
-                    .path
-                    .is_some_and(|path| rule.paths.iter().any(|p| path.starts_with(p.as_str())));
+                || req.path.is_some_and(|path| {
+                    abnormal_path(path).is_none()
+                        && rule.paths.iter().any(|p| path.starts_with(p.as_str()))
+                });
             let method_ok = rule.methods.is_empty()
                 || req
                     .method
@@ -96,13 +99,62 @@ impl Authz {
         }
         let who = req.identity.unwrap_or("an unauthenticated caller");
         Err(match (req.method, req.path) {
-            (Some(m), Some(p)) => format!(
-                "no authorization rule allows {who} to {m} {p} on port {}",
-                req.port
-            ),
+            (Some(m), Some(p)) => match abnormal_path(p) {
+                Some(why) => format!(
+                    "no authorization rule allows {who} to {m} {p} on port {}: the path has {why}, and rules with paths match only paths in normal form",
+                    req.port
+                ),
+                None => format!(
+                    "no authorization rule allows {who} to {m} {p} on port {}",
+                    req.port
+                ),
+            },
             _ => format!("no authorization rule allows {who} on port {}", req.port),
         })
     }
+}
+
+/// Why `path` may mean something else to the app than its prefix says, or `None` when it is
+/// in normal form. `/api/../admin` starts with `/api/`, but an app that resolves dot
+/// segments serves `/admin`; so do the spellings apps decode first: `%2e` for a dot, `..;`
+/// (servlet containers drop `;` parameters), and encoded slashes or backslashes, which turn
+/// `..%2f` into a dot segment once decoded.
+pub fn abnormal_path(path: &str) -> Option<&'static str> {
+    let b = path.as_bytes();
+    if b.contains(&b'\\') {
+        return Some("a backslash");
+    }
+    let encoded_separator = b.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((w[1] == b'2' && w[2] | 0x20 == b'f') || (w[1] == b'5' && w[2] | 0x20 == b'c'))
+    });
+    if encoded_separator {
+        return Some("an encoded slash or backslash");
+    }
+    let dot_segment = path
+        .split('/')
+        .any(|seg| is_dots(seg.split(';').next().unwrap_or(seg)));
+    dot_segment.then_some("a dot segment")
+}
+
+/// `.` or `..`, each dot possibly written `%2e`.
+fn is_dots(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    let (mut i, mut dots) = (0, 0);
+    while i < b.len() {
+        if b[i] == b'.' {
+            i += 1;
+        } else if b[i] == b'%'
+            && b.get(i + 1) == Some(&b'2')
+            && b.get(i + 2).map(|c| c | 0x20) == Some(b'e')
+        {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 #[cfg(test)]
@@ -154,6 +206,45 @@ mod tests {
             })
             .is_err());
         assert!(Authz::default().check(http(None, "DELETE", "/")).is_ok());
+    }
+
+    #[test]
+    fn paths_not_in_normal_form_match_no_rule_with_paths() {
+        let a = rules();
+        let shop = Some("spiffe://cluster.local/ns/shop/sa/web");
+        for path in [
+            "/api/../admin",
+            "/api/./../admin",
+            "/api/..",
+            "/api/%2e%2e/admin",
+            "/api/%2E./admin",
+            "/api/.%2e/admin",
+            "/api/..;/admin",
+            "/api/..;jsessionid=1/admin",
+            "/api/x%2F..%2F..%2Fadmin",
+            "/api/x%2f..",
+            "/api/..%5cadmin",
+            "/api/..\\admin",
+        ] {
+            let err = a.check(http(shop, "GET", path)).err().unwrap_or_default();
+            assert!(err.contains("normal form"), "{path}: {err:?}");
+        }
+        // Dots inside a segment are names, not dot segments.
+        for path in [
+            "/api/.well-known",
+            "/api/a..b",
+            "/api/...",
+            "/api/v1.2/x",
+            "/api/%2e%2e%2e",
+        ] {
+            assert!(a.check(http(shop, "GET", path)).is_ok(), "{path}");
+        }
+        // A rule without paths does not care how the path is written.
+        let any_path = Authz(vec![AuthzRule {
+            label: "authorization[0]".into(),
+            ..AuthzRule::default()
+        }]);
+        assert!(any_path.check(http(None, "GET", "/api/../admin")).is_ok());
     }
 
     #[test]

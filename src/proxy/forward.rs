@@ -257,17 +257,13 @@ fn target(req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String)
             (a.as_str().to_owned(), 80)
         }
         (None, None) => {
-            // An origin-form request sent to the proxy itself.
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("");
-            return Err(ProxyError::Loop(if host.is_empty() {
-                "no Host".into()
-            } else {
-                host.into()
-            }));
+            // Origin-form on a connection that was not redirected: a client that treats the
+            // proxy as the server (a base URL set to the proxy, say). What it needs to hear
+            // is how to talk to a proxy; squid answers these with 400 too.
+            return Err(ProxyError::BadRequest(
+                "this is a proxy: send the absolute URL (GET http://host/path), or CONNECT host:443 for https"
+                    .into(),
+            ));
         }
         (Some(od), Some(a)) => (a.as_str().to_owned(), od.port()),
         (Some(od), None) => match req.headers().get(header::HOST) {
