@@ -507,6 +507,63 @@ fn tls_is_allowed_and_denied_by_sni() {
     assert!(field(&record, "reason").contains("denied.test"), "{record}");
 }
 
+/// An explicit client's CONNECT names an allowed host while the TLS inside asks (SNI) for
+/// another: checked like a transparent connection with that SNI, so that an allowed name's
+/// server (a CDN front) cannot carry traffic for a denied one.
+#[test]
+fn connect_tunnels_are_checked_on_the_sni_inside() {
+    let w = World::new();
+    let cacert = w.cacert.to_str().unwrap();
+    let proxy = "http://127.0.0.1:15001";
+    let out = w.curl(&[
+        "--cacert",
+        cacert,
+        "-x",
+        proxy,
+        "https://allowed.test/connect-allowed",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("\nallowed\n")
+            && stdout.contains("/connect-allowed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = w.wait_log("the allowed CONNECT", |r| {
+        field(r, "method") == "CONNECT" && field(r, "sni") == "allowed.test"
+    });
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+
+    // CONNECT allowed.test:443, then a ClientHello for denied.test (curl's --connect-to
+    // does exactly this). The allowed server holds a certificate for denied.test too, so
+    // without the check the request would be answered.
+    let out = w.curl(&[
+        "--cacert",
+        cacert,
+        "-x",
+        proxy,
+        "--connect-to",
+        "denied.test:443:allowed.test:443",
+        "https://denied.test/fronted",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a fronted request got through: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let record = w.wait_log("the fronted CONNECT", |r| {
+        field(r, "method") == "CONNECT" && field(r, "sni") == "denied.test"
+    });
+    assert_eq!(field(&record, "authority"), "allowed.test:443", "{record}");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    let reason = field(&record, "reason");
+    assert!(
+        reason.contains("SNI denied.test") && reason.contains("no rule for host denied.test"),
+        "{record}"
+    );
+}
+
 #[test]
 fn forged_host_and_sni_are_refused_and_logged_as_forged() {
     let w = World::new();

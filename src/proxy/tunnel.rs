@@ -1,8 +1,10 @@
 //! Byte tunnels: `CONNECT` (checked on its target, dialled before the 200 so that a failure
-//! is still a proper error response), protocol upgrades, and transparent opaque TCP.
+//! is still a proper error response, then on the SNI of the TLS inside), protocol upgrades,
+//! and transparent opaque TCP.
 //! Each tunnel is logged once, at its close, with the bytes each way.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,15 +14,18 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::admit::admit;
+use super::detect::{detect, Hello, Protocol};
 use super::error::ProxyError;
 use super::forward::{note_admission, parse_authority};
 use super::{ConnInfo, Inputs};
 use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
 use crate::net::connect;
+use crate::policy::egress::Deny;
+use crate::policy::host::{parse_host, Host};
 
 /// Serves a `CONNECT host:port` request.
 pub async fn connect(
@@ -52,32 +57,109 @@ pub async fn connect(
         let (host, port) = parse_authority(&authority, 0)?;
         let admitted = admit(&inputs, &state, &host, port, conn.original_dst).await?;
         note_admission(&mut guard, &admitted);
-        connect::connect_maybe_mesh(
+        let upstream = connect::connect_maybe_mesh(
             admitted.addr,
             state.cfg.connect_timeout,
             state.mesh_client.as_ref(),
         )
         .await
-        .map_err(ProxyError::Connect)
+        .map_err(ProxyError::Connect)?;
+        Ok((upstream, host, admitted.addr))
     }
     .await;
     match result {
-        Ok(upstream) => {
+        Ok((upstream, host, dialled)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
             guard.record.status = 200;
-            inputs.tasks.spawn(async move {
+            let tasks = inputs.tasks.clone();
+            tasks.spawn(async move {
                 // The tunnel outlives the HTTP connection it came from: count it as open.
                 let _gauge = crate::metrics::ConnectionGauge::continued();
-                match on_upgrade.await {
-                    Ok(upgraded) => splice(TokioIo::new(upgraded), upstream, guard).await,
-                    Err(e) => guard.fail(format!("client upgrade failed: {e}")),
+                let mut client = match on_upgrade.await {
+                    Ok(upgraded) => TokioIo::new(upgraded),
+                    Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
+                };
+                let first =
+                    match check_sni(&inputs, &state, &mut client, &host, dialled, &mut guard).await
+                    {
+                        Some(first) => first,
+                        None => return,
+                    };
+                let mut upstream = upstream;
+                if !first.is_empty() {
+                    if let Err(e) = upstream.write_all(&first).await {
+                        return guard.fail(format!("upstream write failed: {e}"));
+                    }
+                    guard
+                        .bytes
+                        .inbound
+                        .fetch_add(first.len() as u64, Ordering::Relaxed);
                 }
+                splice(client, upstream, guard).await;
             });
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::OK;
             resp
         }
         Err(e) => super::forward::note_error(&mut guard, &e),
+    }
+}
+
+/// The first bytes through a CONNECT tunnel. A TLS ClientHello whose SNI names another host
+/// than the CONNECT target must pass the check a transparent connection with that SNI would
+/// (the name allowed and resolving to the dialled address, or that address allowed by a
+/// CIDR rule): else an allowed name's server — a CDN front — could carry traffic for a
+/// denied one. Returns the bytes read (to be sent on), or `None` when the tunnel is refused
+/// (logged; dropping it closes it). What is not TLS, or says nothing within the detection
+/// timeout (a server-first protocol), was checked on the CONNECT target alone; on
+/// `outbound.detect.server_first_ports` nothing is awaited.
+async fn check_sni<C: AsyncRead + Unpin>(
+    inputs: &Inputs,
+    state: &super::State,
+    client: &mut C,
+    host: &Host,
+    dialled: SocketAddr,
+    guard: &mut LogGuard,
+) -> Option<bytes::Bytes> {
+    if state.cfg.server_first_ports.contains(&dialled.port()) {
+        return Some(bytes::Bytes::new());
+    }
+    let (protocol, first) = match detect(client, state.cfg.detect_timeout).await {
+        Ok(found) => found,
+        Err(e) => {
+            guard.fail(format!("client read failed: {e}"));
+            return None;
+        }
+    };
+    let Protocol::Tls(Hello { sni: Some(sni), .. }) = protocol else {
+        return Some(first);
+    };
+    guard.record.sni = Some(sni.clone());
+    let checked = match parse_host(&sni) {
+        Ok(named) if named == *host => return Some(first),
+        Ok(named) => admit(inputs, state, &named, dialled.port(), Some(dialled)).await,
+        Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
+    };
+    match checked {
+        Ok(a) if a.decision == "report" => {
+            guard.record.decision = "report";
+            guard.record.reason = Some(format!(
+                "SNI {sni} inside a CONNECT to {host}: {}",
+                a.reason.unwrap_or_default()
+            ));
+            Some(first)
+        }
+        Ok(_) => Some(first),
+        Err(e) => {
+            super::forward::record_error(guard, &e);
+            let context = format!("SNI {sni} inside a CONNECT to {host}: {e}");
+            if guard.record.decision == "deny" {
+                guard.record.reason = Some(context);
+            } else {
+                guard.record.error = Some(context);
+            }
+            None
+        }
     }
 }
 
