@@ -177,6 +177,37 @@ async fn transparent_http_with_forged_host_is_refused() {
     assert_eq!(lines[0]["decision"], "deny");
 }
 
+/// The port that counts is the one the connection was going to: a Host header naming an
+/// allowed port cannot open a port no rule allows.
+#[tokio::test]
+async fn transparent_http_is_checked_on_the_original_port_not_the_hosts() {
+    let origin = http_origin().await;
+    let allowed_port = if origin.port() == 8080 { 8081 } else { 8080 };
+    let p = Proxy::start(
+        &format!(
+            "  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n        ports: [{allowed_port}]\n      - host: good.test\n        ports: [{allowed_port}]\ndns:\n  hosts:\n    good.test: 127.0.0.1\n"
+        ),
+        origin,
+    )
+    .await;
+    for host in [
+        format!("127.0.0.1:{allowed_port}"),
+        format!("good.test:{allowed_port}"),
+    ] {
+        let resp = raw_request(
+            p.handle.outbound_addr,
+            &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            resp.starts_with("HTTP/1.1 403"),
+            "Host {host} opened port {}: {resp}",
+            origin.port()
+        );
+        assert!(resp.contains(&origin.port().to_string()), "{resp}");
+    }
+}
+
 #[tokio::test]
 async fn transparent_http_denied_without_rule() {
     let origin = http_origin().await;

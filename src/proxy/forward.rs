@@ -280,7 +280,12 @@ fn target(req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String)
             None => (od.to_string(), od.port()),
         },
     };
-    parse_authority(&authority, default_port).map(|(h, p)| (h, p, authority))
+    let (host, port) = parse_authority(&authority, default_port)?;
+    // A redirected connection goes to its original destination's port whatever the Host
+    // says, so that port is the one the policy checks: `Host: a.test:8080` on a connection
+    // to port 22 must not be let through by a rule for port 8080.
+    let port = conn.original_dst.map_or(port, |od| od.port());
+    Ok((host, port, authority))
 }
 
 /// Parses `host[:port]` strictly.
