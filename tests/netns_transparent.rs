@@ -732,6 +732,78 @@ fn inbound_connections_reach_the_app_through_the_sidecar() {
     assert_eq!(record["status"], 200, "{record}");
 }
 
+/// Another host connecting to the pod on one of the sidecar's own ports (here the outbound
+/// proxy's, 15001) is redirected to the inbound listener like any inbound connection; the
+/// sidecar must not hand it to its own loopback-only listener, which would lend the pod's
+/// egress rights to anyone who can reach the pod.
+#[test]
+fn the_sidecars_own_ports_are_not_reachable_from_outside_through_inbound() {
+    let w = World::new();
+    let proxy = format!("http://{}:15001", w.pod_ip());
+    let resolve = format!("allowed.test:80:{ALLOWED_IP}");
+    let mut cmd = w.outside.command(
+        "curl",
+        &[
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "-x",
+            &proxy,
+            "--resolve",
+            &resolve,
+            "http://allowed.test/borrowed-egress",
+        ],
+    );
+    without_proxy_env(&mut cmd);
+    let out = cmd.output().unwrap();
+    let resp = Resp::parse(&out);
+    assert_eq!(
+        resp.status, 403,
+        "a host outside the pod used the sidecar's outbound proxy:\n{}",
+        resp.body
+    );
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(reason.contains("loop"), "x-outrider-error: {reason:?}");
+    let outbound_records = w
+        .log_lines()
+        .into_iter()
+        .filter(|r| field(r, "direction") == "outbound" && field(r, "path") == "/borrowed-egress")
+        .count();
+    assert_eq!(
+        outbound_records, 0,
+        "the request reached the outbound proxy"
+    );
+
+    // The same as a CONNECT whose first byte comes late, so that the inbound side's
+    // detection gives up and passes the connection on as opaque TCP.
+    let script = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 15001), timeout=20)
+s.sendall(b"C")
+time.sleep(8.5)
+s.sendall(b"ONNECT " + sys.argv[2].encode() + b":80 HTTP/1.1\r\nHost: x\r\n\r\n")
+try:
+    print(repr(s.recv(200)))
+except OSError as e:
+    print("error %r" % e)
+"#;
+    let out = w.outside.exec(
+        PYTHON,
+        &["-c", script, &w.pod_ip().to_string(), "allowed.test"],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !said.contains(" 200 "),
+        "a host outside the pod opened a CONNECT tunnel with the pod's egress: {said}"
+    );
+    let record = w.wait_log("the refused pass-through", |r| {
+        field(r, "direction") == "inbound" && field(r, "protocol") == "tcp"
+    });
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert!(field(&record, "reason").contains("loop"), "{record}");
+}
+
 #[test]
 fn the_sidecars_own_upstream_connections_are_not_captured_again() {
     let w = World::new();

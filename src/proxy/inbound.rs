@@ -207,6 +207,16 @@ async fn pass_through<I>(
     }
     let app = SocketAddr::new(state.cfg.app_host, od.port());
     guard.record.upstream = Some(app);
+    if inputs.is_own(app) {
+        // Another host connected to the pod on one of the sidecar's own ports: handing
+        // that to the loopback-only listener would let it use the outbound proxy (and the
+        // pod's egress rights) or the admin API.
+        let e = ProxyError::Loop(app.to_string());
+        guard.record.decision = "deny";
+        guard.record.reason = Some(e.to_string());
+        crate::metrics::record_denial("loop", "deny");
+        return;
+    }
     let upstream = match connect::connect(app, state.cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
@@ -238,7 +248,17 @@ async fn handle(
     let mut guard = LogGuard::start(state.log.clone(), record);
 
     guard.record.peer_identity = peer.clone();
-    match to_app(&state, conn, peer.as_deref(), req, request_id, &mut guard).await {
+    match to_app(
+        &inputs,
+        &state,
+        conn,
+        peer.as_deref(),
+        req,
+        request_id,
+        &mut guard,
+    )
+    .await
+    {
         Ok(resp) => {
             guard.record.status = resp.status().as_u16();
             let counter = guard.bytes.clone();
@@ -252,6 +272,7 @@ const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-
 
 /// Route → authorize → forwarding headers → the app (pooled) → response filters.
 async fn to_app(
+    inputs: &Inputs,
     state: &super::State,
     conn: ConnInfo,
     peer: Option<&str>,
@@ -273,6 +294,11 @@ async fn to_app(
         })
         .ok_or(ProxyError::NoRoute)?;
     guard.record.upstream = Some(target);
+    // Never one of the sidecar's own listeners (see `pass_through`), whatever the port
+    // or a route says.
+    if inputs.is_own(target) {
+        return Err(ProxyError::Loop(target.to_string()));
+    }
     let asked = authz::Request {
         identity: peer,
         port: conn.original_dst.map_or(target.port(), |od| od.port()),
