@@ -14,6 +14,12 @@ use tokio_util::sync::CancellationToken;
 /// also HTTP/1's idle timeout.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest request head a client may send (request line and headers); a larger head is
+/// answered 431. hyper's default (~400 KB) let every connection make the proxy hold that
+/// much. hyper bounds its write queue with the same number, and below 128 KiB responses of
+/// 1 MiB lost 9 % of their throughput (fewer bytes per `writev`), so not Envoy's 60 KiB.
+const MAX_HEAD: usize = 128 * 1024;
+
 /// How long an HTTP/2 client connection may have no request in flight before it is closed
 /// (GOAWAY, so a client never loses a request it sent): the same as HTTP/1's.
 const IDLE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
@@ -24,8 +30,12 @@ fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
     builder
 }
 
@@ -55,6 +65,7 @@ where
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
             .serve_connection(io, svc)
             .with_upgrades();
         tokio::pin!(connection);
