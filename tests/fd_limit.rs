@@ -18,6 +18,24 @@ fn open_file_limits(pid: i32) -> (u64, u64) {
     (numbers.next().unwrap(), numbers.next().unwrap())
 }
 
+/// `n` clients at once, each on its own keep-alive connection, each GETting `url` once;
+/// their connections stay open (returned) with the status each got (0: none in `secs`).
+async fn held_gets(
+    proxy: std::net::SocketAddr,
+    url: &str,
+    n: usize,
+    secs: u64,
+) -> Vec<(ProxyClient, u16)> {
+    futures_util::future::join_all((0..n).map(|_| async move {
+        let mut c = ProxyClient::connect(proxy).await;
+        let status = tokio::time::timeout(std::time::Duration::from_secs(secs), c.get(url))
+            .await
+            .map_or(0, |r| r.status.as_u16());
+        (c, status)
+    }))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     let up = Upstream::start().await;
@@ -36,18 +54,7 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     // 200 keep-alive connections open at once, each with an upstream connection behind
     // it: about 400 descriptors, which the soft limit of 128 would have refused.
     let url = format!("http://127.0.0.1:{}/", up.port());
-    let clients = futures_util::future::join_all((0..200).map(|_| {
-        let url = url.clone();
-        let addr = proxy.proxy_addr;
-        async move {
-            let mut c = ProxyClient::connect(addr).await;
-            let status = tokio::time::timeout(std::time::Duration::from_secs(20), c.get(&url))
-                .await
-                .map_or(0, |r| r.status.as_u16());
-            (c, status)
-        }
-    }))
-    .await;
+    let clients = held_gets(proxy.proxy_addr, &url, 200, 20).await;
     let ok = clients.iter().filter(|(_, s)| *s == 200).count();
     assert_eq!(
         ok, 200,
@@ -69,18 +76,7 @@ async fn at_the_limit_the_proxy_degrades_and_logs_the_episode_once() {
 
     // More connections than descriptors, held open for 3 s.
     let url = format!("http://127.0.0.1:{}/", up.port());
-    let clients = futures_util::future::join_all((0..100).map(|_| {
-        let url = url.clone();
-        let addr = proxy.proxy_addr;
-        async move {
-            let mut c = ProxyClient::connect(addr).await;
-            let status = tokio::time::timeout(std::time::Duration::from_secs(3), c.get(&url))
-                .await
-                .map_or(0, |r| r.status.as_u16());
-            (c, status)
-        }
-    }))
-    .await;
+    let clients = held_gets(proxy.proxy_addr, &url, 100, 3).await;
     let statuses: Vec<u16> = clients.iter().map(|(_, s)| *s).collect();
     assert!(
         statuses.iter().all(|s| [0, 200, 502].contains(s)),
