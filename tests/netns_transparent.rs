@@ -562,6 +562,35 @@ fn connect_tunnels_are_checked_on_the_sni_inside() {
         reason.contains("SNI denied.test") && reason.contains("no rule for host denied.test"),
         "{record}"
     );
+
+    // The same ClientHello sent only after the detection timeout (8 s here) has passed: the
+    // check has no fail-open deadline for a server that stays silent, as TLS servers do.
+    let late = r#"
+import socket, ssl, sys, time
+s = socket.create_connection(("127.0.0.1", 15001), timeout=30)
+s.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1024)
+time.sleep(9)
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+try:
+    with ctx.wrap_socket(s, server_hostname="denied.test") as t:
+        t.sendall(b"GET /late-fronted HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n")
+        print("answered: %r" % t.recv(200))
+except (OSError, ssl.SSLError) as e:
+    print("refused: %r" % e)
+"#;
+    let said = w.py(late, &[cacert]);
+    assert!(
+        said.starts_with("refused"),
+        "a late fronted ClientHello got through: {said}"
+    );
+    let first_client = field(&record, "client");
+    let late = w.wait_log("the late fronted CONNECT", |r| {
+        field(r, "sni") == "denied.test" && field(r, "client") != first_client
+    });
+    assert_eq!(field(&late, "decision"), "deny", "{late}");
 }
 
 #[test]

@@ -140,6 +140,14 @@ impl MaybeTls {
     pub fn is_mesh(&self) -> bool {
         matches!(self, MaybeTls::Tls(_))
     }
+
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
 impl AsyncRead for MaybeTls {

@@ -48,8 +48,17 @@ pub async fn detect<R: AsyncRead + Unpin>(
     io: &mut R,
     timeout: Duration,
 ) -> io::Result<(Protocol, Bytes)> {
+    detect_until(io, tokio::time::sleep(timeout)).await
+}
+
+/// [`detect`] that gives up when `give_up` resolves instead of after a fixed time
+/// (`Tcp { timed_out: true }` then). Reads are cancel-safe: no byte is lost to giving up.
+pub async fn detect_until<R: AsyncRead + Unpin>(
+    io: &mut R,
+    give_up: impl std::future::Future<Output = ()>,
+) -> io::Result<(Protocol, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
+    tokio::pin!(give_up);
     loop {
         if let Some(p) = classify(&buf) {
             return Ok((p, buf.freeze()));
@@ -62,11 +71,13 @@ pub async fn detect<R: AsyncRead + Unpin>(
             };
             return Ok((p, buf.freeze()));
         }
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_) => return Ok((Protocol::Tcp { timed_out: true }, buf.freeze())),
-            Ok(Ok(0)) => return Ok((Protocol::Tcp { timed_out: false }, buf.freeze())),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
+        tokio::select! {
+            read = io.read_buf(&mut buf) => match read {
+                Ok(0) => return Ok((Protocol::Tcp { timed_out: false }, buf.freeze())),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            },
+            () = &mut give_up => return Ok((Protocol::Tcp { timed_out: true }, buf.freeze())),
         }
     }
 }

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::admit::admit;
-use super::detect::{detect, Hello, Protocol};
+use super::detect::{detect_until, Hello, Protocol};
 use super::error::ProxyError;
 use super::forward::{note_admission, parse_authority};
 use super::{ConnInfo, Inputs};
@@ -79,13 +79,11 @@ pub async fn connect(
                     Ok(upgraded) => TokioIo::new(upgraded),
                     Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
                 };
-                let first =
-                    match check_sni(&inputs, &state, &mut client, &host, dialled, &mut guard).await
-                    {
-                        Some(first) => first,
-                        None => return,
-                    };
                 let mut upstream = upstream;
+                let target = (host, dialled);
+                let checked =
+                    check_sni(&inputs, &state, &mut client, &upstream, &target, &mut guard);
+                let Some(first) = checked.await else { return };
                 if !first.is_empty() {
                     if let Err(e) = upstream.write_all(&first).await {
                         return guard.fail(format!("upstream write failed: {e}"));
@@ -110,21 +108,29 @@ pub async fn connect(
 /// (the name allowed and resolving to the dialled address, or that address allowed by a
 /// CIDR rule): else an allowed name's server — a CDN front — could carry traffic for a
 /// denied one. Returns the bytes read (to be sent on), or `None` when the tunnel is refused
-/// (logged; dropping it closes it). What is not TLS, or says nothing within the detection
-/// timeout (a server-first protocol), was checked on the CONNECT target alone; on
-/// `outbound.detect.server_first_ports` nothing is awaited.
+/// (logged; dropping it closes it). What is not TLS was checked on the CONNECT target alone.
+///
+/// There is no fail-open timeout here, unlike transparent detection (whose fallback, the
+/// destination address, is the stricter check): a client that waited it out could send an
+/// unchecked ClientHello. Only a server that speaks first (after the detection timeout,
+/// or at once on `outbound.detect.server_first_ports`) ends the wait. Through a mesh
+/// peer the TLS session's own records count as speaking; the peer applies its own policy.
 async fn check_sni<C: AsyncRead + Unpin>(
     inputs: &Inputs,
     state: &super::State,
     client: &mut C,
-    host: &Host,
-    dialled: SocketAddr,
+    upstream: &connect::MaybeTls,
+    (host, dialled): &(Host, SocketAddr),
     guard: &mut LogGuard,
 ) -> Option<bytes::Bytes> {
     if state.cfg.server_first_ports.contains(&dialled.port()) {
         return Some(bytes::Bytes::new());
     }
-    let (protocol, first) = match detect(client, state.cfg.detect_timeout).await {
+    let server_spoke = async {
+        tokio::time::sleep(state.cfg.detect_timeout).await;
+        let _ = upstream.tcp().readable().await;
+    };
+    let (protocol, first) = match detect_until(client, server_spoke).await {
         Ok(found) => found,
         Err(e) => {
             guard.fail(format!("client read failed: {e}"));
@@ -137,7 +143,7 @@ async fn check_sni<C: AsyncRead + Unpin>(
     guard.record.sni = Some(sni.clone());
     let checked = match parse_host(&sni) {
         Ok(named) if named == *host => return Some(first),
-        Ok(named) => admit(inputs, state, &named, dialled.port(), Some(dialled)).await,
+        Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled)).await,
         Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
     };
     match checked {
