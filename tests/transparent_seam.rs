@@ -208,6 +208,62 @@ async fn transparent_http_is_checked_on_the_original_port_not_the_hosts() {
     }
 }
 
+/// An origin that answers every request with its own name, cacheable for a minute.
+async fn tagged_cacheable_origin(tag: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{tag}",
+                    tag.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A transparent request whose Host names another port than the one it reached must not
+/// leave its response in the cache under that name: the next client that really goes to
+/// that port would get it.
+#[tokio::test]
+async fn a_host_naming_another_port_cannot_plant_a_cached_response() {
+    let a = tagged_cacheable_origin("from port A").await;
+    let b = tagged_cacheable_origin("from port B").await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\noutbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n  cache:\n    enabled: true\naccess_log: {{ output: {} }}\n",
+        dir.path().join("access.log").display()
+    );
+    let dst = Arc::new(std::sync::Mutex::new(a));
+    let seen = dst.clone();
+    let server = Server::bind(validate(Config::from_yaml(&yaml).unwrap()).unwrap(), None)
+        .await
+        .unwrap()
+        .with_orig_dst(Arc::new(move |_s: &TcpStream| Some(*seen.lock().unwrap())));
+    let proxy = server.handle().outbound_addr;
+    tokio::spawn(server.run());
+    let get =
+        |host: String| format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+
+    // Reaches port A, names port B.
+    let resp = raw_request(proxy, &get(b.to_string())).await;
+    assert!(resp.ends_with("from port A"), "{resp}");
+    // A client that really goes to port B.
+    *dst.lock().unwrap() = b;
+    let resp = raw_request(proxy, &get(b.to_string())).await;
+    assert!(
+        resp.ends_with("from port B"),
+        "got port A's response from the cache: {resp}"
+    );
+}
+
 #[tokio::test]
 async fn transparent_http_denied_without_rule() {
     let origin = http_origin().await;

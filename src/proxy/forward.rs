@@ -84,7 +84,7 @@ async fn forward(
     mut req: Request<Incoming>,
     guard: &mut LogGuard,
 ) -> Result<(Response<Body>, Option<Upgrade>), ProxyError> {
-    let (host, port, authority) = target(&req, conn)?;
+    let (host, port, authority, port_named) = target(&req, conn)?;
     if guard.record.authority.as_deref() != Some(authority.as_str()) {
         guard.record.authority = Some(authority.clone());
     }
@@ -130,7 +130,10 @@ async fn forward(
     };
     let use_cache = state.cfg.cache.enabled && !upgrading;
     let mut upstream_req = upstream_req;
-    if !admitted.name_verified {
+    // What comes from this address is cached under the request's name only when both the
+    // name and its port are the ones dialled; else in the address's own key space, so that
+    // a client cannot plant a response for a name (or port) it did not reach.
+    if !admitted.name_verified || !port_named {
         upstream_req
             .extensions_mut()
             .insert(crate::cache::CacheScope(format!("dest={}", admitted.addr)));
@@ -244,7 +247,12 @@ pub fn note_admission(guard: &mut LogGuard, admitted: &Admitted) {
 
 /// The request's target host, port and authority string. Explicit clients must send
 /// absolute-form `http://` URIs; transparent ones are routed by their Host header.
-fn target(req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String), ProxyError> {
+/// The last value says whether the authority names the port that is dialled: a transparent
+/// request whose Host names another port is not cached under that name (see `forward`).
+fn target(
+    req: &Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<(Host, u16, String, bool), ProxyError> {
     let uri = req.uri();
     let (authority, default_port) = match (conn.original_dst, uri.authority()) {
         (None, Some(a)) => {
@@ -280,12 +288,12 @@ fn target(req: &Request<Incoming>, conn: ConnInfo) -> Result<(Host, u16, String)
             None => (od.to_string(), od.port()),
         },
     };
-    let (host, port) = parse_authority(&authority, default_port)?;
+    let (host, named) = parse_authority(&authority, default_port)?;
     // A redirected connection goes to its original destination's port whatever the Host
     // says, so that port is the one the policy checks: `Host: a.test:8080` on a connection
     // to port 22 must not be let through by a rule for port 8080.
-    let port = conn.original_dst.map_or(port, |od| od.port());
-    Ok((host, port, authority))
+    let port = conn.original_dst.map_or(named, |od| od.port());
+    Ok((host, port, authority, named == port))
 }
 
 /// Parses `host[:port]` strictly.
