@@ -68,6 +68,22 @@ impl Proxy {
 
 /// A tiny HTTP/1 origin that answers every request with its Host header.
 async fn http_origin() -> SocketAddr {
+    origin(|req| {
+        let host = req
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("host: ")
+                    .or_else(|| l.strip_prefix("Host: "))
+            })
+            .unwrap_or("");
+        ("", format!("origin saw host {host}"))
+    })
+    .await
+}
+
+/// An origin that answers each request (read whole in one go) with `answer`'s extra head
+/// lines and body, and closes.
+async fn origin(answer: fn(&str) -> (&'static str, String)) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -76,18 +92,9 @@ async fn http_origin() -> SocketAddr {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let host = req
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("host: ")
-                            .or_else(|| l.strip_prefix("Host: "))
-                    })
-                    .unwrap_or("")
-                    .to_string();
-                let body = format!("origin saw host {host}");
+                let (extra, body) = answer(&String::from_utf8_lossy(&buf[..n]));
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
@@ -208,34 +215,15 @@ async fn transparent_http_is_checked_on_the_original_port_not_the_hosts() {
     }
 }
 
-/// An origin that answers every request with its own name, cacheable for a minute.
-async fn tagged_cacheable_origin(tag: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{tag}",
-                    tag.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
+const CACHEABLE: &str = "cache-control: max-age=60\r\n";
 
 /// A transparent request whose Host names another port than the one it reached must not
 /// leave its response in the cache under that name: the next client that really goes to
 /// that port would get it.
 #[tokio::test]
 async fn a_host_naming_another_port_cannot_plant_a_cached_response() {
-    let a = tagged_cacheable_origin("from port A").await;
-    let b = tagged_cacheable_origin("from port B").await;
+    let a = origin(|_| (CACHEABLE, "from port A".into())).await;
+    let b = origin(|_| (CACHEABLE, "from port B".into())).await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}\noutbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n  cache:\n    enabled: true\naccess_log: {{ output: {} }}\n",
