@@ -76,6 +76,7 @@ impl Authz {
             static NONE: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
             return Ok(NONE.get_or_init(|| "no authorization rules".into()).clone());
         }
+        let normal = std::cell::OnceCell::new();
         for rule in &self.0 {
             let from_ok = rule.from.is_empty()
                 || req
@@ -84,9 +85,10 @@ impl Authz {
             let port_ok = rule.ports.is_empty() || rule.ports.contains(&req.port);
             // A prefix only says what the app will serve if the path means to the app what
             // it says here: a path that is not in normal form matches no rule with paths.
+            // (Looked at once, and only when a rule has paths.)
             let path_ok = rule.paths.is_empty()
                 || req.path.is_some_and(|path| {
-                    abnormal_path(path).is_none()
+                    *normal.get_or_init(|| abnormal_path(path).is_none())
                         && rule.paths.iter().any(|p| path.starts_with(p.as_str()))
                 });
             let method_ok = rule.methods.is_empty()
@@ -99,16 +101,18 @@ impl Authz {
         }
         let who = req.identity.unwrap_or("an unauthenticated caller");
         Err(match (req.method, req.path) {
-            (Some(m), Some(p)) => match abnormal_path(p) {
-                Some(why) => format!(
-                    "no authorization rule allows {who} to {m} {p} on port {}: the path has {why}, and rules with paths match only paths in normal form",
-                    req.port
-                ),
-                None => format!(
+            (Some(m), Some(p)) => {
+                let mut reason = format!(
                     "no authorization rule allows {who} to {m} {p} on port {}",
                     req.port
-                ),
-            },
+                );
+                if let Some(why) = abnormal_path(p) {
+                    reason.push_str(&format!(
+                        ": the path has {why}, and rules with paths match only paths in normal form"
+                    ));
+                }
+                reason
+            }
             _ => format!("no authorization rule allows {who} on port {}", req.port),
         })
     }

@@ -44,22 +44,21 @@ impl Idle {
 
     /// Resolves once nothing has been in flight for `timeout`.
     pub async fn expired(&self, timeout: Duration) {
-        let s = &self.shared;
         loop {
-            let deadline = if s.active.load(Ordering::Acquire) == 0 {
-                let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
-                s.start + quiet + timeout
-            } else {
+            match self.quiet_until(timeout) {
+                Some(at) if at <= Instant::now() => return,
+                Some(at) => tokio::time::sleep_until(at).await,
                 // Busy: look again a timeout from now; an end before then moves the deadline.
-                Instant::now() + timeout
-            };
-            tokio::time::sleep_until(deadline).await;
-            let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
-            if s.active.load(Ordering::Acquire) == 0 && s.start + quiet + timeout <= Instant::now()
-            {
-                return;
+                None => tokio::time::sleep(timeout).await,
             }
         }
+    }
+
+    /// When the connection will have been quiet for `timeout`; `None` while it is busy.
+    fn quiet_until(&self, timeout: Duration) -> Option<Instant> {
+        let s = &self.shared;
+        let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
+        (s.active.load(Ordering::Acquire) == 0).then(|| s.start + quiet + timeout)
     }
 
     /// Counts one unit of work until the returned guard is dropped.
@@ -97,23 +96,43 @@ impl<S> Tracked<S> {
 impl<S, R, B> hyper::service::Service<R> for Tracked<S>
 where
     S: hyper::service::Service<R, Response = http::Response<B>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: R) -> Self::Future {
-        let active = self.idle.begin();
-        let answer = self.inner.call(req);
-        Box::pin(async move {
-            let res = answer.await?;
-            // The same unit of work goes on with the body, until hyper drops it.
-            Ok(res.map(|body| TrackedBody {
-                body,
-                _active: active,
-            }))
-        })
+        TrackedFuture {
+            active: Some(self.idle.begin()),
+            answer: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer to one request, counted as busy until it comes; then its body is.
+    pub struct TrackedFuture<F> {
+        #[pin]
+        answer: F,
+        active: Option<Active>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.answer.poll(cx))?;
+        // The same unit of work goes on with the body, until hyper drops it.
+        let active = this.active.take();
+        Poll::Ready(Ok(res.map(|body| TrackedBody {
+            body,
+            _active: active,
+        })))
     }
 }
 
@@ -122,7 +141,7 @@ pin_project_lite::pin_project! {
     pub struct TrackedBody<B> {
         #[pin]
         body: B,
-        _active: Active,
+        _active: Option<Active>,
     }
 }
 

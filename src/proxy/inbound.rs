@@ -211,10 +211,7 @@ async fn pass_through<I>(
         // Another host connected to the pod on one of the sidecar's own ports: handing
         // that to the loopback-only listener would let it use the outbound proxy (and the
         // pod's egress rights) or the admin API.
-        let e = ProxyError::Loop(app.to_string());
-        guard.record.decision = "deny";
-        guard.record.reason = Some(e.to_string());
-        crate::metrics::record_denial("loop", "deny");
+        super::forward::record_error(&mut guard, &ProxyError::Loop(app.to_string()));
         return;
     }
     let upstream = match connect::connect(app, state.cfg.connect_timeout).await {

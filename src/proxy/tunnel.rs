@@ -146,19 +146,18 @@ async fn check_sni<C: AsyncRead + Unpin>(
         Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled)).await,
         Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
     };
+    let context =
+        |what: &dyn std::fmt::Display| format!("SNI {sni} inside a CONNECT to {host}: {what}");
     match checked {
         Ok(a) if a.decision == "report" => {
             guard.record.decision = "report";
-            guard.record.reason = Some(format!(
-                "SNI {sni} inside a CONNECT to {host}: {}",
-                a.reason.unwrap_or_default()
-            ));
+            guard.record.reason = Some(context(&a.reason.unwrap_or_default()));
             Some(first)
         }
         Ok(_) => Some(first),
         Err(e) => {
             super::forward::record_error(guard, &e);
-            let context = format!("SNI {sni} inside a CONNECT to {host}: {e}");
+            let context = context(&e);
             if guard.record.decision == "deny" {
                 guard.record.reason = Some(context);
             } else {
