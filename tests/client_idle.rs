@@ -1,7 +1,8 @@
-//! HTTP/2 client connections, in-process: served on the inbound listener (prior knowledge),
-//! kept open while a response is still being sent, and closed once they have been idle for
-//! the idle timeout (30 s, as HTTP/1's), so that quiet clients cannot hold connections
-//! forever. Takes about 70 s: the timeout is real.
+//! Client connections, in-process, with `clients.idle_timeout: 2s` (the default is 30 s):
+//! HTTP/2 ones are served on the inbound listener (prior knowledge), kept open while a
+//! response is still being sent, and closed once they have been idle for the timeout, so
+//! that quiet clients cannot hold connections forever; HTTP/1 keep-alive ones are closed
+//! after the same time. The timeouts are real (a few seconds).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
@@ -14,8 +15,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use outrider::testing::TestProxy;
 
+/// The configured idle timeout.
+const IDLE: &str = "2s";
 /// How long `/drip` takes to finish its body: longer than the idle timeout.
-const DRIP: Duration = Duration::from_secs(35);
+const DRIP: Duration = Duration::from_secs(4);
+/// How long the tests wait for a close they expect: well past the timeout, well short of
+/// the 30 s default (so a key that did nothing would fail them).
+const CLOSED_WITHIN: Duration = Duration::from_secs(15);
 
 /// An HTTP/1 app: `/` answers `ok`; `/drip` sends `first`, then `last` after [`DRIP`].
 async fn app() -> SocketAddr {
@@ -58,13 +64,18 @@ fn futures_stream(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) })
 }
 
+async fn proxy(app: SocketAddr) -> TestProxy {
+    TestProxy::start(&format!(
+        "clients:\n  idle_timeout: {IDLE}\n\
+         inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\n"
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn http2_connections_stay_while_busy_and_close_when_idle() {
     let app = app().await;
-    let p = TestProxy::start(&format!(
-        "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\n"
-    ))
-    .await;
+    let p = proxy(app).await;
     let inbound = p.handle().inbound_addr.unwrap();
 
     let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
@@ -95,11 +106,39 @@ async fn http2_connections_stay_while_busy_and_close_when_idle() {
     );
 
     // Now nothing is in flight: the proxy closes the connection after the idle timeout.
-    let ended = tokio::time::timeout(Duration::from_secs(60), conn).await;
+    let ended = tokio::time::timeout(CLOSED_WITHIN, conn).await;
     assert!(
         ended.is_ok(),
-        "an idle HTTP/2 connection was still open 60 s after its last response"
+        "an idle HTTP/2 connection was still open {CLOSED_WITHIN:?} after its last response"
     );
     assert!(sender.send_request(get("/")).await.is_err());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_keep_alive_connections_close_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The response (chunked: ends with the last chunk), then the connection stays open.
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the response ended: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // Nothing more is sent: the proxy closes the connection after the idle timeout.
+    let read = tokio::time::timeout(CLOSED_WITHIN, s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle HTTP/1 keep-alive connection was not closed within {CLOSED_WITHIN:?}: {read:?}"
+    );
     p.shutdown().await;
 }

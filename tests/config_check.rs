@@ -162,6 +162,17 @@ fn other_invalid_values_are_named() {
         "outbound.egress.allow[0].host",
     );
     assert_rejected("outbound:\n  egress:\n    allow: [\n", "YAML");
+    assert_rejected("clients:\n  idle_timeout: 0s\n", "clients.idle_timeout");
+    assert_rejected("clients:\n  idle_timeout: soon\n", "clients.idle_timeout");
+    // hyper cannot read with a buffer under 8 KiB (it would panic on the first connection).
+    assert_rejected(
+        "clients:\n  max_request_head_bytes: 1024\n",
+        "clients.max_request_head_bytes",
+    );
+    assert_rejected(
+        "clients:\n  max_request_head_bytes: -1\n",
+        "clients.max_request_head_bytes",
+    );
 }
 
 /// The README documents `output: off`; unquoted, YAML 1.1 reads it as the boolean false.

@@ -408,6 +408,18 @@ async fn the_upstream_sees_one_host_the_checked_authority() {
     }
 }
 
+/// A request head of about `kib` KiB to the upstream on port `p`, in headers of 6 KiB each:
+/// few enough that hyper's limit on the number of headers (100) is not what answers.
+fn head_of(p: u16, kib: usize) -> String {
+    let filler = "a".repeat(6 * 1024);
+    let headers: String = (0..kib / 6)
+        .map(|i| format!("X-Filler-{i}: {filler}\r\n"))
+        .collect();
+    format!(
+        "GET http://api.test:{p}/big HTTP/1.1\r\nHost: api.test\r\n{headers}Connection: close\r\n\r\n"
+    )
+}
+
 /// A request head larger than 128 KiB is refused with 431 (and logged); one just under it
 /// is proxied. Without a bound, every connection could make the proxy hold ~400 KB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,21 +427,27 @@ async fn request_heads_over_128_kib_are_refused_with_431() {
     let up = Upstream::start().await;
     let proxy = TestProxy::start(&config()).await;
     let p = up.port();
-    // Headers of 6 KiB each: few enough that hyper's limit on the number of headers (100)
-    // is not what answers.
-    let head = |kib: usize| {
-        let filler = "a".repeat(6 * 1024);
-        let headers: String = (0..kib / 6)
-            .map(|i| format!("X-Filler-{i}: {filler}\r\n"))
-            .collect();
-        format!(
-            "GET http://api.test:{p}/big HTTP/1.1\r\nHost: api.test\r\n{headers}Connection: close\r\n\r\n"
-        )
-    };
-    let raw = raw_exchange(proxy.proxy_addr(), head(120).as_bytes()).await;
+    let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 120).as_bytes()).await;
     assert_eq!(raw.status, 200, "{raw:?}");
-    let raw = raw_exchange(proxy.proxy_addr(), head(200).as_bytes()).await;
+    let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 200).as_bytes()).await;
     assert_eq!(raw.status, 431, "{}", raw.head);
     let rec = proxy.wait_log(|r| r["status"] == 431).await;
     assert_eq!(rec["decision"], "deny", "{rec}");
+}
+
+/// `clients.max_request_head_bytes` sets that bound: at 32 KiB, a 48 KiB head (proxied by
+/// default) gets 431 and a 24 KiB one still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_head_limit_is_configurable() {
+    let up = Upstream::start().await;
+    let proxy = TestProxy::start(&format!(
+        "{}clients:\n  max_request_head_bytes: 32768\n",
+        config()
+    ))
+    .await;
+    let p = up.port();
+    let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 24).as_bytes()).await;
+    assert_eq!(raw.status, 200, "{raw:?}");
+    let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 48).as_bytes()).await;
+    assert_eq!(raw.status, 431, "{}", raw.head);
 }

@@ -77,6 +77,8 @@ pub struct Config {
     pub access_log: AccessLogConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
+    /// Client connections to both listeners.
+    pub clients: ClientsConfig,
     /// The async runtime.
     pub runtime: RuntimeConfig,
 }
@@ -371,6 +373,28 @@ impl Default for AccessLogConfig {
     fn default() -> Self {
         Self {
             output: "stdout".into(),
+        }
+    }
+}
+
+/// `clients`: limits on the connections clients make to the outbound and inbound listeners.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsConfig {
+    /// How long a client connection may have no request in flight before it is closed
+    /// (HTTP/2 with GOAWAY). For HTTP/1 it is also how long a request head may take to
+    /// arrive, which is what stops slowloris clients.
+    pub idle_timeout: String,
+    /// The largest request head (request line and headers, or an HTTP/2 header list) a
+    /// client may send, in bytes; a larger one is answered 431.
+    pub max_request_head_bytes: u64,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: "30s".into(),
+            max_request_head_bytes: 128 * 1024,
         }
     }
 }

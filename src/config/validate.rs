@@ -56,6 +56,8 @@ pub struct Compiled {
     pub identity: Option<crate::tls::IdentityConfig>,
     /// The HTTP cache settings.
     pub cache: crate::cache::CacheConfig,
+    /// Limits on client connections (both listeners).
+    pub clients: crate::proxy::http::ClientLimits,
 }
 
 /// Validates and compiles a parsed config.
@@ -95,6 +97,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         &config.outbound.detect.server_first_ports,
     )?;
     let drain_timeout = duration("shutdown.drain_timeout", &config.shutdown.drain_timeout)?;
+    let clients = client_limits(&config.clients)?;
 
     let authz = match &config.inbound {
         Some(i) => compile_authz(&i.authorization)?,
@@ -194,6 +197,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         app_host,
         access_log: config.access_log.output.clone(),
         drain_timeout,
+        clients,
         cache: config.outbound.cache.clone(),
         authz,
         mesh_networks,
@@ -328,6 +332,36 @@ fn ports(path: &str, list: &[i64]) -> Result<Vec<u16>, ConfigError> {
             })
         })
         .collect()
+}
+
+/// Bounds of `clients.max_request_head_bytes`: hyper cannot read with a buffer under 8 KiB
+/// (and would panic), and past 16 MiB one client could make the proxy hold that much.
+const MIN_HEAD: u64 = 8 * 1024;
+const MAX_HEAD: u64 = 16 * 1024 * 1024;
+
+fn client_limits(
+    c: &super::ClientsConfig,
+) -> Result<crate::proxy::http::ClientLimits, ConfigError> {
+    let idle = duration("clients.idle_timeout", &c.idle_timeout)?;
+    if idle.is_zero() {
+        return Err(ConfigError::invalid(
+            "clients.idle_timeout",
+            "must be more than zero (a zero timeout would close every connection at once)",
+        ));
+    }
+    if !(MIN_HEAD..=MAX_HEAD).contains(&c.max_request_head_bytes) {
+        return Err(ConfigError::invalid(
+            "clients.max_request_head_bytes",
+            format!(
+                "{} is out of range: between {MIN_HEAD} (8 KiB) and {MAX_HEAD} (16 MiB)",
+                c.max_request_head_bytes
+            ),
+        ));
+    }
+    Ok(crate::proxy::http::ClientLimits {
+        idle_timeout: idle,
+        max_head: c.max_request_head_bytes as usize,
+    })
 }
 
 fn duration(path: &str, raw: &str) -> Result<Duration, ConfigError> {

@@ -9,33 +9,35 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may take to send a request's headers (slowloris protection). hyper
-/// runs it while an HTTP/1 keep-alive connection waits for its next request too, so it is
-/// also HTTP/1's idle timeout.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The largest request head a client may send (request line and headers); a larger head is
-/// answered 431. hyper's default (~400 KB) let every connection make the proxy hold that
-/// much. hyper bounds its write queue with the same number, and below 128 KiB responses of
-/// 1 MiB lost 9 % of their throughput (fewer bytes per `writev`), so not Envoy's 60 KiB.
-const MAX_HEAD: usize = 128 * 1024;
-
-/// How long an HTTP/2 client connection may have no request in flight before it is closed
-/// (GOAWAY, so a client never loses a request it sent): the same as HTTP/1's.
-const IDLE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
+/// Limits on a client connection, from the `clients` config section (its defaults are
+/// there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// How long a connection may have no request in flight. hyper runs its header-read
+    /// timer (slowloris protection) while an HTTP/1 keep-alive connection waits for its
+    /// next request too, so for HTTP/1 this is both; HTTP/2 has an idle timer of its own
+    /// here, because hyper has none.
+    pub idle_timeout: Duration,
+    /// The largest request head a client may send (request line and headers); a larger
+    /// head is answered 431. hyper's default (~400 KB) let every connection make the proxy
+    /// hold that much. hyper bounds its write queue with the same number, and below 128 KiB
+    /// (the default) responses of 1 MiB lost 9 % of their throughput (fewer bytes per
+    /// `writev`), so not Envoy's 60 KiB.
+    pub max_head: usize,
+}
 
 /// The HTTP/1 + HTTP/2 server settings for client connections, both directions.
-fn server_builder() -> auto::Builder<TokioExecutor> {
+fn server_builder(limits: ClientLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD);
+        .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(limits.max_head);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD as u32);
+        .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
     builder
 }
 
@@ -47,6 +49,7 @@ pub async fn serve_connection<I, S, B>(
     io: I,
     svc: S,
     http1: bool,
+    limits: ClientLimits,
     shutdown: CancellationToken,
 ) -> Result<(), crate::body::BoxError>
 where
@@ -64,8 +67,8 @@ where
     if http1 {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_HEAD)
+            .header_read_timeout(limits.idle_timeout)
+            .max_buf_size(limits.max_head)
             .serve_connection(io, svc)
             .with_upgrades();
         tokio::pin!(connection);
@@ -79,7 +82,7 @@ where
     }
     // HTTP/2 (or not yet known): hyper has no idle timer for HTTP/2, so one is kept here.
     let idle = super::idle::Idle::new();
-    let builder = server_builder();
+    let builder = server_builder(limits);
     let connection =
         builder.serve_connection_with_upgrades(io, super::idle::Tracked::new(svc, idle.clone()));
     tokio::pin!(connection);
@@ -89,7 +92,7 @@ where
             connection.as_mut().graceful_shutdown();
             connection.await
         }
-        () = idle.expired(IDLE_TIMEOUT) => {
+        () = idle.expired(limits.idle_timeout) => {
             tracing::debug!("closing an idle client connection");
             connection.as_mut().graceful_shutdown();
             connection.await

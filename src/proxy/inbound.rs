@@ -167,7 +167,10 @@ async fn serve_http<I>(
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let for_svc = inputs.clone();
     let svc = service_fn(move |req| Box::pin(handle(for_svc.clone(), conn, peer.clone(), req)));
-    if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
+    if let Err(e) =
+        super::http::serve_connection(io, svc, http1, inputs.state.load().cfg.clients, shutdown)
+            .await
+    {
         tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
         super::log_refused_head(&inputs, "inbound", conn, &e);
     }

@@ -93,7 +93,10 @@ async fn serve_http<I>(
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let for_svc = inputs.clone();
     let svc = service_fn(move |req| Box::pin(super::forward::handle(for_svc.clone(), conn, req)));
-    if let Err(e) = super::http::serve_connection(io, svc, http1, shutdown).await {
+    if let Err(e) =
+        super::http::serve_connection(io, svc, http1, inputs.state.load().cfg.clients, shutdown)
+            .await
+    {
         tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
         super::log_refused_head(&inputs, "outbound", conn, &e);
     }
