@@ -270,6 +270,9 @@ impl ServerHandle {
         }
         let state = State::build(cfg, Some(&old), self.inputs.mesh.as_ref())?;
         self.inputs.state.store(Arc::new(state));
+        // Open tunnels and TCP connections were admitted under the old policy: each checks
+        // itself against the new one (see `tunnel::splice`).
+        self.inputs.reloaded.send_replace(());
         Ok(())
     }
 }

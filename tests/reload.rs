@@ -328,3 +328,54 @@ async fn an_upgraded_connection_alone_is_drained_not_cut() {
         proxy.stderr()
     );
 }
+
+/// A `CONNECT` tunnel admitted under one policy is checked again at each reload: it stays
+/// open while the new policy still allows it, and is closed (and logged as denied) once a
+/// reload revokes the rule that let it through. Otherwise a security team that removes a
+/// host from the allowlist would leave every long-lived tunnel to it running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = outrider::testing::TcpEcho::start().await;
+    let port = echo.addr.port();
+    let allowing = |ports: u16, extra: &str| {
+        format!("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n        ports: [{ports}]\n{extra}")
+    };
+    let proxy = TestProxy::start(&allowing(port, "")).await;
+    let mut tunnel = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    tunnel
+        .write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
+    assert!(echoes(&mut tunnel, b"before").await);
+
+    // A reload that still allows it (another rule added) leaves it alone.
+    proxy
+        .reload_with(&allowing(port, "      - host: other.test\n"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        echoes(&mut tunnel, b"after a harmless reload").await,
+        "a reload that still allows the tunnel closed it"
+    );
+
+    // The rule is revoked (the address is allowed on another port only): the tunnel closes.
+    proxy
+        .reload_with(&allowing(port.wrapping_add(1).max(1), ""))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the tunnel was still open 5 s after a reload revoked its rule: {read:?}"
+    );
+    let rec = proxy
+        .wait_log(|r| r["protocol"] == "connect" && r["decision"] == "deny")
+        .await;
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("config reload"), "{rec}");
+    assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
+}

@@ -38,7 +38,10 @@ impl Proxy {
             log.display()
         );
         let compiled = validate(Config::from_yaml(&yaml).unwrap()).unwrap();
-        let server = Server::bind(compiled, None)
+        // Written out too, so that `reload_with` can change it as a user would.
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let server = Server::bind(compiled, Some(path))
             .await
             .unwrap()
             .with_orig_dst(Arc::new(move |_s: &TcpStream| Some(original_dst)));
@@ -49,6 +52,17 @@ impl Proxy {
             log,
             _dir: dir,
         }
+    }
+
+    /// Rewrites the egress part of the config file and reloads it, as SIGHUP does.
+    fn reload_with(&self, egress_and_more: &str) {
+        let path = self.log.with_file_name("config.yaml");
+        let old = std::fs::read_to_string(&path).unwrap();
+        let start = old.find("  egress:").unwrap();
+        let end = old.find("\naccess_log:").unwrap();
+        let new = format!("{}{egress_and_more}{}", &old[..start], &old[end..]);
+        std::fs::write(&path, new).unwrap();
+        self.handle.reload().unwrap();
     }
 
     async fn log_lines(&self) -> Vec<serde_json::Value> {
@@ -303,6 +317,46 @@ async fn opaque_tcp_is_checked_on_the_destination_address() {
         .as_str()
         .unwrap()
         .contains("no rule for address 127.0.0.1"));
+}
+
+/// Opaque TCP admitted by a CIDR rule is closed (and logged as denied) when a reload
+/// removes that rule, and left open by a reload that keeps it.
+#[tokio::test]
+async fn a_reload_closes_opaque_tcp_it_no_longer_allows() {
+    let echo = echo_server(None).await;
+    let proxy = Proxy::start("  egress:\n    allow:\n      - cidr: 127.0.0.0/8\n", echo).await;
+    let mut s = TcpStream::connect(proxy.handle.outbound_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 7];
+    for round in ["before", "after a harmless reload"] {
+        if round != "before" {
+            proxy.reload_with(
+                "  egress:\n    allow:\n      - cidr: 127.0.0.0/8\n      - cidr: 10.0.0.0/8\n",
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        s.write_all(b"\x00\x01hello").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no echo {round}"))
+            .unwrap();
+        assert_eq!(&buf, b"\x00\x01hello", "{round}");
+    }
+    proxy.reload_with("  egress:\n    allow:\n      - cidr: 10.0.0.0/8\n");
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection was still open 5 s after a reload revoked its rule: {read:?}"
+    );
+    let lines = proxy.log_lines().await;
+    assert_eq!(lines[0]["protocol"], "tcp", "{lines:?}");
+    assert_eq!(lines[0]["decision"], "deny", "{lines:?}");
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("config reload") && reason.contains("no rule for address 127.0.0.1"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]

@@ -39,6 +39,7 @@ pub async fn handle(
     if let Some((client_side, upstream_side)) = upgrade {
         // A protocol switch: the record is written when the upgraded connection closes.
         inputs.tasks.spawn(super::tunnel::splice_upgrades(
+            inputs.clone(),
             client_side,
             upstream_side,
             guard,

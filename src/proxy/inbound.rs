@@ -224,7 +224,18 @@ async fn pass_through<I>(
             return;
         }
     };
-    splice(io, upstream, guard).await;
+    // Checked again after each reload on the caller and port alone, as here.
+    let port = od.port();
+    let recheck: super::tunnel::StillAllowed = Box::new(move |state| {
+        let asked = authz::Request {
+            identity: peer.as_deref(),
+            port,
+            path: None,
+            method: None,
+        };
+        state.cfg.authz.check(asked).map(|_| ())
+    });
+    splice(&inputs, io, upstream, guard, Some(recheck)).await;
 }
 
 /// One inbound HTTP request: route, add forwarding headers, send to the app, log.

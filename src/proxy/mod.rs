@@ -128,6 +128,8 @@ pub struct Inputs {
     pub tasks: tokio_util::task::TaskTracker,
     /// The mesh identity and TLS configs, when `identity` is configured.
     pub mesh: Option<Arc<Mesh>>,
+    /// Told after each reload, so that open tunnels are checked against the new policy.
+    pub reloaded: tokio::sync::watch::Sender<()>,
 }
 
 impl Inputs {
@@ -176,6 +178,7 @@ pub fn inputs(state: State, own_addrs: Vec<SocketAddr>, mesh: Option<Arc<Mesh>>)
         own_addrs,
         tasks: tokio_util::task::TaskTracker::new(),
         mesh,
+        reloaded: tokio::sync::watch::Sender::new(()),
     })
 }
 

@@ -172,5 +172,6 @@ async fn tunnel_tcp(
             .inbound
             .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
-    splice(stream, upstream, guard).await;
+    let recheck = super::tunnel::egress_recheck(host, od.port(), admitted.addr);
+    splice(&inputs, stream, upstream, guard, Some(recheck)).await;
 }

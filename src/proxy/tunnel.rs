@@ -25,6 +25,7 @@ use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
 use crate::net::connect;
 use crate::policy::egress::Deny;
+use crate::policy::egress::TargetCheck;
 use crate::policy::host::{parse_host, Host};
 
 /// Serves a `CONNECT host:port` request.
@@ -80,6 +81,7 @@ pub async fn connect(
                     Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
                 };
                 let mut upstream = upstream;
+                let recheck = egress_recheck(host.clone(), dialled.port(), dialled);
                 let target = (host, dialled);
                 let checked =
                     check_sni(&inputs, &state, &mut client, &upstream, &target, &mut guard);
@@ -93,7 +95,7 @@ pub async fn connect(
                         .inbound
                         .fetch_add(first.len() as u64, Ordering::Relaxed);
                 }
-                splice(client, upstream, guard).await;
+                splice(&inputs, client, upstream, guard, Some(recheck)).await;
             });
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::OK;
@@ -168,10 +170,22 @@ async fn check_sni<C: AsyncRead + Unpin>(
     }
 }
 
+/// Whether an open connection is still allowed, asked again after every config reload:
+/// `Err` carries the reason it no longer is.
+pub type StillAllowed = Box<dyn Fn(&super::State) -> Result<(), String> + Send>;
+
 /// Copies bytes both ways until either side closes, counting them into the guard's
-/// record, which is written when the guard drops here (also on reset).
-pub async fn splice<C, U>(client: C, mut upstream: U, mut guard: LogGuard)
-where
+/// record, which is written when the guard drops here (also on reset). With `recheck`, the
+/// connection is checked again after each config reload and closed (logged as denied) when
+/// the new policy no longer allows it: revoking a rule must not leave a long-lived tunnel
+/// open to what it allowed.
+pub async fn splice<C, U>(
+    inputs: &Inputs,
+    client: C,
+    mut upstream: U,
+    mut guard: LogGuard,
+    recheck: Option<StillAllowed>,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -179,14 +193,63 @@ where
         inner: client,
         bytes: guard.bytes.clone(),
     };
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        guard.record.error = Some(format!("tunnel ended with error: {e}"));
+    let mut reloads = inputs.reloaded.subscribe();
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            done = &mut copy => {
+                if let Err(e) = done {
+                    guard.record.error = Some(format!("tunnel ended with error: {e}"));
+                }
+                return;
+            }
+            changed = reloads.changed(), if recheck.is_some() => {
+                if changed.is_err() {
+                    return; // the server is gone
+                }
+                let state = inputs.state.load();
+                if let Some(Err(reason)) = recheck.as_ref().map(|still| still(&state)) {
+                    guard.record.decision = "deny";
+                    guard.record.reason = Some(format!("closed after a config reload: {reason}"));
+                    crate::metrics::record_denial("revoked", "deny");
+                    return;
+                }
+            }
+        }
     }
+}
+
+/// The recheck for an outbound connection to `host:port` dialled at `addr`: allowed by the
+/// new policy as it was at admission (no new DNS lookup: the address is the one that was
+/// checked then). In report mode nothing is closed.
+pub fn egress_recheck(host: Host, port: u16, addr: SocketAddr) -> StillAllowed {
+    Box::new(move |state| {
+        let policy = &state.cfg.egress;
+        if policy.mode == crate::config::EgressMode::Report
+            || policy.cidr_allows(addr.ip(), port).is_some()
+        {
+            return Ok(());
+        }
+        match (&host, policy.check_target(&host, port)) {
+            (Host::Name(name), TargetCheck::HostAllowed { rule }) => policy
+                .choose_addr(name, port, Some(&rule), &[addr.ip()])
+                .map(|_| ())
+                .map_err(|d| d.to_string()),
+            (_, TargetCheck::Denied(d)) => Err(d.to_string()),
+            _ => Err(Deny::NoRuleForAddress {
+                addr: addr.ip(),
+                port,
+            }
+            .to_string()),
+        }
+    })
 }
 
 /// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like);
 /// the request's record is written when it closes, with the bytes each way.
 pub async fn splice_upgrades(
+    inputs: Arc<Inputs>,
     client: OnUpgrade,
     upstream: crate::net::upstream::Upgraded,
     mut guard: LogGuard,
@@ -197,7 +260,7 @@ pub async fn splice_upgrades(
         return;
     };
     match client.await {
-        Ok(c) => splice(TokioIo::new(c), upstream, guard).await,
+        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, None).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }
