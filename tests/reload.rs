@@ -329,19 +329,21 @@ async fn an_upgraded_connection_alone_is_drained_not_cut() {
     );
 }
 
-/// A `CONNECT` tunnel admitted under one policy is checked again at each reload: it stays
-/// open while the new policy still allows it, and is closed (and logged as denied) once a
-/// reload revokes the rule that let it through. Otherwise a security team that removes a
-/// host from the allowlist would leave every long-lived tunnel to it running.
+/// A `CONNECT` tunnel and an upgraded (WebSocket-like) connection admitted under one policy
+/// are checked again at each reload: they stay open while the new policy still allows them,
+/// and are closed (and logged as denied) once a reload revokes the rule that let them
+/// through. Otherwise a security team that removes a host from the allowlist would leave
+/// every long-lived tunnel to it running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let echo = outrider::testing::TcpEcho::start().await;
-    let port = echo.addr.port();
-    let allowing = |ports: u16, extra: &str| {
+    let up = Upstream::start().await;
+    let allowing = |ports: &str, extra: &str| {
         format!("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n        ports: [{ports}]\n{extra}")
     };
-    let proxy = TestProxy::start(&allowing(port, "")).await;
+    let both = format!("{}, {}", echo.addr.port(), up.port());
+    let proxy = TestProxy::start(&allowing(&both, "")).await;
     let mut tunnel = tokio::net::TcpStream::connect(proxy.proxy_addr())
         .await
         .unwrap();
@@ -350,32 +352,55 @@ async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
         .await
         .unwrap();
     assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
-    assert!(echoes(&mut tunnel, b"before").await);
+    let mut upgraded = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    upgraded
+        .write_all(
+            format!(
+                "GET http://127.0.0.1:{}/upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+                up.port()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101"));
+    for s in [&mut tunnel, &mut upgraded] {
+        assert!(echoes(s, b"before").await);
+    }
 
-    // A reload that still allows it (another rule added) leaves it alone.
+    // A reload that still allows them (another rule added) leaves them alone.
     proxy
-        .reload_with(&allowing(port, "      - host: other.test\n"))
+        .reload_with(&allowing(&both, "      - host: other.test\n"))
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        echoes(&mut tunnel, b"after a harmless reload").await,
-        "a reload that still allows the tunnel closed it"
-    );
+    for s in [&mut tunnel, &mut upgraded] {
+        assert!(
+            echoes(s, b"after a harmless reload").await,
+            "a reload that still allows the connection closed it"
+        );
+    }
 
-    // The rule is revoked (the address is allowed on another port only): the tunnel closes.
-    proxy
-        .reload_with(&allowing(port.wrapping_add(1).max(1), ""))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf)).await;
-    assert!(
-        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-        "the tunnel was still open 5 s after a reload revoked its rule: {read:?}"
-    );
-    let rec = proxy
-        .wait_log(|r| r["protocol"] == "connect" && r["decision"] == "deny")
-        .await;
-    let reason = rec["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("config reload"), "{rec}");
-    assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
+    // The rule is revoked (the address is allowed on another port only): both close.
+    proxy.reload_with(&allowing("1", "")).unwrap();
+    for (what, s) in [
+        ("CONNECT tunnel", &mut tunnel),
+        ("upgraded connection", &mut upgraded),
+    ] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the {what} was still open 5 s after a reload revoked its rule: {read:?}"
+        );
+    }
+    for protocol in ["connect", "http1"] {
+        let rec = proxy
+            .wait_log(|r| r["protocol"] == protocol && r["decision"] == "deny")
+            .await;
+        let reason = rec["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("config reload"), "{rec}");
+        assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
+    }
 }

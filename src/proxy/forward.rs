@@ -36,13 +36,14 @@ pub async fn handle(
         Err(e) => (note_error(&mut guard, &e), None),
     };
     guard.record.status = resp.status().as_u16();
-    if let Some((client_side, upstream_side)) = upgrade {
+    if let Some((client_side, upstream_side, recheck)) = upgrade {
         // A protocol switch: the record is written when the upgraded connection closes.
         inputs.tasks.spawn(super::tunnel::splice_upgrades(
             inputs.clone(),
             client_side,
             upstream_side,
             guard,
+            recheck,
         ));
         return Ok(resp);
     }
@@ -75,8 +76,13 @@ pub fn record_error(guard: &mut LogGuard, e: &ProxyError) {
     }
 }
 
-/// Both halves of a protocol switch (WebSocket and the like), to be joined.
-type Upgrade = (hyper::upgrade::OnUpgrade, crate::net::upstream::Upgraded);
+/// Both halves of a protocol switch (WebSocket and the like), to be joined, and how to
+/// check the joined connection again after a reload.
+type Upgrade = (
+    hyper::upgrade::OnUpgrade,
+    crate::net::upstream::Upgraded,
+    super::tunnel::StillAllowed,
+);
 
 async fn forward(
     inputs: &Inputs,
@@ -156,7 +162,10 @@ async fn forward(
         (Some(client_side), true) => resp
             .extensions_mut()
             .remove::<crate::net::upstream::Upgraded>()
-            .map(|up| (client_side, up)),
+            .map(|up| {
+                let recheck = super::tunnel::egress_recheck(host, port, admitted.addr);
+                (client_side, up, recheck)
+            }),
         _ => None,
     };
     let (mut parts, body) = resp.into_parts();

@@ -81,11 +81,15 @@ pub async fn connect(
                     Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
                 };
                 let mut upstream = upstream;
-                let recheck = egress_recheck(host.clone(), dialled.port(), dialled);
                 let target = (host, dialled);
                 let checked =
                     check_sni(&inputs, &state, &mut client, &upstream, &target, &mut guard);
                 let Some(first) = checked.await else { return };
+                // After a reload, the CONNECT target is checked again, and so is an SNI
+                // that named another host, as each was at admission.
+                let (host, dialled) = target;
+                let sni = guard.record.sni.as_deref().and_then(|n| parse_host(n).ok());
+                let recheck = connect_recheck(host, sni, dialled);
                 if !first.is_empty() {
                     if let Err(e) = upstream.write_all(&first).await {
                         return guard.fail(format!("upstream write failed: {e}"));
@@ -220,30 +224,59 @@ pub async fn splice<C, U>(
     }
 }
 
-/// The recheck for an outbound connection to `host:port` dialled at `addr`: allowed by the
-/// new policy as it was at admission (no new DNS lookup: the address is the one that was
-/// checked then). In report mode nothing is closed.
+/// The recheck for an outbound connection to `host:port` dialled at `addr` (see
+/// [`still_allowed`]).
 pub fn egress_recheck(host: Host, port: u16, addr: SocketAddr) -> StillAllowed {
-    Box::new(move |state| {
-        let policy = &state.cfg.egress;
-        if policy.mode == crate::config::EgressMode::Report
-            || policy.cidr_allows(addr.ip(), port).is_some()
-        {
-            return Ok(());
+    Box::new(move |state| still_allowed(&state.cfg.egress, &host, port, addr))
+}
+
+/// The recheck for a `CONNECT` tunnel: its target, and the SNI inside when that named
+/// another host, each as it was checked at admission.
+fn connect_recheck(host: Host, sni: Option<Host>, addr: SocketAddr) -> StillAllowed {
+    let sni = sni.filter(|named| *named != host);
+    Box::new(move |state| connect_still_allowed(&state.cfg.egress, &host, sni.as_ref(), addr))
+}
+
+fn connect_still_allowed(
+    policy: &crate::policy::egress::EgressPolicy,
+    host: &Host,
+    sni: Option<&Host>,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    still_allowed(policy, host, addr.port(), addr)?;
+    match sni {
+        Some(named) => still_allowed(policy, named, addr.port(), addr)
+            .map_err(|e| format!("SNI {named} inside a CONNECT to {host}: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// Whether `policy` allows a connection to `host:port` that was dialled at `addr`, as
+/// admission would have, without a new DNS lookup: the address is the one the name was
+/// checked against then. In report mode everything is.
+fn still_allowed(
+    policy: &crate::policy::egress::EgressPolicy,
+    host: &Host,
+    port: u16,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    if policy.mode == crate::config::EgressMode::Report
+        || policy.cidr_allows(addr.ip(), port).is_some()
+    {
+        return Ok(());
+    }
+    match (host, policy.check_target(host, port)) {
+        (Host::Name(name), TargetCheck::HostAllowed { rule }) => policy
+            .choose_addr(name, port, Some(&rule), &[addr.ip()])
+            .map(|_| ())
+            .map_err(|d| d.to_string()),
+        (_, TargetCheck::Denied(d)) => Err(d.to_string()),
+        _ => Err(Deny::NoRuleForAddress {
+            addr: addr.ip(),
+            port,
         }
-        match (&host, policy.check_target(&host, port)) {
-            (Host::Name(name), TargetCheck::HostAllowed { rule }) => policy
-                .choose_addr(name, port, Some(&rule), &[addr.ip()])
-                .map(|_| ())
-                .map_err(|d| d.to_string()),
-            (_, TargetCheck::Denied(d)) => Err(d.to_string()),
-            _ => Err(Deny::NoRuleForAddress {
-                addr: addr.ip(),
-                port,
-            }
-            .to_string()),
-        }
-    })
+        .to_string()),
+    }
 }
 
 /// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like);
@@ -253,6 +286,7 @@ pub async fn splice_upgrades(
     client: OnUpgrade,
     upstream: crate::net::upstream::Upgraded,
     mut guard: LogGuard,
+    recheck: StillAllowed,
 ) {
     let _gauge = crate::metrics::ConnectionGauge::continued();
     let Some(upstream) = upstream.take() else {
@@ -260,7 +294,7 @@ pub async fn splice_upgrades(
         return;
     };
     match client.await {
-        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, None).await,
+        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, Some(recheck)).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }
@@ -304,5 +338,61 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn policy(allow: &str) -> crate::policy::egress::EgressPolicy {
+        let yaml = format!("outbound:\n  egress:\n    allow:\n{allow}");
+        let config = crate::config::Config::from_yaml(&yaml).unwrap();
+        crate::config::validate(config).unwrap().egress
+    }
+
+    fn name(n: &str) -> Host {
+        parse_host(n).unwrap()
+    }
+
+    /// What a reload re-checks on an open tunnel: the name against host rules (its public
+    /// address as resolved at admission), the address against CIDR rules, and a fronting
+    /// SNI as well as the CONNECT target.
+    #[test]
+    fn open_tunnels_are_rechecked_as_they_were_admitted() {
+        let public: SocketAddr = "203.0.113.7:443".parse().unwrap();
+        let both = policy("      - host: front.test\n      - host: inner.test\n");
+        let front_only = policy("      - host: front.test\n");
+        let other_port = policy("      - host: front.test\n        ports: [8443]\n");
+        let by_cidr = policy("      - cidr: 203.0.113.0/24\n        ports: [443]\n");
+        let front = name("front.test");
+        let inner = name("inner.test");
+
+        assert!(still_allowed(&both, &front, 443, public).is_ok());
+        assert!(still_allowed(&by_cidr, &front, 443, public).is_ok());
+        let err = still_allowed(&other_port, &front, 443, public).unwrap_err();
+        assert!(err.contains("front.test") && err.contains("443"), "{err}");
+        let err = still_allowed(&front_only, &inner, 443, public).unwrap_err();
+        assert!(err.contains("inner.test"), "{err}");
+        // A private address needs a CIDR rule, whatever the host rule says.
+        let private: SocketAddr = "10.1.2.3:443".parse().unwrap();
+        assert!(still_allowed(&both, &front, 443, private).is_err());
+        let ip = Host::Ip(public.ip());
+        assert!(still_allowed(&by_cidr, &ip, 443, public).is_ok());
+        assert!(still_allowed(&both, &ip, 443, public).is_err());
+
+        // A CONNECT tunnel: the target, and an SNI that named another host.
+        assert!(connect_still_allowed(&both, &front, Some(&inner), public).is_ok());
+        let err = connect_still_allowed(&front_only, &front, Some(&inner), public).unwrap_err();
+        assert!(err.contains("SNI inner.test"), "{err}");
+        assert!(connect_still_allowed(&front_only, &front, None, public).is_ok());
+        let err = connect_still_allowed(&other_port, &front, None, public).unwrap_err();
+        assert!(err.contains("front.test"), "{err}");
+
+        // Report mode closes nothing.
+        let config = crate::config::Config::from_yaml("outbound:\n  egress:\n    mode: report\n");
+        let report = crate::config::validate(config.unwrap()).unwrap().egress;
+        assert!(connect_still_allowed(&report, &front, Some(&inner), private).is_ok());
     }
 }
