@@ -257,22 +257,47 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// Opens a `CONNECT` tunnel through the proxy at `proxy` to `target`.
+async fn open_tunnel(
+    proxy: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tunnel = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tunnel
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
+    tunnel
+}
+
+/// Opens a connection through the proxy at `proxy` that the upstream on `port` upgrades
+/// to its echo protocol (as a WebSocket would be).
+async fn open_upgraded(proxy: std::net::SocketAddr, port: u16) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut upgraded = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    upgraded
+        .write_all(
+            format!(
+                "GET http://127.0.0.1:{port}/upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101"));
+    upgraded
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_tunnel_is_drained_not_cut() {
-    use tokio::io::AsyncWriteExt;
     let echo = outrider::testing::TcpEcho::start().await;
     let mut proxy = BinProxy::start(
         BIN,
         "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 3s\n",
     );
-    let mut tunnel = tokio::net::TcpStream::connect(proxy.proxy_addr)
-        .await
-        .unwrap();
-    tunnel
-        .write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
-        .await
-        .unwrap();
-    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
+    let mut tunnel = open_tunnel(proxy.proxy_addr, echo.addr).await;
     assert!(echoes(&mut tunnel, b"before").await);
     proxy.signal(Signal::SIGTERM);
     assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
@@ -298,26 +323,12 @@ async fn an_open_tunnel_is_drained_not_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_connection_alone_is_drained_not_cut() {
-    use tokio::io::AsyncWriteExt;
     let up = Upstream::start().await;
     let proxy = BinProxy::start(
         BIN,
         "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 3s\n",
     );
-    let mut upgraded = tokio::net::TcpStream::connect(proxy.proxy_addr)
-        .await
-        .unwrap();
-    upgraded
-        .write_all(
-            format!(
-                "GET http://127.0.0.1:{}/upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-                up.port()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101"));
+    let mut upgraded = open_upgraded(proxy.proxy_addr, up.port()).await;
     assert!(echoes(&mut upgraded, b"before").await);
     proxy.signal(Signal::SIGTERM);
     assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
@@ -336,7 +347,7 @@ async fn an_upgraded_connection_alone_is_drained_not_cut() {
 /// every long-lived tunnel to it running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let echo = outrider::testing::TcpEcho::start().await;
     let up = Upstream::start().await;
     let allowing = |ports: &str, extra: &str| {
@@ -344,28 +355,8 @@ async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
     };
     let both = format!("{}, {}", echo.addr.port(), up.port());
     let proxy = TestProxy::start(&allowing(&both, "")).await;
-    let mut tunnel = tokio::net::TcpStream::connect(proxy.proxy_addr())
-        .await
-        .unwrap();
-    tunnel
-        .write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
-        .await
-        .unwrap();
-    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
-    let mut upgraded = tokio::net::TcpStream::connect(proxy.proxy_addr())
-        .await
-        .unwrap();
-    upgraded
-        .write_all(
-            format!(
-                "GET http://127.0.0.1:{}/upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-                up.port()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101"));
+    let mut tunnel = open_tunnel(proxy.proxy_addr(), echo.addr).await;
+    let mut upgraded = open_upgraded(proxy.proxy_addr(), up.port()).await;
     for s in [&mut tunnel, &mut upgraded] {
         assert!(echoes(s, b"before").await);
     }
