@@ -544,7 +544,8 @@ h2h_rounds() {
             name=${entry%%:*} rest=${entry#*:}
             mode=${rest%%:*} addr=${rest#*:} abs="" host=""
             if [[ $mode == forward ]]; then
-                abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
+                local target=${H2H_FWD_TARGET:-127.0.0.1:$P_ORIGIN}
+                abs="http://$target$upath" host="$target"
             fi
             WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/$prefix.$name.$round.wrk.json \
                 "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency \
@@ -734,20 +735,22 @@ identity_yaml() {
 
 # Two sidecars and their CA: wrk → A (explicit proxy) → mesh mTLS → B (inbound,
 # strict) → origin. B refuses plaintext, so a 200 through A proves the mTLS hop.
-mtls_outrider() {
-    local label="outrider → outrider (mesh mTLS)" why=""
-    if [[ -z $OUTRIDER ]]; then skip mtls-outrider mtls "$label" "$OUTRIDER_WHY"; return 0; fi
-    log "path mtls-outrider"
-    if ! "$OUTRIDER" ca init --trust-domain bench.local --out "$RUN/ca" >"$RUN/logs/ca-init.out" 2>&1; then
-        skip mtls-outrider mtls "$label" "outrider ca init failed: $(tail -n 2 "$RUN/logs/ca-init.out" | tr '\n' ' ')"
-        return 0
+# mesh_up starts them (MESH_PIDS: CA, B, A), or says why not in MESH_WHY; mesh_down
+# stops them.
+MESH_PIDS=() MESH_WHY=""
+mesh_up() {
+    MESH_PIDS=() MESH_WHY=""
+    if [[ ! -f $RUN/ca/root.pem ]] &&
+        ! "$OUTRIDER" ca init --trust-domain bench.local --out "$RUN/ca" >"$RUN/logs/ca-init.out" 2>&1; then
+        MESH_WHY="outrider ca init failed: $(tail -n 2 "$RUN/logs/ca-init.out" | tr '\n' ' ')"
+        return 1
     fi
     start ca-serve "$OUTRIDER" ca serve --dir "$RUN/ca" --listen "127.0.0.1:$P_CA"
-    local ca_pid=$LAST_PID id_a id_b
+    MESH_PIDS+=("$LAST_PID")
+    local id_a id_b
     if ! id_a=$(identity_yaml a 2>"$RUN/logs/ca-token.out") || ! id_b=$(identity_yaml b 2>>"$RUN/logs/ca-token.out"); then
-        skip mtls-outrider mtls "$label" "outrider ca token failed: $(tail -n 2 "$RUN/logs/ca-token.out" | tr '\n' ' ')"
-        stop "$ca_pid"
-        return 0
+        MESH_WHY="outrider ca token failed: $(tail -n 2 "$RUN/logs/ca-token.out" | tr '\n' ' ')"
+        return 1
     fi
     cat >"$RUN/conf/mesh-b.yaml" <<EOF
 admin: { listen: 127.0.0.1:$P_MB_ADM }
@@ -765,32 +768,45 @@ mesh: { networks: [127.0.0.1/32] }
 $id_a
 access_log: { output: "$LOG_OFF" }
 EOF
-    start_outrider mesh-b "$P_MB_ADM" || why="sidecar B did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-b.out" | tr '\n' ' '))"
-    local pid_b=$LAST_PID pid_a=""
-    if [[ -z $why ]]; then
-        start_outrider mesh-a "$P_MA_ADM" || why="sidecar A did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-a.out" | tr '\n' ' '))"
-        pid_a=$LAST_PID
+    if ! start_outrider mesh-b "$P_MB_ADM"; then
+        MESH_WHY="sidecar B did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-b.out" | tr '\n' ' '))"
+        return 1
     fi
-    if [[ -z $why ]]; then
-        local via plain
-        via=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -x "http://127.0.0.1:$P_MA_OUT" "http://127.0.0.1:$P_MB_IN/1k" || true)
-        plain=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$P_MB_IN/1k" || true)
-        if [[ $via != 200 ]]; then
-            why="a request through A to B got $via, not 200"
-        elif [[ $plain == 200 ]]; then
-            why="B (mtls: strict) answered plaintext with 200, so the hop is not proven to be mTLS"
-        fi
+    MESH_PIDS+=("$LAST_PID")
+    if ! start_outrider mesh-a "$P_MA_ADM"; then
+        MESH_WHY="sidecar A did not become ready (log: $(tail -n 2 "$RUN/logs/outrider-mesh-a.out" | tr '\n' ' '))"
+        return 1
     fi
-    if [[ -n $why ]]; then
-        skip mtls-outrider mtls "$label" "$why"
-    else
-        FWD_TARGET=127.0.0.1:$P_MB_IN run_loads mtls-outrider forward "127.0.0.1:$P_MA_OUT" "$pid_a $pid_b" ka_1k rate_1k
+    MESH_PIDS+=("$LAST_PID")
+    local via plain
+    via=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -x "http://127.0.0.1:$P_MA_OUT" "http://127.0.0.1:$P_MB_IN/1k" || true)
+    plain=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$P_MB_IN/1k" || true)
+    if [[ $via != 200 ]]; then
+        MESH_WHY="a request through A to B got $via, not 200"
+        return 1
+    elif [[ $plain == 200 ]]; then
+        MESH_WHY="B (mtls: strict) answered plaintext with 200, so the hop is not proven to be mTLS"
+        return 1
+    fi
+}
+mesh_down() {
+    local p
+    for p in "${MESH_PIDS[@]}"; do stop "$p"; done
+    MESH_PIDS=()
+}
+
+mtls_outrider() {
+    local label="outrider → outrider (mesh mTLS)"
+    if [[ -z $OUTRIDER ]]; then skip mtls-outrider mtls "$label" "$OUTRIDER_WHY"; return 0; fi
+    log "path mtls-outrider"
+    if mesh_up; then
+        FWD_TARGET=127.0.0.1:$P_MB_IN run_loads mtls-outrider forward "127.0.0.1:$P_MA_OUT" "${MESH_PIDS[*]:1}" ka_1k rate_1k
         manifest mtls-outrider group=mtls label="$label" proxy=outrider status=ok \
             notes="A explicit proxy with mesh.networks, B inbound mtls strict; identities from outrider ca; CPU/RSS of both sidecars; $LOG_OFF_NOTE"
+    else
+        skip mtls-outrider mtls "$label" "$MESH_WHY"
     fi
-    [[ -n $pid_a ]] && stop "$pid_a"
-    stop "$pid_b"
-    stop "$ca_pid"
+    mesh_down
 }
 
 if want mtls-outrider || want mtls-nginx || want mtls-haproxy; then
@@ -806,6 +822,37 @@ if want mtls-outrider || want mtls-nginx || want mtls-haproxy; then
     chain_path mtls-haproxy "haproxy → haproxy (mTLS)" haproxy "$P_HM1" "TLS 1.3, client certs, http-reuse always; CPU/RSS of both hops" \
         "haproxy -db -f $RUN/conf/haproxy-mtls-hop2.cfg" -- \
         haproxy -db -f "$RUN/conf/haproxy-mtls-hop1.cfg"
+fi
+
+# --- mesh head to head: the three mTLS chains at once, taking turns -----------------
+# Measured one after another (above), the chains moved by up to 30 % between runs on this
+# machine; as in h2h, they also run side by side here, taking turns; medians reported.
+if want h2hm && [[ -n $OUTRIDER ]]; then
+    log "path h2hm (mesh chains, $H2H_ROUNDS interleaved rounds)"
+    [[ -f $RUN/pki/ca.pem ]] || make_pki
+    render "$PEERS/nginx-mtls-hop1.conf" "$RUN/conf/nginx-mtls-hop1.conf" PORT="$P_NM1" HOP2_PORT="$P_NM2"
+    render "$PEERS/nginx-mtls-hop2.conf" "$RUN/conf/nginx-mtls-hop2.conf" PORT="$P_NM2"
+    render "$PEERS/haproxy-mtls-hop1.cfg" "$RUN/conf/haproxy-mtls-hop1.cfg" PORT="$P_HM1" HOP2_PORT="$P_HM2" MAXCONN="$HAPROXY_MAXCONN"
+    render "$PEERS/haproxy-mtls-hop2.cfg" "$RUN/conf/haproxy-mtls-hop2.cfg" PORT="$P_HM2" MAXCONN="$HAPROXY_MAXCONN"
+    h2h_pids=()
+    for hop in 2 1; do
+        start "h2hm-nginx-hop$hop" nginx -p "$RUN" -e "$RUN/logs/h2hm-nm$hop-error.log" -c "$RUN/conf/nginx-mtls-hop$hop.conf"
+        h2h_pids+=("$LAST_PID")
+        start "h2hm-haproxy-hop$hop" haproxy -db -f "$RUN/conf/haproxy-mtls-hop$hop.cfg"
+        h2h_pids+=("$LAST_PID")
+    done
+    if ! mesh_up; then
+        fail h2hm "the outrider mesh did not come up: $MESH_WHY"
+    elif ! wait_http "http://127.0.0.1:$P_NM1/1k" 15 || ! wait_http "http://127.0.0.1:$P_HM1/1k" 15; then
+        fail h2hm "an nginx or haproxy chain did not come up for the head-to-head rounds"
+    else
+        H2H_FWD_TARGET=127.0.0.1:$P_MB_IN h2h_rounds h2hm /1k "outrider:forward:127.0.0.1:$P_MA_OUT" \
+            "nginx:reverse:127.0.0.1:$P_NM1" "haproxy:reverse:127.0.0.1:$P_HM1"
+        manifest h2hm group=h2h label="mesh mTLS head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
+            notes="the outrider, nginx and haproxy two-hop mTLS chains running at once, taking turns; medians of $H2H_ROUNDS rounds"
+    fi
+    mesh_down
+    for p in "${h2h_pids[@]}"; do stop "$p"; done
 fi
 
 # --- cache hits: each proxy must serve /c/1k with the origin's copy removed -------

@@ -61,7 +61,7 @@ def collect(raw):
             p["status"] = "partial"
         p["loads"] = loads_of(raw, name)
         p["memory"] = memory_of(raw, name)
-        if name in ("h2h", "h2hc"):
+        if name in ("h2h", "h2hc", "h2hm"):
             p["h2h"] = head_to_head(raw, name)
         if name == "instr":
             p["instr"] = instructions(raw)
@@ -217,6 +217,11 @@ def targets(paths):
         fr, hr = e["rps_median"] / d["rps_median"], hp["rps_median"] / d["rps_median"]
         add("explicit forward (allowlist + log) ratio to direct vs haproxy's, head to head",
             f"{fr:.2f} vs {hr:.2f}", "≥ haproxy's", fr >= hr)
+    hm = get("h2hm", "h2h") or {}
+    a, b = hm.get("outrider"), hm.get("nginx")
+    v = round(a["rps_median"] / b["rps_median"], 2) if a and b and b["rps_median"] else None
+    add("two-hop mTLS req/s vs the nginx chain's, head to head (medians)", v and f"{v}×", "≥ 1.2×",
+        None if v is None else v >= 1.2)
     hc = get("h2hc", "h2h") or {}
     a, b = hc.get("outrider"), hc.get("squid")
     v = round(a["rps_median"] / b["rps_median"], 2) if a and b and b["rps_median"] else None
@@ -344,6 +349,22 @@ def markdown(res):
             x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
             y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {xd} | {fus(v['p99_median_us'])} | {x} | {y} |")
+    hm = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2hm" and p.get("h2h")), None)
+    if hm:
+        n = max(len(v["rounds"]) for v in hm.values())
+        lines += ["", "## Two-hop mTLS head to head (interleaved)", "",
+                  f"The outrider mesh (A explicit → mTLS → B inbound), the nginx chain and the HAProxy chain "
+                  f"running at once and taking turns with the 1 KiB keep-alive load, {n} rounds in rotating "
+                  f"order; medians.", "",
+                  "| chain | req/s (median) | rounds | p99 (median) | outrider req/s × | outrider p99 × |",
+                  "|---|--:|---|--:|--:|--:|"]
+        base = hm.get("outrider")
+        for name, v in sorted(hm.items(), key=lambda kv: kv[0] != "outrider"):
+            rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
+            peer = name != "outrider"
+            x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
+            y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
+            lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {fus(v['p99_median_us'])} | {x} | {y} |")
     hc = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2hc" and p.get("h2h")), None)
     if hc:
         n = max(len(v["rounds"]) for v in hc.values())
