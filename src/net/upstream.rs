@@ -46,6 +46,10 @@ const MAX_CHUNK_LINE: usize = 4096;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream address.
 const MAX_IDLE_PER_ADDR: usize = 256;
+/// Idle connections kept in all, over every address: an explicit proxy for many hosts
+/// would otherwise keep up to 256 per host, each a descriptor (and a TLS session to a mesh
+/// peer). At the limit, the connection idle longest anywhere is closed to make room.
+const MAX_IDLE_TOTAL: usize = 4096;
 /// How often the pool sweeps connections that went idle too long (and empty entries).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How long the rest of a refused upload is read and discarded at most, and how long a pause
@@ -81,9 +85,38 @@ impl Upgraded {
 /// Pooled HTTP/1.1 connections to checked addresses (plain, or mesh mTLS where the mesh
 /// covers the address).
 pub struct Upstreams {
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    idle: Mutex<IdlePool>,
+    /// At most this many idle connections in all ([`MAX_IDLE_TOTAL`]).
+    max_idle: usize,
     connect_timeout: Duration,
     mesh: Option<MeshClient>,
+}
+
+/// Idle connections by address, oldest first, and how many there are in all.
+#[derive(Default)]
+struct IdlePool {
+    by_addr: HashMap<SocketAddr, VecDeque<Idle>>,
+    total: usize,
+}
+
+impl IdlePool {
+    /// Closes the connection that has been idle longest, whatever its address.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .by_addr
+            .iter()
+            .filter_map(|(addr, list)| list.front().map(|e| (e.since, *addr)))
+            .min();
+        if let Some((_, addr)) = oldest {
+            if let Some(list) = self.by_addr.get_mut(&addr) {
+                list.pop_front();
+                self.total -= 1;
+                if list.is_empty() {
+                    self.by_addr.remove(&addr);
+                }
+            }
+        }
+    }
 }
 
 struct Idle {
@@ -129,8 +162,17 @@ impl Upstreams {
     /// covers the address. Inside a runtime, a background sweep closes connections idle
     /// longer than the idle timeout; it ends with the pool.
     pub fn new(connect_timeout: Duration, mesh: Option<MeshClient>) -> Arc<Self> {
+        Self::with_max_idle(connect_timeout, mesh, MAX_IDLE_TOTAL)
+    }
+
+    fn with_max_idle(
+        connect_timeout: Duration,
+        mesh: Option<MeshClient>,
+        max_idle: usize,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdlePool::default()),
+            max_idle,
             connect_timeout,
             mesh,
         });
@@ -143,16 +185,16 @@ impl Upstreams {
 
     /// Idle connections in the pool (all addresses).
     pub fn idle_count(&self) -> usize {
-        self.idle
-            .lock()
-            .map_or(0, |m| m.values().map(VecDeque::len).sum())
+        self.idle.lock().map_or(0, |p| p.total)
     }
 
     fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(&addr)?;
+        let IdlePool { by_addr, total } = &mut *idle;
+        let list = by_addr.get_mut(&addr)?;
         // Most recently used first: its socket is the least likely to have been closed.
         while let Some(mut entry) = list.pop_back() {
+            *total -= 1;
             if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_usable() {
                 return Some(entry.conn);
             }
@@ -165,16 +207,26 @@ impl Upstreams {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        let list = idle.entry(addr).or_default();
+        let pool = &mut *idle;
+        let list = pool.by_addr.entry(addr).or_default();
         while list
             .front()
             .is_some_and(|e| now.duration_since(e.since) >= IDLE_TIMEOUT)
         {
             list.pop_front();
+            pool.total -= 1;
         }
-        if list.len() < MAX_IDLE_PER_ADDR {
-            list.push_back(Idle { conn, since: now });
+        if list.len() >= MAX_IDLE_PER_ADDR {
+            return;
         }
+        if pool.total >= self.max_idle {
+            pool.evict_oldest();
+        }
+        pool.by_addr
+            .entry(addr)
+            .or_default()
+            .push_back(Idle { conn, since: now });
+        pool.total += 1;
     }
 
     async fn dial(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
@@ -343,11 +395,12 @@ async fn sweep_while_alive(pool: Weak<Upstreams>) {
     }
 }
 
-fn sweep(idle: &mut HashMap<SocketAddr, VecDeque<Idle>>, now: Instant) {
-    for list in idle.values_mut() {
+fn sweep(idle: &mut IdlePool, now: Instant) {
+    for list in idle.by_addr.values_mut() {
         list.retain_mut(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.is_usable());
     }
-    idle.retain(|_, list| !list.is_empty());
+    idle.by_addr.retain(|_, list| !list.is_empty());
+    idle.total = idle.by_addr.values().map(VecDeque::len).sum();
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -991,6 +1044,76 @@ mod tests {
                 None => return Ok((out, None, false)),
             }
         }
+    }
+
+    /// An origin that answers every request on a connection with a small 200, and reports
+    /// when a connection is closed by the proxy.
+    async fn origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// Past the pool's total limit, the connection idle longest (whatever its address) is
+    /// closed to make room; the pool never holds more than the limit.
+    #[tokio::test]
+    async fn the_idle_pool_is_bounded_in_all_and_evicts_the_oldest() {
+        let pool = Upstreams::with_max_idle(Duration::from_secs(2), None, 2);
+        let mut origins = Vec::new();
+        for _ in 0..3 {
+            origins.push(origin().await);
+        }
+        for (i, (addr, _)) in origins.iter().enumerate() {
+            let req = Request::builder()
+                .uri("/")
+                .header("host", "o.test")
+                .body(body::empty())
+                .unwrap();
+            let resp = pool.send(*addr, req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            drop(resp);
+            assert_eq!(pool.idle_count(), (i + 1).min(2), "after request {i}");
+        }
+        // The first origin's connection was the oldest: closed; the others are kept.
+        let first = tokio::time::timeout(Duration::from_secs(5), origins[0].1.recv()).await;
+        assert!(
+            matches!(first, Ok(Some(()))),
+            "the oldest idle connection was not closed"
+        );
+        for (_, closed) in &mut origins[1..] {
+            assert!(
+                closed.try_recv().is_err(),
+                "a newer idle connection was closed"
+            );
+        }
+        // The pooled connections still serve.
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "o.test")
+            .body(body::empty())
+            .unwrap();
+        assert_eq!(pool.send(origins[2].0, req).await.unwrap().status(), 200);
+        assert_eq!(pool.idle_count(), 2);
     }
 
     #[test]

@@ -24,8 +24,7 @@ use super::{ConnInfo, Inputs};
 use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
 use crate::net::connect;
-use crate::policy::egress::Deny;
-use crate::policy::egress::TargetCheck;
+use crate::policy::egress::{Deny, TargetCheck};
 use crate::policy::host::{parse_host, Host};
 
 /// Serves a `CONNECT host:port` request.
