@@ -191,3 +191,75 @@ fn strict_or_permissive_mtls_without_an_identity_is_a_config_error() {
     let ok = "inbound:\n  mtls: disabled\n";
     assert!(outrider::config::validate(outrider::config::Config::from_yaml(ok).unwrap()).is_ok());
 }
+
+/// A WebSocket-style protocol switch through inbound: the app sees the `Upgrade` request
+/// (not stripped as hop-by-hop), its `101` reaches the caller, and the two connections are
+/// joined both ways. A path that authorization refuses is refused before any switch, and
+/// a reload that stops allowing the path closes the joined connection (logged as denied,
+/// with the bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_upgrades_reach_the_app_and_are_joined() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = outrider::testing::Upstream::start().await;
+    let config = |allowed: &str| {
+        format!(
+            "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n  \
+             authorization:\n    - paths: [{allowed}]\n",
+            up.port()
+        )
+    };
+    let p = TestProxy::start(&config("/upgrade")).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let switch = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: app\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+    };
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(switch("/upgrade").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for probe in [&b"hello"[..], b"second message"] {
+        s.write_all(probe).await.unwrap();
+        let mut back = vec![0u8; probe.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("no echo through the upgraded connection")
+            .unwrap();
+        assert_eq!(back, probe);
+    }
+    // Authorization applies before the switch.
+    let mut other = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    other
+        .write_all(switch("/elsewhere").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = other.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 403"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // A reload that no longer allows /upgrade closes the joined connection.
+    p.reload_with(&config("/elsewhere")).unwrap();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the upgraded connection was still open after a reload revoked its rule: {read:?}"
+    );
+    let rec = p.wait_log(|r| r["status"] == 101).await;
+    assert_eq!(rec["direction"], "inbound", "{rec}");
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    assert!(
+        rec["reason"].as_str().unwrap().contains("config reload"),
+        "{rec}"
+    );
+    assert!(rec["bytes_in"].as_u64().unwrap() >= 19, "{rec}");
+}

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
-use super::http::{add_via, append_value, strip_hop_by_hop};
+use super::http::{add_via, append_value, strip_hop_by_hop, wants_upgrade};
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
@@ -270,7 +270,20 @@ async fn handle(
     )
     .await
     {
-        Ok(resp) => {
+        Ok((resp, Some((client_side, app_side, recheck)))) => {
+            // A protocol switch (WebSocket and the like): the record is written when the
+            // upgraded connection closes.
+            guard.record.status = resp.status().as_u16();
+            inputs.tasks.spawn(super::tunnel::splice_upgrades(
+                inputs.clone(),
+                client_side,
+                app_side,
+                guard,
+                recheck,
+            ));
+            Ok(resp)
+        }
+        Ok((resp, None)) => {
             guard.record.status = resp.status().as_u16();
             let counter = guard.bytes.clone();
             Ok(resp.map(|b| body::boxed(Counted::new(b, counter, true, Some(guard)))))
@@ -281,16 +294,26 @@ async fn handle(
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// Route → authorize → forwarding headers → the app (pooled) → response filters.
+/// Both halves of a protocol switch, and how to authorize the joined connection again
+/// after a reload.
+type Upgrade = (
+    hyper::upgrade::OnUpgrade,
+    crate::net::upstream::Upgraded,
+    super::tunnel::StillAllowed,
+);
+
+/// Route → authorize → forwarding headers → the app (pooled) → response filters. A
+/// request to switch protocols (WebSocket) is passed on as one, and when the app accepts
+/// it, the two halves to join come back with the response.
 async fn to_app(
     inputs: &Inputs,
     state: &super::State,
     conn: ConnInfo,
     peer: Option<&str>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: HeaderValue,
     guard: &mut LogGuard,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<(Response<Body>, Option<Upgrade>), ProxyError> {
     let target = state
         .cfg
         .routes
@@ -310,9 +333,10 @@ async fn to_app(
     if inputs.is_own(target) {
         return Err(ProxyError::Loop(target.to_string()));
     }
+    let port = conn.original_dst.map_or(target.port(), |od| od.port());
     let asked = authz::Request {
         identity: peer,
-        port: conn.original_dst.map_or(target.port(), |od| od.port()),
+        port,
         path: Some(req.uri().path()),
         method: Some(req.method().as_str()),
     };
@@ -324,8 +348,28 @@ async fn to_app(
             .map_err(ProxyError::Unauthorized)?,
     );
 
+    let upgrading = wants_upgrade(req.headers());
+    let client_upgrade = upgrading.then(|| {
+        // What this request was authorized on, to check an upgraded connection again
+        // after a reload as a new request would be.
+        let (identity, path, method) = (
+            peer.map(str::to_owned),
+            req.uri().path().to_owned(),
+            req.method().as_str().to_owned(),
+        );
+        let recheck: super::tunnel::StillAllowed = Box::new(move |state| {
+            let asked = authz::Request {
+                identity: identity.as_deref(),
+                port,
+                path: Some(&path),
+                method: Some(&method),
+            };
+            state.cfg.authz.check(asked).map(|_| ())
+        });
+        (hyper::upgrade::on(&mut req), recheck)
+    });
     let (mut parts, incoming) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
+    strip_hop_by_hop(&mut parts.headers, upgrading);
     add_forwarding(
         &mut parts.headers,
         conn,
@@ -347,12 +391,20 @@ async fn to_app(
         timeout: state.cfg.response_timeout,
         mesh: false,
     };
-    let resp = pooled.send_to_origin(up).await?;
+    let mut resp = pooled.send_to_origin(up).await?;
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upgrade = match (client_upgrade, switching) {
+        (Some((client_side, recheck)), true) => resp
+            .extensions_mut()
+            .remove::<crate::net::upstream::Upgraded>()
+            .map(|app_side| (client_side, app_side, recheck)),
+        _ => None,
+    };
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
+    strip_hop_by_hop(&mut parts.headers, switching);
     add_via(&mut parts.headers, parts.version);
     parts.version = client_version;
-    Ok(Response::from_parts(parts, body))
+    Ok((Response::from_parts(parts, body), upgrade))
 }
 
 const X_FORWARDED_CLIENT_CERT: http::HeaderName =
