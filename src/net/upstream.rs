@@ -219,13 +219,14 @@ impl Upstreams {
         if list.len() >= MAX_IDLE_PER_ADDR {
             return;
         }
-        if pool.total >= self.max_idle {
+        let entry = Idle { conn, since: now };
+        if pool.total < self.max_idle {
+            list.push_back(entry);
+        } else {
+            // Eviction may empty and remove any list, this one too: look it up again.
             pool.evict_oldest();
+            pool.by_addr.entry(addr).or_default().push_back(entry);
         }
-        pool.by_addr
-            .entry(addr)
-            .or_default()
-            .push_back(Idle { conn, since: now });
         pool.total += 1;
     }
 

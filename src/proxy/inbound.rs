@@ -225,17 +225,29 @@ async fn pass_through<I>(
         }
     };
     // Checked again after each reload on the caller and port alone, as here.
-    let port = od.port();
-    let recheck: super::tunnel::StillAllowed = Box::new(move |state| {
+    let recheck = authz_recheck(peer.as_deref(), od.port(), None, None);
+    splice(&inputs, io, upstream, guard, recheck).await;
+}
+
+/// The recheck after a reload for a connection authorized on these: the same question
+/// asked of the new authorization rules.
+fn authz_recheck(
+    identity: Option<&str>,
+    port: u16,
+    path: Option<&str>,
+    method: Option<&str>,
+) -> super::tunnel::StillAllowed {
+    let identity = identity.map(str::to_owned);
+    let (path, method) = (path.map(str::to_owned), method.map(str::to_owned));
+    Box::new(move |state| {
         let asked = authz::Request {
-            identity: peer.as_deref(),
+            identity: identity.as_deref(),
             port,
-            path: None,
-            method: None,
+            path: path.as_deref(),
+            method: method.as_deref(),
         };
         state.cfg.authz.check(asked).map(|_| ())
-    });
-    splice(&inputs, io, upstream, guard, Some(recheck)).await;
+    })
 }
 
 /// One inbound HTTP request: route, add forwarding headers, send to the app, log.
@@ -350,22 +362,9 @@ async fn to_app(
 
     let upgrading = wants_upgrade(req.headers());
     let client_upgrade = upgrading.then(|| {
-        // What this request was authorized on, to check an upgraded connection again
-        // after a reload as a new request would be.
-        let (identity, path, method) = (
-            peer.map(str::to_owned),
-            req.uri().path().to_owned(),
-            req.method().as_str().to_owned(),
-        );
-        let recheck: super::tunnel::StillAllowed = Box::new(move |state| {
-            let asked = authz::Request {
-                identity: identity.as_deref(),
-                port,
-                path: Some(&path),
-                method: Some(&method),
-            };
-            state.cfg.authz.check(asked).map(|_| ())
-        });
+        // An upgraded connection is checked again after a reload as this request was.
+        let path = Some(req.uri().path());
+        let recheck = authz_recheck(peer, port, path, Some(req.method().as_str()));
         (hyper::upgrade::on(&mut req), recheck)
     });
     let (mut parts, incoming) = req.into_parts();

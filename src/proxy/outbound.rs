@@ -173,5 +173,5 @@ async fn tunnel_tcp(
             .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     let recheck = super::tunnel::egress_recheck(host, od.port(), admitted.addr);
-    splice(&inputs, stream, upstream, guard, Some(recheck)).await;
+    splice(&inputs, stream, upstream, guard, recheck).await;
 }

@@ -98,7 +98,7 @@ pub async fn connect(
                         .inbound
                         .fetch_add(first.len() as u64, Ordering::Relaxed);
                 }
-                splice(&inputs, client, upstream, guard, Some(recheck)).await;
+                splice(&inputs, client, upstream, guard, recheck).await;
             });
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::OK;
@@ -178,8 +178,8 @@ async fn check_sni<C: AsyncRead + Unpin>(
 pub type StillAllowed = Box<dyn Fn(&super::State) -> Result<(), String> + Send>;
 
 /// Copies bytes both ways until either side closes, counting them into the guard's
-/// record, which is written when the guard drops here (also on reset). With `recheck`, the
-/// connection is checked again after each config reload and closed (logged as denied) when
+/// record, which is written when the guard drops here (also on reset). After each config
+/// reload the connection is checked again with `recheck`, and closed (logged as denied) when
 /// the new policy no longer allows it: revoking a rule must not leave a long-lived tunnel
 /// open to what it allowed.
 pub async fn splice<C, U>(
@@ -187,7 +187,7 @@ pub async fn splice<C, U>(
     client: C,
     mut upstream: U,
     mut guard: LogGuard,
-    recheck: Option<StillAllowed>,
+    recheck: StillAllowed,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -207,12 +207,11 @@ pub async fn splice<C, U>(
                 }
                 return;
             }
-            changed = reloads.changed(), if recheck.is_some() => {
+            changed = reloads.changed() => {
                 if changed.is_err() {
                     return; // the server is gone
                 }
-                let state = inputs.state.load();
-                if let Some(Err(reason)) = recheck.as_ref().map(|still| still(&state)) {
+                if let Err(reason) = recheck(&inputs.state.load()) {
                     guard.record.decision = "deny";
                     guard.record.reason = Some(format!("closed after a config reload: {reason}"));
                     crate::metrics::record_denial("revoked", "deny");
@@ -293,7 +292,7 @@ pub async fn splice_upgrades(
         return;
     };
     match client.await {
-        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, Some(recheck)).await,
+        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, recheck).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }
