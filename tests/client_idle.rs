@@ -134,11 +134,62 @@ async fn http1_keep_alive_connections_close_after_the_idle_timeout() {
         got.extend_from_slice(&buf[..n]);
     }
     assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    // A response still being sent when the idle timeout would have passed is not cut.
+    s.write_all(b"GET /drip HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    got.clear();
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed while a response was being sent: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("first ") && text.contains("last"),
+        "{text}"
+    );
     // Nothing more is sent: the proxy closes the connection after the idle timeout.
     let read = tokio::time::timeout(CLOSED_WITHIN, s.read(&mut buf)).await;
     assert!(
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "an idle HTTP/1 keep-alive connection was not closed within {CLOSED_WITHIN:?}: {read:?}"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_a_request_head_that_trickles_in_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    // Slowloris: the head never ends, but a header line arrives every 300 ms, so the
+    // connection is never quiet. It must still be closed, without an answer.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        assert!(
+            start.elapsed() < CLOSED_WITHIN,
+            "a request head still arriving after {CLOSED_WITHIN:?} was not cut off"
+        );
+        if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            break Vec::new();
+        }
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Vec::new(),
+            Ok(Ok(n)) => break buf[..n].to_vec(),
+            Err(_) => {}
+        }
+    };
+    assert!(
+        closed.is_empty(),
+        "got an answer to a head that never ended: {:?}",
+        String::from_utf8_lossy(&closed)
     );
     p.shutdown().await;
 }
