@@ -338,7 +338,8 @@ pub struct LogGuard {
     /// when no body is being tracked (tunnels, refusals).
     pub response_complete: Option<bool>,
     start: Instant,
-    started: SystemTime,
+    /// The wall-clock start, read only when there is a log to write it to.
+    started: Option<SystemTime>,
     log: AccessLog,
 }
 
@@ -346,8 +347,9 @@ impl LogGuard {
     /// Starts a record now.
     pub fn start(log: AccessLog, record: Record) -> Self {
         let mut record = record;
-        // The start time is formatted when the record is written, and only if it is.
-        let started = SystemTime::now();
+        // The start time is formatted when the record is written, and only if it is; with
+        // the log off it is not even read (a clock read is ~1 % of a request's CPU).
+        let started = log.shared.is_some().then(SystemTime::now);
         if record.decision.is_empty() {
             record.decision = "allow";
         }
@@ -383,8 +385,9 @@ impl Drop for LogGuard {
             }
         }
         crate::metrics::record_request(r);
-        if self.log.shared.is_some() {
-            r.timestamp = humantime::format_rfc3339_millis(self.started).to_string();
+        // Read at the start exactly when there is a log.
+        if let Some(started) = self.started {
+            r.timestamp = humantime::format_rfc3339_millis(started).to_string();
             self.log.write(r);
         }
     }

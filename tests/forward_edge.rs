@@ -72,6 +72,45 @@ async fn the_response_timeout_bounds_the_head_not_a_slow_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_timeout_holds_on_reused_upstream_connections() {
+    // Each pooled upstream connection keeps one timer across its requests (see
+    // `HeadTimer`). Reused, it must still time out a slow head, and a timer that went off
+    // while the connection was idle must not cut the next request short.
+    let up = Upstream::start().await;
+    let proxy = TestProxy::start(&config()).await;
+    let url = |path: &str| format!("http://api.test:{}{path}", up.port());
+
+    let r = proxy_get(proxy.proxy_addr(), &url("/")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = proxy_get(proxy.proxy_addr(), &url("/slow?ms=3000")).await;
+    assert_eq!(r.status, 504, "a reused connection did not time out: {r:?}");
+    assert_eq!(
+        up.connections(),
+        1,
+        "the slow request did not reuse the connection"
+    );
+
+    // The timed-out connection is not reused: a new one, then idle past its deadline.
+    let r = proxy_get(proxy.proxy_addr(), &url("/")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Half the timeout: answered, although this connection's timer already went off.
+    let r = proxy_get(proxy.proxy_addr(), &url("/slow?ms=150")).await;
+    assert_eq!(
+        r.status, 200,
+        "cut short by a timer that had gone off: {r:?}"
+    );
+    // Right after, on the same connection: the timer still stops a slow head.
+    let r = proxy_get(proxy.proxy_addr(), &url("/slow?ms=3000")).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(
+        up.connections(),
+        2,
+        "the requests did not reuse the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cancelled_before_its_response_is_logged() {
     let up = Upstream::start().await;
     let proxy =

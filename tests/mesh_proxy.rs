@@ -334,3 +334,32 @@ async fn a_destination_with_expected_identities_must_present_one_of_them() {
     assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
     assert!(resp.contains("mTLS to mesh peer"), "{resp}");
 }
+
+#[tokio::test]
+async fn a_mesh_peer_that_never_answers_the_handshake_is_a_504() {
+    // A "peer" that accepts the connection and never answers the ClientHello. The
+    // connect timeout covers the mTLS handshake; the response timeout (a minute here)
+    // must not be what ends it, nor may the caller wait forever.
+    let ca = Ca::new().await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            conns.push(s);
+        }
+    });
+    let yaml = format!(
+        "outbound:\n  listen: 127.0.0.1:0\n  timeouts: {{ connect: 500ms, response: 60s }}\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\n{}",
+        ca.identity_yaml("ns/a/sa/web")
+    );
+    let a = Sidecar::start(&yaml, Some(dest)).await;
+    let resp = raw(
+        a.handle.outbound_addr,
+        "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp}");
+    assert!(resp.contains("timed out"), "{resp}");
+    held.abort();
+}

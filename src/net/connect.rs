@@ -120,9 +120,17 @@ pub async fn connect_maybe_mesh(
         metrics::counter!("outrider_upstream_connect_errors_total").increment(1);
         return Err(ConnectError::NoCertificate(addr));
     }
+    let started = tokio::time::Instant::now();
     let tcp = connect(addr, timeout).await?;
     match mesh {
-        Some(m) => m.handshake(addr, tcp).await,
+        // The connect timeout covers the mTLS handshake too (as Envoy's does): a peer that
+        // accepts and never answers the ClientHello must not hold the caller forever.
+        Some(m) => tokio::time::timeout_at(started + timeout, m.handshake(addr, tcp))
+            .await
+            .unwrap_or_else(|_| {
+                metrics::counter!("outrider_upstream_connect_errors_total").increment(1);
+                Err(ConnectError::Timeout(addr))
+            }),
         None => Ok(MaybeTls::Plain(tcp)),
     }
 }

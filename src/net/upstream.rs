@@ -14,6 +14,7 @@
 //! idempotent request without a body is retried once more when the race is lost anyway.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -67,6 +68,9 @@ pub enum SendError {
     /// is not HTTP/1.1.
     #[error("{0}")]
     Failed(String),
+    /// No response head within the response timeout.
+    #[error("no response within the response timeout")]
+    Timeout,
 }
 
 /// The protocol switch an upstream accepted with `101`: its connection, with any bytes
@@ -128,6 +132,67 @@ struct Idle {
 struct Conn {
     io: MaybeTls,
     buf: BytesMut,
+    timer: HeadTimer,
+}
+
+/// What a request was, for reading its response: a `HEAD`, an upgrade asked for, whether
+/// it went out whole, and when it began.
+#[derive(Clone, Copy)]
+struct Sent {
+    head_only: bool,
+    asked_upgrade: bool,
+    whole: bool,
+    at: Instant,
+}
+
+/// The response-head timer of one upstream connection, kept with it across requests.
+///
+/// A fresh `Sleep` per request is registered in the runtime's timer wheel and removed
+/// again, under its lock, with a clock read for each (2 % of the inbound path's CPU). This
+/// one is registered once and moved only when it fires: each request's deadline is later
+/// than the last one's, so the timer goes off early, at most once per timeout, and is then
+/// set to the deadline of the request waiting at the time (as nginx's timers tolerate
+/// lateness rather than move on every event).
+struct HeadTimer(Pin<Box<tokio::time::Sleep>>);
+
+impl HeadTimer {
+    fn new() -> Self {
+        // Far off until the first request sets a deadline (`sleep` would overflow on MAX).
+        Self(Box::pin(tokio::time::sleep(Duration::from_secs(
+            86_400 * 365,
+        ))))
+    }
+
+    /// Ready once `at` has passed.
+    fn poll_passed(&mut self, at: tokio::time::Instant, cx: &mut Context<'_>) -> Poll<()> {
+        // Only ever moved earlier here: a later deadline is taken up when it fires early.
+        if self.0.deadline() > at {
+            self.0.as_mut().reset(at);
+        }
+        loop {
+            ready!(self.0.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= at {
+                return Poll::Ready(());
+            }
+            self.0.as_mut().reset(at);
+        }
+    }
+
+    /// Runs `fut` until it completes or `at` passes.
+    async fn within<F: Future>(
+        &mut self,
+        at: tokio::time::Instant,
+        fut: F,
+    ) -> Result<F::Output, Exchange> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            self.poll_passed(at, cx).map(|()| Err(Exchange::Timeout))
+        })
+        .await
+    }
 }
 
 impl Conn {
@@ -188,22 +253,23 @@ impl Upstreams {
         self.idle.lock().map_or(0, |p| p.total)
     }
 
-    fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+    /// The most recently used idle connection to `addr` that is still good, as of `now`.
+    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         let IdlePool { by_addr, total } = &mut *idle;
         let list = by_addr.get_mut(&addr)?;
         // Most recently used first: its socket is the least likely to have been closed.
         while let Some(mut entry) = list.pop_back() {
             *total -= 1;
-            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.is_usable() {
+            if now.saturating_duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.is_usable() {
                 return Some(entry.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, addr: SocketAddr, conn: Conn) {
-        let now = Instant::now();
+    /// Puts `conn` back, idle since `now`.
+    fn checkin(&self, addr: SocketAddr, conn: Conn, now: Instant) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -235,17 +301,21 @@ impl Upstreams {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
+            timer: HeadTimer::new(),
         })
     }
 
     /// Sends `req` to `addr` over HTTP/1.1 (the request URI's path and query form the
     /// request target; without a Host header, its authority, or else `addr`, is sent as
     /// one). The response body streams from the upstream connection, which goes back to
-    /// the pool once the body has been read whole.
+    /// the pool once the body has been read whole. The response head must come within
+    /// `timeout` of the end of the request body (of the start, without one), so that a
+    /// long upload is never cut off while it is still flowing.
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<Body>,
+        timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
         let (parts, mut body) = req.into_parts();
         let empty = http_body::Body::is_end_stream(&body);
@@ -267,26 +337,40 @@ impl Upstreams {
         let head_only = parts.method == Method::HEAD;
         let replayable = empty && is_idempotent(&parts.method);
         let mut retried = false;
+        // One clock read for the request's bookkeeping: which pooled connections are too
+        // old, its response deadline, and when its connection went back to the pool.
+        let start = tokio::time::Instant::now();
         loop {
-            let pooled = if retried { None } else { self.checkout(addr) };
+            let pooled = if retried {
+                None
+            } else {
+                self.checkout(addr, start.into_std())
+            };
             let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 // Boxed: dialing (TCP, and the mTLS handshake to a mesh peer) is rare with a
                 // warm pool, and inline its state would make every request's future larger.
                 None => (Box::pin(self.dial(addr)).await?, false),
             };
-            match exchange(&mut conn, &head, &mut body, framing).await {
+            match exchange(&mut conn, &head, &mut body, framing, (start, timeout)).await {
                 Ok((resp, whole)) => {
                     if !whole && !http_body::Body::is_end_stream(&body) {
                         tokio::spawn(linger(std::mem::replace(&mut body, body::empty())));
                     }
-                    return self.respond(addr, conn, resp, head_only, asked_upgrade, whole);
+                    let sent = Sent {
+                        head_only,
+                        asked_upgrade,
+                        whole,
+                        at: start.into_std(),
+                    };
+                    return self.respond(addr, conn, resp, sent);
                 }
                 // A pooled connection the upstream closed just as it was reused: nothing
                 // was answered, so a request that can be repeated goes on a fresh one.
                 Err(Exchange::Closed { answered: false }) if reused && replayable => {
                     retried = true;
                 }
+                Err(Exchange::Timeout) => return Err(SendError::Timeout),
                 Err(e) => return Err(SendError::Failed(e.to_string())),
             }
         }
@@ -298,10 +382,14 @@ impl Upstreams {
         addr: SocketAddr,
         mut conn: Conn,
         head: Head,
-        head_only: bool,
-        asked_upgrade: bool,
-        request_sent_whole: bool,
+        sent: Sent,
     ) -> Result<Response<Body>, SendError> {
+        let Sent {
+            head_only,
+            asked_upgrade,
+            whole: request_sent_whole,
+            at,
+        } = sent;
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
@@ -362,7 +450,9 @@ impl Upstreams {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
                 let data = conn.buf.split_to(n as usize).freeze();
                 if keep_alive && conn.buf.is_empty() {
-                    self.checkin(addr, conn);
+                    // Idle since the request began (not quite, by one round trip: it
+                    // only makes the connection count as idle a little longer).
+                    self.checkin(addr, conn, at);
                 }
                 if data.is_empty() {
                     body::empty()
@@ -473,6 +563,8 @@ enum Exchange {
     Closed { answered: bool },
     #[error("{0}")]
     Failed(String),
+    #[error("no response within the response timeout")]
+    Timeout,
 }
 
 /// Reads and discards what is left of a client's upload after the upstream answered early
@@ -496,29 +588,38 @@ async fn linger(mut body: Body) {
 /// upstream may refuse an upload on its head (413, 401) and stop reading, and the client must
 /// get that answer, not a 502 for the write that then fails (nginx and hyper's client pass it
 /// on too). An early refusal (4xx, 5xx) ends the upload; an early success still waits for
-/// the body to be sent whole.
+/// the body to be sent whole. The response head is due `timeout` after `start` without a
+/// body, and after the body was sent with one.
 async fn exchange(
     conn: &mut Conn,
     head: &[u8],
     body: &mut Body,
     framing: BodyFraming,
+    (start, timeout): (tokio::time::Instant, Duration),
 ) -> Result<(Head, bool), Exchange> {
+    let Conn { io, buf, timer } = conn;
     if http_body::Body::is_end_stream(body) {
-        write_request(&mut conn.io, head, body, framing).await?;
-        return Ok((read_head(&mut conn.io, &mut conn.buf).await?, true));
+        let at = start + timeout;
+        let sent = async {
+            write_request(&mut *io, head, body, framing).await?;
+            read_head(&mut *io, buf).await
+        };
+        return Ok((timer.within(at, sent).await??, true));
     }
-    let (mut rd, mut wr) = tokio::io::split(&mut conn.io);
+    let (mut rd, mut wr) = tokio::io::split(io);
     let write = write_request(&mut wr, head, body, framing);
-    let read = read_head(&mut rd, &mut conn.buf);
+    let read = read_head(&mut rd, buf);
     tokio::pin!(write, read);
     let early = tokio::select! {
         biased;
         r = &mut read => r?,
         w = &mut write => {
+            // The body has been sent, or can no longer be: the response timeout runs.
+            let at = tokio::time::Instant::now() + timeout;
             return match w {
-                Ok(()) => Ok(((&mut read).await?, true)),
+                Ok(()) => Ok((timer.within(at, &mut read).await??, true)),
                 // The upstream stopped reading: it may have said why before it did.
-                Err(closed @ Exchange::Closed { .. }) => match (&mut read).await {
+                Err(closed @ Exchange::Closed { .. }) => match timer.within(at, &mut read).await? {
                     Ok(head) => Ok((head, false)),
                     Err(_) => Err(closed),
                 },
@@ -926,7 +1027,7 @@ impl UpstreamBody {
         if let Some(conn) = self.conn.take() {
             if self.keep_alive && conn.buf.is_empty() {
                 if let Some(pool) = self.pool.upgrade() {
-                    pool.checkin(self.addr, conn);
+                    pool.checkin(self.addr, conn, Instant::now());
                 }
             }
         }
@@ -1090,7 +1191,7 @@ mod tests {
                 .header("host", "o.test")
                 .body(body::empty())
                 .unwrap();
-            let resp = pool.send(*addr, req).await.unwrap();
+            let resp = pool.send(*addr, req, Duration::from_secs(5)).await.unwrap();
             assert_eq!(resp.status(), 200);
             drop(resp);
             assert_eq!(pool.idle_count(), (i + 1).min(2), "after request {i}");
@@ -1113,7 +1214,13 @@ mod tests {
             .header("host", "o.test")
             .body(body::empty())
             .unwrap();
-        assert_eq!(pool.send(origins[2].0, req).await.unwrap().status(), 200);
+        assert_eq!(
+            pool.send(origins[2].0, req, Duration::from_secs(5))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
         assert_eq!(pool.idle_count(), 2);
     }
 
@@ -1272,7 +1379,7 @@ mod tests {
                 b = b.header("transfer-encoding", te);
             }
             let resp = pool
-                .send(addr, b.body(body::empty()).unwrap())
+                .send(addr, b.body(body::empty()).unwrap(), Duration::from_secs(5))
                 .await
                 .unwrap();
             assert_eq!(resp.status(), 304);

@@ -193,38 +193,20 @@ impl Pooled {
         &self,
         req: Request<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        // The response timeout runs from the end of the request body, so that a long
-        // upload is never cut off while it is still flowing.
-        let (req, sent) = if http_body::Body::is_end_stream(req.body()) {
-            (req, None)
-        } else {
-            let (done, sent) = tokio::sync::oneshot::channel::<()>();
-            (
-                req.map(|b| body::boxed(body::OnEnd::new(b, done))),
-                Some(sent),
-            )
-        };
-        let timer = async {
-            if let Some(sent) = sent {
-                let _ = sent.await;
+        // The response timeout runs from the end of the request body (see `send`).
+        match self.upstreams.send(self.addr, req, self.timeout).await {
+            Ok(resp) => Ok(resp),
+            Err(SendError::Connect(e)) => Err(ProxyError::Connect(e)),
+            Err(SendError::Timeout) => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
+            // With TLS 1.3 the client's handshake completes before the server checks
+            // the client certificate, so a refusal shows up as a closed connection.
+            Err(SendError::Failed(detail)) if self.mesh => Err(ProxyError::Upstream(
+                self.addr.to_string(),
+                format!("{detail} (the mesh peer closed the connection: it may have refused this workload's certificate or identity)"),
+            )),
+            Err(SendError::Failed(detail)) => {
+                Err(ProxyError::Upstream(self.addr.to_string(), detail))
             }
-            tokio::time::sleep(self.timeout).await;
-        };
-        tokio::select! {
-            result = self.upstreams.send(self.addr, req) => match result {
-                Ok(resp) => Ok(resp),
-                Err(SendError::Connect(e)) => Err(ProxyError::Connect(e)),
-                // With TLS 1.3 the client's handshake completes before the server checks
-                // the client certificate, so a refusal shows up as a closed connection.
-                Err(SendError::Failed(detail)) if self.mesh => Err(ProxyError::Upstream(
-                    self.addr.to_string(),
-                    format!("{detail} (the mesh peer closed the connection: it may have refused this workload's certificate or identity)"),
-                )),
-                Err(SendError::Failed(detail)) => {
-                    Err(ProxyError::Upstream(self.addr.to_string(), detail))
-                }
-            },
-            () = timer => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
         }
     }
 }
