@@ -1,11 +1,11 @@
-//! Idle timeout for client connections that hyper does not time out itself.
+//! Idle timeout for client connections, both protocols.
 //!
-//! HTTP/1 connections close when the next request head takes longer than the header-read
-//! timeout, which also runs while a keep-alive connection waits. HTTP/2 has no such
-//! timer: a client could hold any number of quiet connections open forever. [`Idle`]
-//! counts what is in flight on a connection (a request being answered, a response body
-//! being sent) and [`Idle::expired`] resolves once nothing has been for the timeout, when
-//! the caller shuts the connection down gracefully (GOAWAY).
+//! hyper's HTTP/2 server has no idle timer, so a client could hold any number of quiet
+//! connections open forever; its HTTP/1 header-read timer costs a fresh timer per request.
+//! [`Idle`] counts what is in flight on a connection (a request being answered, a response
+//! body being sent) and [`Idle::expired`] resolves once nothing has been for the timeout.
+//! The caller then shuts an HTTP/2 connection down gracefully (GOAWAY) and closes an HTTP/1
+//! one, which is between requests or part-way through a head that comes too slowly.
 
 use std::future::Future;
 use std::pin::Pin;
