@@ -115,40 +115,38 @@ async fn http2_connections_stay_while_busy_and_close_when_idle() {
     p.shutdown().await;
 }
 
+/// Sends `GET path` on a keep-alive HTTP/1 connection and reads the whole response (the
+/// app's bodies are chunked: it ends with the last chunk), leaving the connection open.
+async fn http1_get(s: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the response to {path} ended: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test]
 async fn http1_keep_alive_connections_close_after_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let app = app().await;
     let p = proxy(app).await;
     let inbound = p.handle().inbound_addr.unwrap();
     let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    // The response (chunked: ends with the last chunk), then the connection stays open.
-    while !got.ends_with(b"0\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the response ended: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    let text = http1_get(&mut s, "/").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     // A response still being sent when the idle timeout would have passed is not cut.
-    s.write_all(b"GET /drip HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    got.clear();
-    while !got.ends_with(b"0\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed while a response was being sent: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got);
+    let text = http1_get(&mut s, "/drip").await;
     assert!(
         text.starts_with("HTTP/1.1 200") && text.contains("first ") && text.contains("last"),
         "{text}"
     );
+    let mut buf = [0u8; 64];
     // Nothing more is sent: the proxy closes the connection after the idle timeout.
     let read = tokio::time::timeout(CLOSED_WITHIN, s.read(&mut buf)).await;
     assert!(
