@@ -10,7 +10,8 @@
 # Environment: OUTRIDER_BIN (skip the cargo build and use this binary; then
 # OUTRIDER_COMMIT says what it was built from),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
-# of path names to run), BENCH_IDLE (idle-connection levels, default "1000 10000"),
+# of path names to run; the report then goes to bench/results/tmp/partial-<timestamp>.*),
+# BENCH_IDLE (idle-connection levels, default "1000 10000"),
 # BENCH_H2H_ROUNDS (rounds of the head-to-head comparisons, default 3),
 # BENCH_KEEP=1 (keep the scratch directory with logs), BENCH_PERF=1 (profile
 # outrider with perf during its 1 KiB keep-alive loads: report and flame graph),
@@ -22,7 +23,7 @@ MODE=full
 case "${1:-}" in
     --smoke) MODE=smoke ;;
     "") ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
 esac
 
@@ -1004,15 +1005,22 @@ if want instr; then
 fi
 
 # --- report -----------------------------------------------------------------------
+REPORT_MODE=$MODE
 if [[ $MODE == smoke ]]; then
     DEST=$BENCH_DIR/results/tmp
     BASE=smoke-$STAMP
+elif [[ $ONLY != . ]]; then
+    # A partial run (BENCH_ONLY) is not the whole picture: its report goes beside the
+    # committed results, never over latest.*.
+    DEST=$BENCH_DIR/results/tmp
+    BASE=partial-$STAMP
+    REPORT_MODE=partial
 else
     DEST=$BENCH_DIR/results
     BASE=$STAMP
 fi
 mkdir -p "$DEST"
-python3 "$TOOLS/report.py" --raw "$OUT" --mode "$MODE" --stamp "$STAMP" --dest "$DEST" --base "$BASE" \
+python3 "$TOOLS/report.py" --raw "$OUT" --mode "$REPORT_MODE" --stamp "$STAMP" --dest "$DEST" --base "$BASE" \
     --param duration_s="$DUR" --param threads="$THREADS" --param conns="$CONNS" \
     --param close_conns="$CLOSE_CONNS" --param big_conns="$BIG_CONNS" --param rate="$RATE" \
     --param rate_duration_s="$RATE_DUR" --param rate_conns="$RATE_CONNS" \
