@@ -1,12 +1,13 @@
 //! The admit phase: egress policy plus DNS, ending in the one address the proxy will dial.
 //! Shared by absolute-form HTTP, CONNECT, and transparent HTTP, TLS and TCP.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use super::error::ProxyError;
 use super::{Inputs, State};
 use crate::config::EgressMode;
-use crate::policy::egress::{Deny, TargetCheck};
+use crate::policy::egress::{Deny, EgressPolicy, TargetCheck};
 use crate::policy::host::Host;
 
 /// The outcome of admission: where to connect, and what to log.
@@ -73,42 +74,99 @@ async fn decide(
     original_dst: Option<SocketAddr>,
 ) -> Result<Admitted, ProxyError> {
     let policy = &state.cfg.egress;
-    let allowed = |addr, rule| Admitted {
+    match before_lookup(policy, host, port, original_dst)? {
+        Decided::Done(admitted) => Ok(admitted),
+        Decided::ByAddress { name, rule } => {
+            let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
+            by_address(policy, name, port, &rule, original_dst, &addrs)
+        }
+    }
+}
+
+/// Admission decided again, after a config reload, for a connection already open to
+/// `addr`: as in transparent mode, with `addr` as the destination, and without a new DNS
+/// lookup (the name is taken to resolve to the address it was checked against then).
+/// Report mode is the caller's to handle, as in [`admit`].
+pub fn recheck(
+    policy: &EgressPolicy,
+    host: &Host,
+    port: u16,
+    addr: SocketAddr,
+) -> Result<Admitted, ProxyError> {
+    match before_lookup(policy, host, port, Some(addr))? {
+        Decided::Done(admitted) => Ok(admitted),
+        Decided::ByAddress { name, rule } => {
+            by_address(policy, name, port, &rule, Some(addr), &[addr.ip()])
+        }
+    }
+}
+
+/// What the policy decides before any name is resolved.
+enum Decided<'a> {
+    Done(Admitted),
+    /// A host rule allows the name: its addresses decide.
+    ByAddress {
+        name: &'a str,
+        rule: Arc<str>,
+    },
+}
+
+fn allowed(addr: SocketAddr, rule: Arc<str>) -> Admitted {
+    Admitted {
         addr,
         decision: "allow",
         rule: Some(rule),
         reason: None,
         name_verified: true,
-    };
+    }
+}
+
+fn before_lookup<'a>(
+    policy: &EgressPolicy,
+    host: &'a Host,
+    port: u16,
+    original_dst: Option<SocketAddr>,
+) -> Result<Decided<'a>, ProxyError> {
     // Transparent: a destination allowed by address is allowed whatever name the client
     // claims (but that name is then unverified, so it is never cached under).
     if let Some(od) = original_dst {
         if let Some(rule) = policy.cidr_allows(od.ip(), port) {
             let name_verified = matches!(host, Host::Ip(ip) if *ip == od.ip());
-            return Ok(Admitted {
+            return Ok(Decided::Done(Admitted {
                 name_verified,
                 ..allowed(od, rule)
-            });
+            }));
         }
     }
-    let host_rule = match (policy.check_target(host, port), host) {
-        (TargetCheck::Denied(d), _) => return Err(ProxyError::Denied(d)),
+    match (policy.check_target(host, port), host) {
+        (TargetCheck::Denied(d), _) => Err(ProxyError::Denied(d)),
         (TargetCheck::IpAllowed { rule }, Host::Ip(ip)) => {
             // An allowed address that is not where the client was going is a forgery.
-            return match original_dst {
+            match original_dst {
                 Some(od) if od.ip() != *ip => Err(ProxyError::Denied(Deny::Forged {
                     host: ip.to_string(),
                     addr: od.ip(),
                 })),
-                _ => Ok(allowed(SocketAddr::new(*ip, port), rule)),
-            };
+                _ => Ok(Decided::Done(allowed(SocketAddr::new(*ip, port), rule))),
+            }
         }
-        (TargetCheck::HostAllowed { rule }, Host::Name(name)) => (name, rule),
+        (TargetCheck::HostAllowed { rule }, Host::Name(name)) => {
+            Ok(Decided::ByAddress { name, rule })
+        }
         // check_target answers IpAllowed only for IPs and HostAllowed only for names.
-        (_, other) => return Err(ProxyError::BadRequest(format!("unexpected target {other}"))),
-    };
-    let (name, rule) = host_rule;
-    let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
+        (_, other) => Err(ProxyError::BadRequest(format!("unexpected target {other}"))),
+    }
+}
+
+/// The decision for a name a host rule allows, once its addresses are known.
+fn by_address(
+    policy: &EgressPolicy,
+    name: &str,
+    port: u16,
+    rule: &Arc<str>,
+    original_dst: Option<SocketAddr>,
+    addrs: &[IpAddr],
+) -> Result<Admitted, ProxyError> {
     match original_dst {
         Some(od) => {
             if !addrs
@@ -116,18 +174,18 @@ async fn decide(
                 .any(|a| a.to_canonical() == od.ip().to_canonical())
             {
                 return Err(ProxyError::Denied(Deny::Forged {
-                    host: name.clone(),
+                    host: name.to_string(),
                     addr: od.ip(),
                 }));
             }
             let (ip, rule) = policy
-                .choose_addr(name, port, Some(&rule), &[od.ip()])
+                .choose_addr(name, port, Some(rule), &[od.ip()])
                 .map_err(ProxyError::Denied)?;
             Ok(allowed(SocketAddr::new(ip, od.port()), rule))
         }
         None => {
             let (ip, rule) = policy
-                .choose_addr(name, port, Some(&rule), &addrs)
+                .choose_addr(name, port, Some(rule), addrs)
                 .map_err(ProxyError::Denied)?;
             Ok(allowed(SocketAddr::new(ip, port), rule))
         }

@@ -24,7 +24,7 @@ use super::{ConnInfo, Inputs};
 use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
 use crate::net::connect;
-use crate::policy::egress::{Deny, TargetCheck};
+use crate::policy::egress::Deny;
 use crate::policy::host::{parse_host, Host};
 
 /// Serves a `CONNECT host:port` request.
@@ -250,31 +250,19 @@ fn connect_still_allowed(
 }
 
 /// Whether `policy` allows a connection to `host:port` that was dialled at `addr`, as
-/// admission would have, without a new DNS lookup: the address is the one the name was
-/// checked against then. In report mode everything is.
+/// admission decides it ([`super::admit::recheck`]). In report mode everything is.
 fn still_allowed(
     policy: &crate::policy::egress::EgressPolicy,
     host: &Host,
     port: u16,
     addr: SocketAddr,
 ) -> Result<(), String> {
-    if policy.mode == crate::config::EgressMode::Report
-        || policy.cidr_allows(addr.ip(), port).is_some()
-    {
+    if policy.mode == crate::config::EgressMode::Report {
         return Ok(());
     }
-    match (host, policy.check_target(host, port)) {
-        (Host::Name(name), TargetCheck::HostAllowed { rule }) => policy
-            .choose_addr(name, port, Some(&rule), &[addr.ip()])
-            .map(|_| ())
-            .map_err(|d| d.to_string()),
-        (_, TargetCheck::Denied(d)) => Err(d.to_string()),
-        _ => Err(Deny::NoRuleForAddress {
-            addr: addr.ip(),
-            port,
-        }
-        .to_string()),
-    }
+    super::admit::recheck(policy, host, port, addr)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Joins an upgraded client connection with its upgraded upstream (WebSocket and the like);
