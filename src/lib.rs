@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod alloc;
 pub mod body;
 pub mod cache;
 pub mod config;

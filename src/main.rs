@@ -12,9 +12,10 @@ use outrider::server::{run_with_signals, Server};
 /// ~5 KiB), which glibc serves from its locked bins and pays for with `malloc_consolidate`:
 /// a sixth of the proxy's user time. With mimalloc, user CPU per inbound request fell by
 /// about a fifth (README → Performance). Built with `no_thp`: mimalloc would otherwise ask
-/// for transparent huge pages, which took idle RSS from 8 to 16 MB.
+/// for transparent huge pages, which took idle RSS from 8 to 16 MB. Called through
+/// `outrider::alloc`, which keeps ordinary alignments off mimalloc's aligned slow path.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: outrider::alloc::Mimalloc = outrider::alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(
