@@ -1,8 +1,10 @@
-//! Addresses as text without `core::fmt`: an IPv4 address's four octets through the
-//! formatting machinery cost more instructions than the rest of the forwarding headers,
-//! and a log record's two addresses more than the rest of its serialising.
+//! Addresses, numbers and times as text without `core::fmt`: an IPv4 address's four
+//! octets through the formatting machinery cost more instructions than the rest of the
+//! forwarding headers, and a log record's two addresses and its timestamp more than the
+//! rest of its serialising.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An IP address (and optionally a port) as text, on the stack.
 pub struct IpText {
@@ -19,11 +21,11 @@ impl IpText {
         };
         match ip {
             IpAddr::V4(v4) => {
-                for (i, o) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        t.push(b'.');
-                    }
-                    t.push_decimal(u32::from(o));
+                let [a, b, c, d] = v4.octets();
+                t.push_octet(a);
+                for o in [b, c, d] {
+                    t.push(b'.');
+                    t.push_octet(o);
                 }
             }
             // Rare enough to leave to `Display` (zero runs, embedded IPv4).
@@ -68,9 +70,16 @@ impl IpText {
         self.len += 1;
     }
 
+    fn push_octet(&mut self, o: u8) {
+        octet_digits(o, |d| self.push(d));
+    }
+
     fn push_decimal(&mut self, n: u32) {
-        for &d in Decimal::new(u64::from(n)).as_bytes() {
-            self.push(d);
+        let d = Decimal::new(u64::from(n));
+        let digits = d.as_bytes();
+        if let Some(room) = self.buf.get_mut(self.len..self.len + digits.len()) {
+            room.copy_from_slice(digits);
+            self.len += digits.len();
         }
     }
 
@@ -121,6 +130,101 @@ impl Decimal {
     }
 }
 
+/// Appends `addr` as `Display` writes it, straight into `out`: IPv4 without a detour
+/// through a stack buffer (a log record writes two addresses per request).
+pub fn push_socket(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [a1, a2, a3, a4] = a.ip().octets();
+            push_octet(out, a1);
+            for o in [a2, a3, a4] {
+                out.push(b'.');
+                push_octet(out, o);
+            }
+            out.push(b':');
+            out.extend_from_slice(Decimal::new(u64::from(a.port())).as_bytes());
+        }
+        SocketAddr::V6(_) => out.extend_from_slice(IpText::socket(addr).as_bytes()),
+    }
+}
+
+fn push_octet(out: &mut Vec<u8>, o: u8) {
+    octet_digits(o, |d| out.push(d));
+}
+
+/// The digits of 0 to 255 without a division loop: the four of an IPv4 address are most
+/// of the digits in a log record.
+#[inline]
+fn octet_digits(o: u8, mut put: impl FnMut(u8)) {
+    if o >= 100 {
+        put(b'0' + o / 100);
+    }
+    if o >= 10 {
+        put(b'0' + o / 10 % 10);
+    }
+    put(b'0' + o % 10);
+}
+
+/// A time in RFC 3339, UTC, with milliseconds (`2026-11-23T02:00:00.123Z`): what
+/// `humantime::format_rfc3339_millis` writes, on the stack and without a format call.
+pub struct Rfc3339Millis([u8; 24]);
+
+impl Rfc3339Millis {
+    /// 9999-12-31T23:59:59, the last second RFC 3339's four-digit year can write.
+    const LAST: u64 = 253_402_300_799;
+
+    /// Writes `t` out. A clock set before 1970 gives the epoch, and one past 9999 the
+    /// last millisecond of that year: a log line, unlike humantime, never panics.
+    pub fn new(t: SystemTime) -> Self {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (secs, millis) = if since.as_secs() > Self::LAST {
+            (Self::LAST, 999)
+        } else {
+            (since.as_secs(), since.subsec_millis())
+        };
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        let of_day = secs % 86_400;
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        put_digits(&mut b[0..4], year);
+        put_digits(&mut b[5..7], month);
+        put_digits(&mut b[8..10], day);
+        put_digits(&mut b[11..13], of_day / 3600);
+        put_digits(&mut b[14..16], of_day / 60 % 60);
+        put_digits(&mut b[17..19], of_day % 60);
+        put_digits(&mut b[20..23], u64::from(millis));
+        Rfc3339Millis(b)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and the separators above are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// Fills `out` with the last `out.len()` decimal digits of `n`, zero-padded.
+fn put_digits(out: &mut [u8], mut n: u64) {
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -147,11 +251,20 @@ mod tests {
             for port in [0, 1, 80, 443, 8080, 65535] {
                 let a = SocketAddr::new(ip, port);
                 assert_eq!(IpText::socket(a).as_str(), a.to_string());
+                let mut pushed = b"x".to_vec();
+                push_socket(&mut pushed, a);
+                assert_eq!(pushed, format!("x{a}").as_bytes());
             }
         }
         for n in 0..=255u8 {
             let ip = IpAddr::from([n, n / 7, 255 - n, n % 10]);
             assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+            let mut pushed = Vec::new();
+            push_socket(&mut pushed, SocketAddr::new(ip, u16::from(n)));
+            assert_eq!(
+                pushed,
+                SocketAddr::new(ip, u16::from(n)).to_string().as_bytes()
+            );
         }
         let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
             "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
@@ -162,6 +275,40 @@ mod tests {
             4_294_967_295,
         ));
         assert_eq!(IpText::socket(scoped).as_str(), scoped.to_string());
+    }
+
+    #[test]
+    fn rfc3339_millis_is_what_humantime_writes() {
+        use std::time::Duration;
+        // Leap days, century years (2100 is no leap year, 2000 is), the ends of years and
+        // days, and a spread of instants in between, at several sub-second offsets.
+        let mut secs: Vec<u64> = vec![
+            0,
+            951_782_400,   // 2000-02-29
+            951_868_799,   // 2000-02-29T23:59:59
+            4_107_542_400, // 2100-03-01
+            4_102_444_799, // 2099-12-31T23:59:59
+            1_795_478_400, // 2026-11-24
+            Rfc3339Millis::LAST,
+        ];
+        secs.extend((0..20_000u64).map(|i| i * 12_673_063 % Rfc3339Millis::LAST));
+        for s in secs {
+            for nanos in [0, 1_000_000, 999_999_999, 500_000_123] {
+                let t = UNIX_EPOCH + Duration::new(s, nanos);
+                let want = humantime::format_rfc3339_millis(t).to_string();
+                assert_eq!(Rfc3339Millis::new(t).as_str(), want, "{s}.{nanos}");
+            }
+        }
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(
+            Rfc3339Millis::new(before).as_str(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let after = UNIX_EPOCH + Duration::from_secs(Rfc3339Millis::LAST + 86_400);
+        assert_eq!(
+            Rfc3339Millis::new(after).as_str(),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]
