@@ -137,6 +137,45 @@ struct Conn {
     io: MaybeTls,
     buf: BytesMut,
     timer: HeadTimer,
+    names: Names,
+}
+
+/// The header names of the responses on one connection, as sent and as parsed. An
+/// upstream sends the same names in the same order response after response, and
+/// comparing the bytes with the last response's is cheaper than `HeaderName::from_bytes`
+/// (which lowercases and validates each name, then matches it against the standard set):
+/// that was 4 % of an inbound request's instructions.
+#[derive(Default)]
+struct Names(Vec<(Box<[u8]>, HeaderName)>);
+
+impl Names {
+    /// More names than this in one response are parsed as usual (not remembered).
+    const MAX: usize = 32;
+
+    /// The name sent as `raw`, the `at`-th header of its response.
+    fn get(
+        &mut self,
+        at: usize,
+        raw: &[u8],
+    ) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        if let Some((sent, name)) = self.0.get(at) {
+            if **sent == *raw {
+                return Ok(name.clone());
+            }
+        }
+        // Same names in another order: still no parsing.
+        if let Some((_, name)) = self.0.iter().find(|(sent, _)| **sent == *raw) {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        let remembered = (Box::from(raw), name.clone());
+        if let Some(slot) = self.0.get_mut(at) {
+            *slot = remembered;
+        } else if self.0.len() < Self::MAX {
+            self.0.push(remembered);
+        }
+        Ok(name)
+    }
 }
 
 /// What a request was, for reading its response: a `HEAD`, an upgrade asked for, whether
@@ -306,6 +345,7 @@ impl Upstreams {
             io,
             buf: BytesMut::new(),
             timer: HeadTimer::new(),
+            names: Names::default(),
         })
     }
 
@@ -601,18 +641,23 @@ async fn exchange(
     framing: BodyFraming,
     (start, timeout): (tokio::time::Instant, Duration),
 ) -> Result<(Head, bool), Exchange> {
-    let Conn { io, buf, timer } = conn;
+    let Conn {
+        io,
+        buf,
+        timer,
+        names,
+    } = conn;
     if http_body::Body::is_end_stream(body) {
         let at = start + timeout;
         let sent = async {
             write_request(&mut *io, head, body, framing).await?;
-            read_head(&mut *io, buf).await
+            read_head(&mut *io, buf, names).await
         };
         return Ok((timer.within(at, sent).await??, true));
     }
     let (mut rd, mut wr) = tokio::io::split(io);
     let write = write_request(&mut wr, head, body, framing);
-    let read = read_head(&mut rd, buf);
+    let read = read_head(&mut rd, buf, names);
     tokio::pin!(write, read);
     let early = tokio::select! {
         biased;
@@ -731,13 +776,17 @@ struct Head {
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
 /// final). What follows the head stays in `buf`.
-async fn read_head<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> Result<Head, Exchange> {
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    names: &mut Names,
+) -> Result<Head, Exchange> {
     let mut answered = false;
     let mut interim = 0;
     loop {
         if !buf.is_empty() {
             answered = true;
-            match parse_head(buf).map_err(Exchange::Failed)? {
+            match parse_head(buf, names).map_err(Exchange::Failed)? {
                 Some(head)
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS =>
@@ -776,7 +825,7 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> Resu
 }
 
 /// Parses one response head off the front of `buf`; `None` when it is not complete yet.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, String> {
     // Offsets into `buf` of each name and value, so that the head can be split off and
     // the values shared with it instead of copied one by one. Neither this list nor the
     // parser's header slots are zeroed up front: for 128 possible headers that was 8 KiB
@@ -810,9 +859,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         .map_err(|_| format!("upstream sent an invalid status code {code}"))?;
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(n, nl, v, vl) in &spans {
+    for (at, &(n, nl, v, vl)) in spans.iter().enumerate() {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-        let name = HeaderName::from_bytes(&head[n..n + nl])
+        let name = names
+            .get(at, &head[n..n + nl])
             .map_err(|_| "upstream sent an invalid header name".to_string())?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| format!("upstream sent an invalid value for {name}"))?;
@@ -1282,14 +1332,56 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabc"[..],
         );
-        let head = parse_head(&mut buf).unwrap().unwrap();
+        let names = &mut Names::default();
+        let head = parse_head(&mut buf, names).unwrap().unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
         assert_eq!(&buf[..], b"abc");
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
-        assert!(parse_head(&mut partial).unwrap().is_none());
+        assert!(parse_head(&mut partial, names).unwrap().is_none());
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
-        assert!(parse_head(&mut garbage).is_err());
+        assert!(parse_head(&mut garbage, names).is_err());
+    }
+
+    /// The names remembered from earlier responses on a connection are used only for the
+    /// very bytes they were parsed from: reordered, renamed, re-cased, added, dropped or
+    /// invalid names in later responses come out as a fresh parse would give them.
+    #[test]
+    fn remembered_header_names_never_stand_in_for_other_names() {
+        let names = &mut Names::default();
+        let heads: [&[u8]; 8] = [
+            b"Server: a\r\nX-Custom: 1\r\nContent-Length: 0\r\n",
+            b"Server: a\r\nX-Custom: 1\r\nContent-Length: 0\r\n",
+            b"Server: a\r\nX-Kustom: 1\r\nContent-Length: 0\r\n",
+            b"Content-Length: 0\r\nServer: a\r\nX-Custom: 1\r\n",
+            b"Content-Length: 0\r\nX-Other: 2\r\nx-custom: 3\r\nVary: b\r\n",
+            b"Content-Length: 0\r\n",
+            b"Content-Length: 0\r\nX-Custom : 1\r\n",
+            b"Content-Length: 0\r\nX-Cust\xffom: 1\r\n",
+        ];
+        for (i, fields) in heads.iter().enumerate() {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            raw.extend_from_slice(fields);
+            raw.extend_from_slice(b"\r\n");
+            // Each header as (name, value) text, or the parse error.
+            let text = |r: Result<Option<Head>, String>| {
+                r.map(|h| {
+                    h.map(|h| {
+                        let h = h.headers.iter();
+                        h.map(|(n, v)| format!("{n}: {v:?}")).collect::<Vec<_>>()
+                    })
+                })
+            };
+            let parsed = text(parse_head(&mut BytesMut::from(&raw[..]), names));
+            let fresh = text(parse_head(
+                &mut BytesMut::from(&raw[..]),
+                &mut Names::default(),
+            ));
+            assert_eq!(parsed, fresh, "response {i}");
+        }
+        // Every name it has seen, each once, in the order of the latest response.
+        assert!(names.0.len() <= Names::MAX);
+        assert_eq!(&*names.0[0].0, b"Content-Length");
     }
 
     /// A body that disagrees with its Content-Length is never written past the length.
