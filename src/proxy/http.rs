@@ -276,6 +276,31 @@ mod tests {
     }
 
     #[test]
+    fn each_fixed_hop_by_hop_header_goes_on_its_own_and_lookalikes_stay() {
+        // Each fixed name goes without `Connection` naming it; names as long as the
+        // hop-by-hop ones (10, 7, 2, 16 to 19 bytes) stay.
+        let keep = [
+            "user-agent",
+            "referer",
+            "x2",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-prefix",
+            "access-control-xyzw",
+        ];
+        for name in HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            for k in keep {
+                h.insert(k, HeaderValue::from_static("1"));
+            }
+            strip_hop_by_hop(&mut h, false);
+            assert!(!h.contains_key(&name), "{name} was kept");
+            assert_eq!(h.len(), keep.len(), "{name}: left {h:?}");
+        }
+    }
+
+    #[test]
     fn via_names_this_hop_after_earlier_ones() {
         let mut h = HeaderMap::new();
         add_via(&mut h, http::Version::HTTP_11);
