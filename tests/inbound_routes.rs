@@ -261,5 +261,6 @@ async fn protocol_upgrades_reach_the_app_and_are_joined() {
         rec["reason"].as_str().unwrap().contains("config reload"),
         "{rec}"
     );
+    assert!(rec.get("rule").is_none(), "{rec}");
     assert!(rec["bytes_in"].as_u64().unwrap() >= 19, "{rec}");
 }

@@ -392,6 +392,9 @@ async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
             .await;
         let reason = rec["reason"].as_str().unwrap_or_default();
         assert!(reason.contains("config reload"), "{rec}");
+        // The record of a denial names no allowing rule; the one that let it in is in the reason.
+        assert!(rec.get("rule").is_none(), "{rec}");
+        assert!(reason.contains("admitted by allow[0]"), "{rec}");
         assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
     }
 }

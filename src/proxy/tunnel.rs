@@ -212,8 +212,14 @@ pub async fn splice<C, U>(
                     return; // the server is gone
                 }
                 if let Err(reason) = recheck(&inputs.state.load()) {
+                    // A denial names no allowing rule: the one that admitted the connection
+                    // goes into the reason instead.
+                    let reason = match guard.record.rule.take() {
+                        Some(rule) => format!("closed after a config reload: {reason} (admitted by {rule})"),
+                        None => format!("closed after a config reload: {reason}"),
+                    };
                     guard.record.decision = "deny";
-                    guard.record.reason = Some(format!("closed after a config reload: {reason}"));
+                    guard.record.reason = Some(reason);
                     crate::metrics::record_denial("revoked", "deny");
                     return;
                 }
