@@ -27,6 +27,10 @@ struct Ca {
 }
 
 async fn start_ca(max_ttl: Duration) -> Ca {
+    start_ca_serving_for(max_ttl, ServeOptions::default().serving_ttl).await
+}
+
+async fn start_ca_serving_for(max_ttl: Duration, serving_ttl: Duration) -> Ca {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let ca = Arc::new(MeshCa::init(&dir, TD, Duration::from_secs(3600 * 24 * 365)).unwrap());
@@ -34,6 +38,7 @@ async fn start_ca(max_ttl: Duration) -> Ca {
     let opts = ServeOptions {
         max_ttl,
         extra_dns: vec![],
+        serving_ttl,
     };
     let server = CaServer::start(ca.clone(), listener, &opts).unwrap();
     let url = format!("https://{}", server.local_addr());
@@ -301,6 +306,68 @@ async fn bad_tokens_are_refused_with_a_reason() {
 
     // The token itself still works: refusals didn't burn it.
     assert!(sign(&ca, csr(), Some(good), None).await.is_ok());
+    ca.server.shutdown().await;
+}
+
+/// The certificate the CA serves with, as a sidecar sees it: a verified TLS 1.3 handshake
+/// (mesh root, the address's IP SAN), then the leaf's DER and expiry.
+async fn serving_leaf(ca: &Ca) -> Result<(Vec<u8>, u64), String> {
+    outrider::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.ca.root_der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = ca.server.local_addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap();
+    Ok((der, not_after))
+}
+
+/// A CA runs for longer than the certificate it made for itself at start lives: it makes a
+/// new one (a new key too) after two thirds of the lifetime, so sidecars can still reach it
+/// to renew theirs once the first one has expired.
+#[tokio::test]
+async fn the_ca_serves_with_a_new_certificate_before_its_own_expires() {
+    let ca = start_ca_serving_for(Duration::from_secs(3600), Duration::from_secs(3)).await;
+    let web = ca.ca.identity("ns/shop/sa/web").unwrap();
+    let token = || Some(ca.ca.mint_token(&web, Duration::from_secs(600)).unwrap());
+    let (first, first_expiry) = serving_leaf(&ca).await.unwrap();
+    assert!(
+        first_expiry <= now() + 3,
+        "the test needs a short-lived serving certificate"
+    );
+    // The same certificate until two thirds of its lifetime.
+    assert_eq!(serving_leaf(&ca).await.unwrap().0, first);
+
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let (second, second_expiry) = serving_leaf(&ca).await.unwrap();
+    assert_ne!(
+        second, first,
+        "no new serving certificate after 2/3 of its lifetime"
+    );
+    assert!(second_expiry > first_expiry);
+    let (_, old) = x509_parser::parse_x509_certificate(&first).unwrap();
+    let (_, new) = x509_parser::parse_x509_certificate(&second).unwrap();
+    assert_ne!(
+        old.public_key().raw,
+        new.public_key().raw,
+        "the key was reused"
+    );
+
+    // Past the first certificate's expiry, a sidecar still gets its certificate signed.
+    while now() <= first_expiry {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let signed = sign(&ca, csr_asking_for(web.as_str()), token(), None).await;
+    assert!(signed.is_ok(), "{:?}", signed.err());
     ca.server.shutdown().await;
 }
 

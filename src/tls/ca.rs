@@ -519,6 +519,7 @@ pub async fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             let opts = super::ca_server::ServeOptions {
                 max_ttl,
                 extra_dns: sans,
+                ..Default::default()
             };
             let server = super::ca_server::CaServer::start(ca, listener, &opts)?;
             tracing::info!(addr = %server.local_addr(), "mesh CA serving");

@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -28,8 +28,11 @@ use super::token::TokenError;
 
 // A CSR is well under a kilobyte; anything much bigger is not a sign request.
 const MAX_BODY: usize = 64 * 1024;
-// The CA's own serving certificate is made at start; a CA restarted within a year keeps working.
+// The CA's own serving certificate: made at start, and made again by the running CA once two
+// thirds of this have passed (see `ServingCert`).
 const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+// After a failed attempt to make a new serving certificate, the next one waits this long.
+const SERVING_CERT_RETRY: Duration = Duration::from_secs(60);
 
 /// Settings for [`CaServer::start`].
 #[derive(Debug, Clone)]
@@ -38,6 +41,8 @@ pub struct ServeOptions {
     pub max_ttl: Duration,
     /// Extra DNS names for the serving certificate, besides `localhost` and the listen IPs.
     pub extra_dns: Vec<String>,
+    /// Lifetime of the serving certificate; a new one is made after two thirds of it.
+    pub serving_ttl: Duration,
 }
 
 impl Default for ServeOptions {
@@ -45,6 +50,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             extra_dns: Vec::new(),
+            serving_ttl: SERVING_CERT_TTL,
         }
     }
 }
@@ -112,9 +118,13 @@ impl CaServer {
             path: "listener".into(),
             source,
         })?;
-        let ips = serving_ips(addr.ip());
-        let (chain, key) = ca.serving_cert(&ips, &opts.extra_dns, SERVING_CERT_TTL)?;
-        let tls = tls_config(&ca, chain, key)?;
+        let serving = ServingCert::new(
+            ca.clone(),
+            serving_ips(addr.ip()),
+            opts.extra_dns.clone(),
+            opts.serving_ttl,
+        )?;
+        let tls = tls_config(&ca, Arc::new(serving))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let state = Arc::new(State {
             ca,
@@ -139,10 +149,86 @@ impl CaServer {
     }
 }
 
+/// The CA's serving certificate. A CA can run for longer than the certificate it made at
+/// start lives, and sidecars must still reach it to renew theirs: the first handshake after
+/// two thirds of the lifetime makes a new certificate (a new key too), and handshakes
+/// already done keep theirs.
+#[derive(Debug)]
+struct ServingCert {
+    ca: Arc<MeshCa>,
+    ips: Vec<IpAddr>,
+    dns: Vec<String>,
+    ttl: Duration,
+    /// The certificate, and when to make the next one.
+    current: arc_swap::ArcSwap<(Arc<rustls::sign::CertifiedKey>, SystemTime)>,
+}
+
+impl ServingCert {
+    fn new(
+        ca: Arc<MeshCa>,
+        ips: Vec<IpAddr>,
+        dns: Vec<String>,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let first = Self::issue(&ca, &ips, &dns, ttl)?;
+        Ok(ServingCert {
+            ca,
+            ips,
+            dns,
+            ttl,
+            current: arc_swap::ArcSwap::from_pointee(first),
+        })
+    }
+
+    fn issue(
+        ca: &MeshCa,
+        ips: &[IpAddr],
+        dns: &[String],
+        ttl: Duration,
+    ) -> Result<(Arc<rustls::sign::CertifiedKey>, SystemTime), CaError> {
+        let made = SystemTime::now();
+        let (chain, key) = ca.serving_cert(ips, dns, ttl)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+        let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&key).map_err(|e| {
+            CaError::Corrupt {
+                path: "serving certificate".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let certified = rustls::sign::CertifiedKey::new(chain, signing);
+        Ok((Arc::new(certified), made + ttl * 2 / 3))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let current = self.current.load();
+        if SystemTime::now() < current.1 {
+            return Some(current.0.clone());
+        }
+        // Two handshakes at the same moment may both make one; the later one stays.
+        let next = match Self::issue(&self.ca, &self.ips, &self.dns, self.ttl) {
+            Ok(next) => {
+                tracing::info!(renew_at = ?next.1, "CA serving certificate renewed");
+                next
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a new CA serving certificate; keeping the current one");
+                (current.0.clone(), SystemTime::now() + SERVING_CERT_RETRY)
+            }
+        };
+        let certified = next.0.clone();
+        self.current.store(Arc::new(next));
+        Some(certified)
+    }
+}
+
 fn tls_config(
     ca: &MeshCa,
-    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
-    key: Vec<u8>,
+    serving: Arc<ServingCert>,
 ) -> Result<Arc<rustls::ServerConfig>, CaError> {
     let bad = |reason: String| CaError::Corrupt {
         path: super::ca::ROOT_CERT_FILE.into(),
@@ -163,8 +249,7 @@ fn tls_config(
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
         .map_err(|e| bad(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)))
-        .map_err(|e| bad(e.to_string()))?;
+        .with_cert_resolver(serving);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
