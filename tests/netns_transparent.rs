@@ -135,6 +135,7 @@ struct World {
     _procs: Vec<Background>,
     sidecar: Background,
     _dir: tempfile::TempDir,
+    config: PathBuf,
     log: PathBuf,
     cacert: PathBuf,
     link: Veth,
@@ -178,12 +179,13 @@ impl World {
         }
         netns::run_ok(&mut apply);
 
-        let config = config.to_str().unwrap().to_owned();
-        let sidecar = pod.spawn_as(PROXY_UID, OUTRIDER, &["run", "--config", &config]);
+        let config_arg = config.to_str().unwrap().to_owned();
+        let sidecar = pod.spawn_as(PROXY_UID, OUTRIDER, &["run", "--config", &config_arg]);
         let world = World {
             _procs: procs,
             sidecar,
             _dir: dir,
+            config,
             log,
             cacert,
             link,
@@ -269,6 +271,34 @@ impl World {
                     .join("\n")
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The config the sidecar was started with.
+    fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
+    }
+
+    /// Writes `yaml` as the config, sends SIGHUP, and waits until the admin API's effective
+    /// config shows it applied (`applied` on that JSON).
+    fn reload(&self, yaml: &str, applied: impl Fn(&str) -> bool) {
+        std::fs::write(&self.config, yaml).unwrap();
+        let pid = self.sidecar.pid().to_string();
+        netns::run_ok(Command::new("kill").args(["-HUP", &pid]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.pod.exec(
+                "curl",
+                &["-fsS", "--max-time", "2", "http://127.0.0.1:15000/config"],
+            );
+            if applied(&String::from_utf8_lossy(&out.stdout)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the reload was not applied within 10 s (is the config valid?)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -591,6 +621,73 @@ except (OSError, ssl.SSLError) as e:
         field(r, "sni") == "denied.test" && field(r, "client") != first_client
     });
     assert_eq!(field(&late, "decision"), "deny", "{late}");
+}
+
+/// A CONNECT tunnel admitted on the SNI inside it is checked again on that SNI after a
+/// reload: a reload that still allows the CONNECT's host but no longer the SNI's closes it.
+/// (Otherwise a tunnel fronted through an allowed name would outlive the revocation of the
+/// name it really carries.)
+#[test]
+fn a_reload_closes_a_connect_tunnel_whose_sni_it_no_longer_allows() {
+    let w = World::new();
+    // `other.test` on the allowed server's address, and a rule for it: a CONNECT to
+    // allowed.test carrying a ClientHello for other.test is then allowed.
+    let base = w.config_text().replace(
+        &format!("other.test: {OTHER_IP}"),
+        &format!("other.test: {ALLOWED_IP}"),
+    );
+    let rule = "      - host: allowed.test\n        ports: [80, 443]\n";
+    assert!(base.contains(rule));
+    let both = base.replace(
+        rule,
+        &format!("{rule}      - host: other.test\n        ports: [443]\n"),
+    );
+    // In the effective config, "other.test" is a dns.hosts key, and with the rule a host too.
+    let named = |c: &str| c.matches("\"other.test\"").count();
+    w.reload(&both, |c| named(c) == 2);
+
+    // Holds the tunnel open after the handshake (the server waits for a request), until the
+    // proxy closes it.
+    let hold = r#"
+import socket, ssl, sys
+s = socket.create_connection(("127.0.0.1", 15001), timeout=30)
+s.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    chunk = s.recv(1024)
+    if not chunk:
+        break
+    head += chunk
+print("connect: %s" % head.split(b"\r\n")[0].decode(), flush=True)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+try:
+    t = ctx.wrap_socket(s, server_hostname="other.test")
+    print("handshake done", flush=True)
+    while t.recv(4096):
+        pass
+except (OSError, ssl.SSLError) as e:
+    print("error: %r" % e, flush=True)
+print("closed", flush=True)
+"#;
+    let mut client = w.pod.spawn_as(APP_UID, PYTHON, &["-c", hold]);
+    let said = client.wait_for_line("connect:", Duration::from_secs(10));
+    assert!(said.contains(" 200"), "{said}");
+    client.wait_for_line("handshake done", Duration::from_secs(10));
+
+    // allowed.test is still allowed; other.test no longer is.
+    w.reload(&base, |c| named(c) == 1);
+    client.wait_for_line("closed", Duration::from_secs(10));
+    let record = w.wait_log("the revoked tunnel", |r| {
+        field(r, "method") == "CONNECT" && field(r, "sni") == "other.test"
+    });
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    let reason = field(&record, "reason");
+    assert!(
+        reason.contains("config reload") && reason.contains("other.test"),
+        "{record}"
+    );
 }
 
 #[test]
