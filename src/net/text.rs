@@ -3,7 +3,7 @@
 //! forwarding headers, and a log record's two addresses and its timestamp more than the
 //! rest of its serialising.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An IP address (and optionally a port) as text, on the stack.
@@ -20,14 +20,7 @@ impl IpText {
             len: 0,
         };
         match ip {
-            IpAddr::V4(v4) => {
-                let [a, b, c, d] = v4.octets();
-                t.push_octet(a);
-                for o in [b, c, d] {
-                    t.push(b'.');
-                    t.push_octet(o);
-                }
-            }
+            IpAddr::V4(v4) => write_v4(v4, None, |b| t.push(b)),
             // Rare enough to leave to `Display` (zero runs, embedded IPv4).
             IpAddr::V6(v6) => t.display(format_args!("{v6}")),
         }
@@ -38,9 +31,11 @@ impl IpText {
     pub fn socket(addr: SocketAddr) -> Self {
         match addr {
             SocketAddr::V4(a) => {
-                let mut t = Self::new(IpAddr::V4(*a.ip()));
-                t.push(b':');
-                t.push_decimal(u32::from(a.port()));
+                let mut t = IpText {
+                    buf: [0; 64],
+                    len: 0,
+                };
+                write_v4(*a.ip(), Some(a.port()), |b| t.push(b));
                 t
             }
             SocketAddr::V6(a) => {
@@ -68,19 +63,6 @@ impl IpText {
     fn push(&mut self, b: u8) {
         self.buf[self.len] = b;
         self.len += 1;
-    }
-
-    fn push_octet(&mut self, o: u8) {
-        octet_digits(o, |d| self.push(d));
-    }
-
-    fn push_decimal(&mut self, n: u32) {
-        let d = Decimal::new(u64::from(n));
-        let digits = d.as_bytes();
-        if let Some(room) = self.buf.get_mut(self.len..self.len + digits.len()) {
-            room.copy_from_slice(digits);
-            self.len += digits.len();
-        }
     }
 
     fn display(&mut self, args: std::fmt::Arguments<'_>) {
@@ -134,35 +116,34 @@ impl Decimal {
 /// through a stack buffer (a log record writes two addresses per request).
 pub fn push_socket(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
-        SocketAddr::V4(a) => {
-            let [a1, a2, a3, a4] = a.ip().octets();
-            push_octet(out, a1);
-            for o in [a2, a3, a4] {
-                out.push(b'.');
-                push_octet(out, o);
-            }
-            out.push(b':');
-            out.extend_from_slice(Decimal::new(u64::from(a.port())).as_bytes());
-        }
+        SocketAddr::V4(a) => write_v4(*a.ip(), Some(a.port()), |b| out.push(b)),
         SocketAddr::V6(_) => out.extend_from_slice(IpText::socket(addr).as_bytes()),
     }
 }
 
-fn push_octet(out: &mut Vec<u8>, o: u8) {
-    octet_digits(o, |d| out.push(d));
-}
-
-/// The digits of 0 to 255 without a division loop: the four of an IPv4 address are most
-/// of the digits in a log record.
+/// Writes an IPv4 address, and `:port` when there is one, as `Display` does, a byte at a
+/// time to `put` (a stack buffer or a log line). Octets without a division loop: they are
+/// most of the digits in a log record.
 #[inline]
-fn octet_digits(o: u8, mut put: impl FnMut(u8)) {
-    if o >= 100 {
-        put(b'0' + o / 100);
+fn write_v4(ip: Ipv4Addr, port: Option<u16>, mut put: impl FnMut(u8)) {
+    for (i, o) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            put(b'.');
+        }
+        if o >= 100 {
+            put(b'0' + o / 100);
+        }
+        if o >= 10 {
+            put(b'0' + o / 10 % 10);
+        }
+        put(b'0' + o % 10);
     }
-    if o >= 10 {
-        put(b'0' + o / 10 % 10);
+    if let Some(port) = port {
+        put(b':');
+        for &d in Decimal::new(u64::from(port)).as_bytes() {
+            put(d);
+        }
     }
-    put(b'0' + o % 10);
 }
 
 /// A time in RFC 3339, UTC, with milliseconds (`2026-11-23T02:00:00.123Z`): what

@@ -1379,7 +1379,7 @@ mod tests {
             ));
             assert_eq!(parsed, fresh, "response {i}");
         }
-        // Every name it has seen, each once, in the order of the latest response.
+        // Bounded, and the first slot is the latest response's first name.
         assert!(names.0.len() <= Names::MAX);
         assert_eq!(&*names.0[0].0, b"Content-Length");
     }

@@ -189,13 +189,14 @@ impl ServingCert {
         let made = SystemTime::now();
         let (chain, key) = ca.serving_cert(ips, dns, ttl)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
-        let signing = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&key).map_err(|e| {
-            CaError::Corrupt {
-                path: "serving certificate".into(),
-                reason: e.to_string(),
-            }
-        })?;
-        let certified = rustls::sign::CertifiedKey::new(chain, signing);
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let certified =
+            rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                CaError::Corrupt {
+                    path: "serving certificate".into(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok((Arc::new(certified), made + ttl * 2 / 3))
     }
 }
