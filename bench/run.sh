@@ -2,13 +2,14 @@
 # Outrider benchmark harness: outrider and its peers (squid, tinyproxy, nginx,
 # haproxy) side by side on loopback in one run, reported as ratios.
 #
-#   bench/run.sh            full run (~14 minutes): bench/results/<timestamp>.json,
+#   bench/run.sh            full run (~17 minutes): bench/results/<timestamp>.json,
 #                           latest.json, latest.md, latest.svg
 #   bench/run.sh --smoke    every available path for about a second with tiny loads;
 #                           exits non-zero if a step fails (what CI runs)
 #
 # Environment: OUTRIDER_BIN (skip the cargo build and use this binary; then
-# OUTRIDER_COMMIT says what it was built from),
+# OUTRIDER_COMMIT says what it was built from), OPENLOOP_BIN (the same for the
+# fixed-rate load generator, bench/tools/openloop.rs),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
 # of path names to run; the report then goes to bench/results/tmp/partial-<timestamp>.*),
 # BENCH_IDLE (idle-connection levels, default "1000 10000"),
@@ -23,7 +24,7 @@ MODE=full
 case "${1:-}" in
     --smoke) MODE=smoke ;;
     "") ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
 esac
 
@@ -242,7 +243,7 @@ rate_load() { # PATH LOAD MODE ADDR URLPATH PIDS
     fi
     for p in $pids; do pidargs+=(--pid "$p"); done
     python3 "$TOOLS/proctree.py" measure "${pidargs[@]}" --out "$OUT/$path.$load.proc.json" -- \
-        "${CLIENT_PREFIX[@]}" python3 "$TOOLS/openloop.py" --connect "$addr" --path "$target" --host "$host" \
+        "${CLIENT_PREFIX[@]}" "$OPENLOOP" --connect "$addr" --path "$target" --host "$host" \
         --rate "$RATE" --duration "$RATE_DUR" --connections "$RATE_CONNS" \
         --out "$OUT/$path.$load.rate.json" >"$OUT/$path.$load.txt" 2>&1
 }
@@ -349,6 +350,22 @@ start origin nginx -p "$RUN" -e "$RUN/logs/origin-error.log" -c "$RUN/conf/origi
 ORIGIN_PID=$LAST_PID
 wait_http "http://127.0.0.1:$P_ORIGIN/1k" || { FAILED=1; log "origin nginx did not start"; cat "$RUN/logs/origin.out" >&2; exit 1; }
 log "mode $MODE; origin nginx on 127.0.0.1:$P_ORIGIN; scratch $RUN"
+
+# --- fixed-rate load generator ----------------------------------------------------
+# bench/tools/openloop.rs, a cargo example (OPENLOOP_BIN: use this binary instead).
+OPENLOOP=${OPENLOOP_BIN:-}
+if [[ -z $OPENLOOP ]]; then
+    log "building the fixed-rate load generator (cargo build --release --example openloop)"
+    if (cd "$ROOT" && cargo build --release --example openloop) >"$RUN/logs/cargo-openloop.out" 2>&1; then
+        OPENLOOP=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/openloop
+    else
+        FAILED=1
+        log "building bench/tools/openloop.rs failed:"
+        tail -n 20 "$RUN/logs/cargo-openloop.out" >&2
+        exit 1
+    fi
+fi
+[[ -x $OPENLOOP ]] || { FAILED=1; log "no fixed-rate load generator at $OPENLOOP"; exit 1; }
 
 # --- outrider binary --------------------------------------------------------------
 OUTRIDER=""
@@ -533,11 +550,12 @@ peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "h
 # side and take turns with the 1 KiB keep-alive load, round after round (the order
 # rotating); the report takes each one's median. Output: h2h.<name>.<round>.wrk.json.
 H2H_ROUNDS=${BENCH_H2H_ROUNDS:-3}
-# h2h_rounds PREFIX URLPATH NAME:MODE:ADDR...: H2H_ROUNDS rounds of the 1 KiB keep-alive
-# load against each entry in turn, the order rotating; PREFIX.<name>.<round>.wrk.json.
+# h2h_rounds LOAD PREFIX URLPATH NAME:MODE:ADDR...: H2H_ROUNDS rounds of LOAD against each
+# entry in turn, the order rotating. LOAD ka: the 1 KiB keep-alive load (wrk),
+# PREFIX.<name>.<round>.wrk.json; LOAD rate: the fixed-rate load, PREFIX.<name>.<round>.rate.json.
 h2h_rounds() {
-    local prefix=$1 upath=$2 round i entry name rest mode addr abs host
-    shift 2
+    local load=$1 prefix=$2 upath=$3 round i entry name rest mode addr abs host target
+    shift 3
     local entries=("$@")
     for ((round = 0; round < H2H_ROUNDS; round++)); do
         for ((i = 0; i < ${#entries[@]}; i++)); do
@@ -545,8 +563,15 @@ h2h_rounds() {
             name=${entry%%:*} rest=${entry#*:}
             mode=${rest%%:*} addr=${rest#*:} abs="" host=""
             if [[ $mode == forward ]]; then
-                local target=${H2H_FWD_TARGET:-127.0.0.1:$P_ORIGIN}
+                target=${H2H_FWD_TARGET:-127.0.0.1:$P_ORIGIN}
                 abs="http://$target$upath" host="$target"
+            fi
+            if [[ $load == rate ]]; then
+                "${CLIENT_PREFIX[@]}" "$OPENLOOP" --connect "$addr" --path "${abs:-$upath}" --host "${host:-$addr}" \
+                    --rate "$RATE" --duration "$RATE_DUR" --connections "$RATE_CONNS" \
+                    --out "$OUT/$prefix.$name.$round.rate.json" >"$OUT/$prefix.$name.$round.rate.txt" 2>&1 ||
+                    fail "$prefix" "the fixed-rate load against $name failed in round $round (see $OUT/$prefix.$name.$round.rate.txt)"
+                continue
             fi
             WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/$prefix.$name.$round.wrk.json \
                 "${CLIENT_PREFIX[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --timeout 5s --latency \
@@ -570,9 +595,11 @@ if want h2h && [[ -n $OUTRIDER ]]; then
         "outrider-inbound:reverse:127.0.0.1:$P_OI_IN" "nginx:reverse:127.0.0.1:$P_NGINX"
         "haproxy:reverse:127.0.0.1:$P_HAPROXY")
     if ((h2h_ok)) && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 && wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15; then
-        h2h_rounds h2h /1k "${h2h[@]}"
+        h2h_rounds ka h2h /1k "${h2h[@]}"
+        # The same, at the fixed rate: the p99 comparison without the saturated queues.
+        h2h_rounds rate h2h /1k "${h2h[@]}"
         manifest h2h group=h2h label="head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
-            notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass and haproxy running at once, taking turns; medians of $H2H_ROUNDS rounds"
+            notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass and haproxy running at once, taking turns, first with the 1 KiB keep-alive load, then at $RATE req/s; medians of $H2H_ROUNDS rounds"
     else
         fail h2h "a proxy did not come up for the head-to-head rounds"
     fi
@@ -847,7 +874,7 @@ if want h2hm && [[ -n $OUTRIDER ]]; then
     elif ! wait_http "http://127.0.0.1:$P_NM1/1k" 15 || ! wait_http "http://127.0.0.1:$P_HM1/1k" 15; then
         fail h2hm "an nginx or haproxy chain did not come up for the head-to-head rounds"
     else
-        H2H_FWD_TARGET=127.0.0.1:$P_MB_IN h2h_rounds h2hm /1k "outrider:forward:127.0.0.1:$P_MA_OUT" \
+        H2H_FWD_TARGET=127.0.0.1:$P_MB_IN h2h_rounds ka h2hm /1k "outrider:forward:127.0.0.1:$P_MA_OUT" \
             "nginx:reverse:127.0.0.1:$P_NM1" "haproxy:reverse:127.0.0.1:$P_HM1"
         manifest h2hm group=h2h label="mesh mTLS head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
             notes="the outrider, nginx and haproxy two-hop mTLS chains running at once, taking turns; medians of $H2H_ROUNDS rounds"
@@ -909,7 +936,7 @@ if want h2hc && [[ -n $OUTRIDER ]]; then
     wait_http "http://127.0.0.1:$P_NGC/c/1k" 15 && cache_hit reverse "127.0.0.1:$P_NGC" &&
         h2hc+=("nginx:reverse:127.0.0.1:$P_NGC")
     if ((${#h2hc[@]} == 3)); then
-        h2h_rounds h2hc /c/1k "${h2hc[@]}"
+        h2h_rounds ka h2hc /c/1k "${h2hc[@]}"
         manifest h2hc group=h2h label="cache hits head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
             notes="outrider, squid and nginx caches running at once, taking turns on /c/1k hits; medians of $H2H_ROUNDS rounds"
     else

@@ -81,20 +81,32 @@ def instructions(raw):
 
 
 def head_to_head(raw, prefix):
-    """Per proxy: req/s and p99 of each interleaved round, and their medians."""
-    rounds = {}
+    """Per proxy: req/s and p99 of each interleaved round of the keep-alive load, and their
+    medians; with fixed-rate rounds (PREFIX.<name>.<round>.rate.json), their latency
+    percentiles and medians under "rate"."""
+    rounds, rates = {}, {}
     for fn in sorted(os.listdir(raw)):
         parts = fn.split(".")
-        if len(parts) == 5 and parts[0] == prefix and fn.endswith(".wrk.json"):
+        if len(parts) != 5 or parts[0] != prefix:
+            continue
+        if fn.endswith(".wrk.json"):
             w = load_json(os.path.join(raw, fn))
             if w and w["requests"]:
                 rounds.setdefault(parts[1], []).append(
                     (w["requests"] / (w["duration_us"] / 1e6), w["latency_us"]["p99"]))
+        elif fn.endswith(".rate.json"):
+            r = load_json(os.path.join(raw, fn))
+            if r and r["requests"]:
+                rates.setdefault(parts[1], []).append(r["latency_us"])
     out = {}
     for name, rs in rounds.items():
         out[name] = {"rounds": [{"rps": round(r, 1), "p99_us": q} for r, q in rs],
                      "rps_median": round(statistics.median(r for r, _ in rs), 1),
                      "p99_median_us": statistics.median(q for _, q in rs)}
+    for name, ls in rates.items():
+        out.setdefault(name, {})["rate"] = {
+            "rounds": [{k: lat[k] for k in ("p50", "p99", "p99_9")} for lat in ls],
+            **{f"{k}_median_us": statistics.median(lat[k] for lat in ls) for k in ("p50", "p99", "p99_9")}}
     return out
 
 
@@ -210,10 +222,15 @@ def targets(paths):
         add(f"inbound head to head (interleaved rounds, medians) vs {peer}: req/s, p99",
             a and b and f"{a['rps_median']:.0f} vs {b['rps_median']:.0f} req/s; "
                         f"{a['p99_median_us']} µs vs {b['p99_median_us']} µs" or None,
-            "ahead in both", None if not (a and b) else
+            "ahead in both", None if not (a and b and "rps_median" in a and "rps_median" in b) else
             a["rps_median"] > b["rps_median"] and a["p99_median_us"] < b["p99_median_us"])
+    for peer in ("nginx", "haproxy"):
+        a, b = (h2h.get("outrider-inbound") or {}).get("rate"), (h2h.get(peer) or {}).get("rate")
+        add(f"inbound head to head at the fixed rate (medians) vs {peer}: p99",
+            a and b and f"{a['p99_median_us']} µs vs {b['p99_median_us']} µs" or None,
+            "lower", None if not (a and b) else a["p99_median_us"] < b["p99_median_us"])
     d, e, hp = h2h.get("direct"), h2h.get("outrider-explicit"), h2h.get("haproxy")
-    if d and e and hp and d["rps_median"]:
+    if d and e and hp and d.get("rps_median"):
         fr, hr = e["rps_median"] / d["rps_median"], hp["rps_median"] / d["rps_median"]
         add("explicit forward (allowlist + log) ratio to direct vs haproxy's, head to head",
             f"{fr:.2f} vs {hr:.2f}", "≥ haproxy's", fr >= hr)
@@ -281,7 +298,7 @@ def markdown(res):
               f"loopback only. wrk {p_.get('threads')} threads, {p_.get('duration_s')} s per load: "
               f"{p_.get('conns')} keep-alive connections for 1 KiB, {p_.get('close_conns')} for a new "
               f"connection per request, {p_.get('big_conns')} for 1 MiB; the fixed rate is "
-              f"{p_.get('rate')} req/s open-loop over {p_.get('rate_conns')} connections (bench/tools/openloop.py). "
+              f"{p_.get('rate')} req/s open-loop over {p_.get('rate_conns')} connections (bench/tools/openloop.rs). "
               "Latencies in ms; CPU is the proxy's (all processes) in seconds per 1,000 requests of the "
               "1 KiB keep-alive load; RSS in MB, summed over the proxy's processes. "
               f"Outrider: {p_.get('outrider_bin', 'none')} (source {p_.get('outrider_commit', 'unknown')}).", ""]
@@ -330,9 +347,11 @@ def markdown(res):
             lines.append(f"| {labels[c['outrider']]} | {labels[c['peer']]} | {c['load']} | "
                          f"{fnum(c['rps_ratio'], 2)} | {fnum(c['p99_ratio'], 2)} |")
     h2h = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2h" and p.get("h2h")), None)
-    if h2h:
-        n = max(len(v["rounds"]) for v in h2h.values())
-        direct = h2h.get("direct")
+    order = ["direct", "outrider-explicit", "outrider-inbound", "nginx", "haproxy"]
+    ka = {k: v for k, v in (h2h or {}).items() if "rps_median" in v}
+    if ka:
+        n = max(len(v["rounds"]) for v in ka.values())
+        direct = ka.get("direct")
         lines += ["", "## Head to head (interleaved)", "",
                   f"The origin alone, outrider (explicit forward with allowlist and access log; inbound), "
                   f"nginx and HAProxy running at once and taking turns with the 1 KiB keep-alive load, {n} "
@@ -340,15 +359,30 @@ def markdown(res):
                   "background load shifting between paths run minutes apart.", "",
                   "| path | req/s (median) | rounds | × direct | p99 (median) | outrider inbound req/s × | outrider inbound p99 × |",
                   "|---|--:|---|--:|--:|--:|--:|"]
-        base = h2h.get("outrider-inbound")
-        order = ["direct", "outrider-explicit", "outrider-inbound", "nginx", "haproxy"]
-        for name, v in sorted(h2h.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+        base = ka.get("outrider-inbound")
+        for name, v in sorted(ka.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
             xd = direct and direct["rps_median"] and fnum(v["rps_median"] / direct["rps_median"], 2) or "–"
             peer = name in ("nginx", "haproxy")
             x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
             y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {xd} | {fus(v['p99_median_us'])} | {x} | {y} |")
+    fixed = {k: v["rate"] for k, v in (h2h or {}).items() if "rate" in v}
+    if fixed:
+        n = max(len(v["rounds"]) for v in fixed.values())
+        p_ = res["params"]
+        lines += ["", "## Head to head at the fixed rate (interleaved)", "",
+                  f"The same five, taking turns with {p_.get('rate')} req/s open-loop over "
+                  f"{p_.get('rate_conns')} keep-alive connections (bench/tools/openloop.rs), {n} rounds; "
+                  "medians of each round's percentiles.", "",
+                  "| path | p50 | p99 | p99.9 | p99 by round | outrider inbound p99 × |", "|---|--:|--:|--:|---|--:|"]
+        base = fixed.get("outrider-inbound")
+        for name, v in sorted(fixed.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            rr = ", ".join(fus(r["p99"]) for r in v["rounds"])
+            y = base and name in ("nginx", "haproxy") and v["p99_median_us"] and \
+                fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
+            lines.append(f"| {name} | {fus(v['p50_median_us'])} | {fus(v['p99_median_us'])} | "
+                         f"{fus(v['p99_9_median_us'])} | {rr} | {y} |")
     hm = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2hm" and p.get("h2h")), None)
     if hm:
         n = max(len(v["rounds"]) for v in hm.values())
