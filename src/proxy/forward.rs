@@ -99,7 +99,7 @@ async fn forward(
     note_admission(guard, &admitted);
 
     let client_version = req.version();
-    let upgrading = wants_upgrade(req.headers());
+    let upgrading = wants_upgrade(req.headers_mut());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrading);

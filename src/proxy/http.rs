@@ -191,10 +191,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Whether a request asks to switch protocols (WebSocket and the like).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+/// Whether a request asks to switch protocols (WebSocket and the like). An offer of
+/// cleartext HTTP/2 is taken out first (see [`drop_h2c`]), so a request that offers only
+/// that goes on as an ordinary one.
+pub fn wants_upgrade(headers: &mut HeaderMap) -> bool {
+    if !headers.contains_key(header::UPGRADE) {
+        return false;
+    }
+    drop_h2c(headers);
     headers.contains_key(header::UPGRADE)
         && crate::net::upstream::has_token(headers, header::CONNECTION, "upgrade")
+}
+
+/// Takes `h2c` out of a request's `Upgrade` (other protocols offered beside it stay) and
+/// drops its `HTTP2-Settings`. Passed on, the offer would let an app that accepts it
+/// switch the connection to HTTP/2, whose requests, for any path, would then go through
+/// the joined connection unseen: past the inbound authorization rules, which checked the
+/// first request only, and past the access log (h2c smuggling). RFC 9113 §3.1 deprecates
+/// the upgrade; Envoy removes it the same way.
+fn drop_h2c(headers: &mut HeaderMap) {
+    use crate::net::upstream::tokens;
+    if !tokens(headers, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("h2c")) {
+        return;
+    }
+    let rest = tokens(headers, header::UPGRADE)
+        .filter(|t| !t.eq_ignore_ascii_case("h2c"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    // Tokens are visible ASCII, so the rest is a valid value.
+    match HeaderValue::from_str(&rest) {
+        Ok(v) if !rest.is_empty() => {
+            headers.insert(header::UPGRADE, v);
+        }
+        _ => {}
+    }
 }
 
 /// Appends this hop to `Via`.
@@ -356,6 +388,48 @@ mod tests {
         let before = plain.clone();
         strip_hop_by_hop(&mut plain, false);
         assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn an_h2c_offer_is_taken_out_of_upgrade() {
+        let request = |upgrade: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            for u in upgrade {
+                h.append(header::UPGRADE, HeaderValue::from_static(u));
+            }
+            h.insert(
+                "http2-settings",
+                HeaderValue::from_static("AAMAAABkAAQAAP__"),
+            );
+            h
+        };
+        // Only h2c: no upgrade at all, and the settings gone.
+        for only in [&["h2c"][..], &["H2C"], &[" h2c ,"]] {
+            let mut h = request(only);
+            assert!(!wants_upgrade(&mut h), "{only:?}");
+            assert!(!h.contains_key(header::UPGRADE), "{only:?}: {h:?}");
+            assert!(!h.contains_key("http2-settings"), "{only:?}: {h:?}");
+        }
+        // Beside other protocols, in one field or several: they stay, in order.
+        for mixed in [&["h2c, websocket, foo/2"][..], &["h2c", "websocket, foo/2"]] {
+            let mut h = request(mixed);
+            assert!(wants_upgrade(&mut h), "{mixed:?}");
+            assert_eq!(h[header::UPGRADE], "websocket, foo/2", "{mixed:?}");
+            assert!(!h.contains_key("http2-settings"), "{mixed:?}");
+        }
+        // Anything else is left exactly as it came.
+        let mut h = request(&["websocket"]);
+        let before = h.clone();
+        assert!(wants_upgrade(&mut h));
+        assert_eq!(h, before);
+        // No `Connection: upgrade`, no upgrade.
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!wants_upgrade(&mut h));
     }
 
     #[test]

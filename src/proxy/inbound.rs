@@ -360,7 +360,7 @@ async fn to_app(
             .map_err(ProxyError::Unauthorized)?,
     );
 
-    let upgrading = wants_upgrade(req.headers());
+    let upgrading = wants_upgrade(req.headers_mut());
     let client_upgrade = upgrading.then(|| {
         // An upgraded connection is checked again after a reload as this request was.
         let path = Some(req.uri().path());
