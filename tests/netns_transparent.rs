@@ -623,6 +623,61 @@ except (OSError, ssl.SSLError) as e:
     assert_eq!(field(&late, "decision"), "deny", "{late}");
 }
 
+/// Plain HTTP inside a CONNECT is served request by request: each Host is checked against
+/// the address the CONNECT dialled, as on a redirected connection, and each request is
+/// logged. Spliced as bytes, `CONNECT allowed.test:80` then `Host: denied.test` would be
+/// answered by allowed.test's server (a shared host, a CDN): domain fronting without TLS.
+#[test]
+fn plain_http_inside_a_connect_is_checked_request_by_request() {
+    let w = World::new();
+    let proxy = "http://127.0.0.1:15001";
+    let tunnel = ["-p", "--suppress-connect-headers", "-x", proxy];
+    let mut args = tunnel.to_vec();
+    args.push("http://allowed.test/tunnelled-http");
+    let resp = Resp::parse(&w.curl(&args));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(resp.body.starts_with("allowed\n"), "{}", resp.body);
+    let record = w.wait_log("the tunnelled request", |r| {
+        field(r, "path") == "/tunnelled-http"
+    });
+    assert_eq!(field(&record, "mode"), "explicit", "{record}");
+    assert_eq!(field(&record, "protocol"), "http1", "{record}");
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+    assert_eq!(
+        field(&record, "original_dst"),
+        format!("{ALLOWED_IP}:80"),
+        "{record}"
+    );
+
+    // CONNECT allowed.test:80, then a request for denied.test through it.
+    let mut args = tunnel.to_vec();
+    args.extend([
+        "--connect-to",
+        "denied.test:80:allowed.test:80",
+        "http://denied.test/fronted-http",
+    ]);
+    let resp = Resp::parse(&w.curl(&args));
+    assert_eq!(
+        resp.status, 403,
+        "a fronted request got through:\n{}",
+        resp.body
+    );
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(
+        reason.contains("no rule for host denied.test"),
+        "x-outrider-error: {reason:?}"
+    );
+    let record = w.wait_log("the fronted request", |r| {
+        field(r, "path") == "/fronted-http"
+    });
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    assert_eq!(field(&record, "authority"), "denied.test", "{record}");
+    let connect = w.wait_log("the CONNECT it came through", |r| {
+        field(r, "method") == "CONNECT" && field(r, "client") == field(&record, "client")
+    });
+    assert_eq!(field(&connect, "authority"), "allowed.test:80", "{connect}");
+}
+
 /// A CONNECT tunnel admitted on the SNI inside it is checked again on that SNI after a
 /// reload: a reload that still allows the CONNECT's host but no longer the SNI's closes it.
 /// (Otherwise a tunnel fronted through an allowed name would outlive the revocation of the

@@ -52,6 +52,7 @@ pub async fn serve(
     let conn = ConnInfo {
         client,
         original_dst,
+        in_connect: false,
     };
     let state = inputs.state.load_full();
     let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
@@ -506,6 +507,7 @@ mod tests {
         let conn = super::ConnInfo {
             client: client.parse().unwrap(),
             original_dst: None,
+            in_connect: false,
         };
         super::add_forwarding(&mut h, conn, host, HeaderValue::from_static("id-1"));
         h

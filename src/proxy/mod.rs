@@ -158,12 +158,16 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The original destination, for transparent connections.
     pub original_dst: Option<SocketAddr>,
+    /// Requests from inside an explicit `CONNECT` tunnel that carries plain HTTP/1: each is
+    /// checked and sent as a redirected one would be, `original_dst` being the address the
+    /// `CONNECT` dialled.
+    pub in_connect: bool,
 }
 
 impl ConnInfo {
     /// `explicit` or `transparent`, for the log.
     pub fn mode(&self) -> &'static str {
-        if self.original_dst.is_some() {
+        if self.original_dst.is_some() && !self.in_connect {
             "transparent"
         } else {
             "explicit"

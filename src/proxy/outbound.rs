@@ -32,6 +32,7 @@ pub async fn serve(
     let conn = ConnInfo {
         client,
         original_dst,
+        in_connect: false,
     };
     let state = inputs.state.load_full();
     let Some(od) = original_dst else {
@@ -76,6 +77,18 @@ pub async fn serve(
         }
         other => Box::pin(tunnel_tcp(inputs, stream, prefix, conn, other)).await,
     }
+}
+
+/// Serves the plain HTTP/1 inside a `CONNECT` tunnel (see `tunnel::connect`). Drained as
+/// tunnels are: kept until the drain deadline. The future is boxed under a named type:
+/// requests served here can themselves be `CONNECT`s, and the compiler cannot prove an
+/// opaque future `Send` through that cycle.
+pub(super) fn serve_in_connect(
+    inputs: Arc<Inputs>,
+    io: super::detect::Rewind<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    conn: ConnInfo,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(serve_http(inputs, io, conn, true, CancellationToken::new()))
 }
 
 /// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.

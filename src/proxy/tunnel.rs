@@ -82,8 +82,27 @@ pub async fn connect(
                 let mut upstream = upstream;
                 let target = (host, dialled);
                 let checked =
-                    check_sni(&inputs, &state, &mut client, &upstream, &target, &mut guard);
-                let Some(first) = checked.await else { return };
+                    check_inside(&inputs, &state, &mut client, &upstream, &target, &mut guard);
+                let first = match checked.await {
+                    None => return,
+                    Some(Inside::Bytes(first)) => first,
+                    Some(Inside::Http1(first)) => {
+                        // Plain HTTP: served request by request, each one's Host checked
+                        // against the address dialled (as on a redirected connection) and
+                        // logged. Passed on as bytes, a request for a host the policy denies
+                        // could ride on an allowed name's server (a shared host, a CDN).
+                        // The CONNECT's own record is written when the tunnel closes.
+                        drop(upstream);
+                        let inner = ConnInfo {
+                            client: conn.client,
+                            original_dst: Some(dialled),
+                            in_connect: true,
+                        };
+                        let io = super::detect::Rewind::new(first, client);
+                        super::outbound::serve_in_connect(inputs.clone(), io, inner).await;
+                        return;
+                    }
+                };
                 // After a reload, the CONNECT target is checked again, and so is an SNI
                 // that named another host, as each was at admission.
                 let (host, dialled) = target;
@@ -108,28 +127,38 @@ pub async fn connect(
     }
 }
 
+/// What the first bytes through a `CONNECT` tunnel turned out to be.
+enum Inside {
+    /// Bytes to send on, then splice: TLS that passed its check, or anything else.
+    Bytes(bytes::Bytes),
+    /// An HTTP/1 request (these are its first bytes): the tunnel is served as HTTP.
+    Http1(bytes::Bytes),
+}
+
 /// The first bytes through a CONNECT tunnel. A TLS ClientHello whose SNI names another host
 /// than the CONNECT target must pass the check a transparent connection with that SNI would
 /// (the name allowed and resolving to the dialled address, or that address allowed by a
 /// CIDR rule): else an allowed name's server — a CDN front — could carry traffic for a
-/// denied one. Returns the bytes read (to be sent on), or `None` when the tunnel is refused
-/// (logged; dropping it closes it). What is not TLS was checked on the CONNECT target alone.
+/// denied one. Plain HTTP/1 is handed back to be served request by request, so that each
+/// Host gets that check. Returns what was read, or `None` when the tunnel is refused
+/// (logged; dropping it closes it). Anything else (HTTP/2 with prior knowledge, opaque
+/// bytes) was checked on the CONNECT target alone.
 ///
 /// There is no fail-open timeout here, unlike transparent detection (whose fallback, the
 /// destination address, is the stricter check): a client that waited it out could send an
 /// unchecked ClientHello. Only a server that speaks first (after the detection timeout,
 /// or at once on `outbound.detect.server_first_ports`) ends the wait. Through a mesh
 /// peer the TLS session's own records count as speaking; the peer applies its own policy.
-async fn check_sni<C: AsyncRead + Unpin>(
+async fn check_inside<C: AsyncRead + Unpin>(
     inputs: &Inputs,
     state: &super::State,
     client: &mut C,
     upstream: &connect::MaybeTls,
     (host, dialled): &(Host, SocketAddr),
     guard: &mut LogGuard,
-) -> Option<bytes::Bytes> {
+) -> Option<Inside> {
     if state.cfg.server_first_ports.contains(&dialled.port()) {
-        return Some(bytes::Bytes::new());
+        return Some(Inside::Bytes(bytes::Bytes::new()));
     }
     let server_spoke = async {
         tokio::time::sleep(state.cfg.detect_timeout).await;
@@ -142,12 +171,14 @@ async fn check_sni<C: AsyncRead + Unpin>(
             return None;
         }
     };
-    let Protocol::Tls(Hello { sni: Some(sni), .. }) = protocol else {
-        return Some(first);
+    let sni = match protocol {
+        Protocol::Http1 => return Some(Inside::Http1(first)),
+        Protocol::Tls(Hello { sni: Some(sni), .. }) => sni,
+        _ => return Some(Inside::Bytes(first)),
     };
     guard.record.sni = Some(sni.clone());
     let checked = match parse_host(&sni) {
-        Ok(named) if named == *host => return Some(first),
+        Ok(named) if named == *host => return Some(Inside::Bytes(first)),
         Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled)).await,
         Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
     };
@@ -157,9 +188,9 @@ async fn check_sni<C: AsyncRead + Unpin>(
         Ok(a) if a.decision == "report" => {
             guard.record.decision = "report";
             guard.record.reason = Some(context(&a.reason.unwrap_or_default()));
-            Some(first)
+            Some(Inside::Bytes(first))
         }
-        Ok(_) => Some(first),
+        Ok(_) => Some(Inside::Bytes(first)),
         Err(e) => {
             super::forward::record_error(guard, &e);
             let context = context(&e);
