@@ -388,6 +388,9 @@ pub struct ClientsConfig {
     /// The largest request head (request line and headers, or an HTTP/2 header list) a
     /// client may send, in bytes; a larger one is answered 431.
     pub max_request_head_bytes: u64,
+    /// How long a tunnel (`CONNECT`, an upgraded connection, transparent TLS or TCP,
+    /// inbound TCP) may pass no byte either way before it is closed.
+    pub tunnel_idle_timeout: String,
 }
 
 impl Default for ClientsConfig {
@@ -395,6 +398,8 @@ impl Default for ClientsConfig {
         Self {
             idle_timeout: "30s".into(),
             max_request_head_bytes: 128 * 1024,
+            // Envoy's TCP proxy default.
+            tunnel_idle_timeout: "1h".into(),
         }
     }
 }

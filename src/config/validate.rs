@@ -358,9 +358,17 @@ fn client_limits(
             ),
         ));
     }
+    let tunnel_idle = duration("clients.tunnel_idle_timeout", &c.tunnel_idle_timeout)?;
+    if tunnel_idle.is_zero() {
+        return Err(ConfigError::invalid(
+            "clients.tunnel_idle_timeout",
+            "must be more than zero (a zero timeout would close every tunnel at once)",
+        ));
+    }
     Ok(crate::proxy::http::ClientLimits {
         idle_timeout: idle,
         max_head: c.max_request_head_bytes as usize,
+        tunnel_idle_timeout: tunnel_idle,
     })
 }
 

@@ -23,6 +23,10 @@ pub struct ClientLimits {
     /// (the default) responses of 1 MiB lost 9 % of their throughput (fewer bytes per
     /// `writev`), so not Envoy's 60 KiB.
     pub max_head: usize,
+    /// How long a tunnel may pass no byte either way: a peer that vanished without a
+    /// FIN or RST (a host powered off, a NAT entry dropped) would otherwise hold its
+    /// tunnel, and the descriptors at both ends, for ever.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// The HTTP/1 + HTTP/2 server settings for client connections, both directions.

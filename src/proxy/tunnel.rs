@@ -147,7 +147,8 @@ enum Inside {
 /// There is no fail-open timeout here, unlike transparent detection (whose fallback, the
 /// destination address, is the stricter check): a client that waited it out could send an
 /// unchecked ClientHello. Only a server that speaks first (after the detection timeout,
-/// or at once on `outbound.detect.server_first_ports`) ends the wait. Through a mesh
+/// or at once on `outbound.detect.server_first_ports`) ends the wait, or the tunnel idle
+/// timeout, which closes the tunnel. Through a mesh
 /// peer the TLS session's own records count as speaking; the peer applies its own policy.
 async fn check_inside<C: AsyncRead + Unpin>(
     inputs: &Inputs,
@@ -164,13 +165,23 @@ async fn check_inside<C: AsyncRead + Unpin>(
         tokio::time::sleep(state.cfg.detect_timeout).await;
         let _ = upstream.tcp().readable().await;
     };
-    let (protocol, first) = match detect_until(client, server_spoke).await {
-        Ok(found) => found,
-        Err(e) => {
-            guard.fail(format!("client read failed: {e}"));
-            return None;
-        }
-    };
+    // Neither side speaking is a quiet tunnel like any other: closed after the idle timeout.
+    let quiet = state.cfg.clients.tunnel_idle_timeout;
+    let (protocol, first) =
+        match tokio::time::timeout(quiet, detect_until(client, server_spoke)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                guard.fail(format!("client read failed: {e}"));
+                return None;
+            }
+            Err(_) => {
+                guard.fail(format!(
+                    "tunnel closed after {} with no bytes either way",
+                    humantime::format_duration(quiet)
+                ));
+                return None;
+            }
+        };
     let sni = match protocol {
         Protocol::Http1 => return Some(Inside::Http1(first)),
         Protocol::Tls(Hello { sni: Some(sni), .. }) => sni,
@@ -228,8 +239,12 @@ pub async fn splice<C, U>(
         bytes: guard.bytes.clone(),
     };
     let mut reloads = inputs.reloaded.subscribe();
+    let idle_timeout = inputs.state.load().cfg.clients.tunnel_idle_timeout;
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
+    // The byte counts are looked at four times per timeout: a tunnel is closed between one
+    // and one and a half timeouts after its last byte, for one timer per quarter.
+    let mut idle = Quiet::new(&guard.bytes, idle_timeout);
     loop {
         tokio::select! {
             done = &mut copy => {
@@ -237,6 +252,15 @@ pub async fn splice<C, U>(
                     guard.record.error = Some(format!("tunnel ended with error: {e}"));
                 }
                 return;
+            }
+            () = tokio::time::sleep(idle.step()) => {
+                if idle.expired(&guard.bytes) {
+                    guard.record.error = Some(format!(
+                        "tunnel closed after {} with no bytes either way",
+                        humantime::format_duration(idle_timeout)
+                    ));
+                    return;
+                }
             }
             changed = reloads.changed() => {
                 if changed.is_err() {
@@ -320,6 +344,43 @@ pub async fn splice_upgrades(
         Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, recheck).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
+}
+
+/// Whether a tunnel has passed no byte for its idle timeout, from its byte counts.
+struct Quiet {
+    timeout: std::time::Duration,
+    seen: u64,
+    since: tokio::time::Instant,
+}
+
+impl Quiet {
+    fn new(bytes: &Bytes, timeout: std::time::Duration) -> Self {
+        Self {
+            timeout,
+            seen: total(bytes),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// How long to wait before looking again.
+    fn step(&self) -> std::time::Duration {
+        (self.timeout / 4).max(std::time::Duration::from_millis(1))
+    }
+
+    /// Whether no byte has passed for the timeout; notes any that did.
+    fn expired(&mut self, bytes: &Bytes) -> bool {
+        let now = total(bytes);
+        if now != self.seen {
+            self.seen = now;
+            self.since = tokio::time::Instant::now();
+            return false;
+        }
+        self.since.elapsed() >= self.timeout
+    }
+}
+
+fn total(bytes: &Bytes) -> u64 {
+    bytes.inbound.load(Ordering::Relaxed) + bytes.outbound.load(Ordering::Relaxed)
 }
 
 /// Counts bytes read from (in) and written to (out) the client.
