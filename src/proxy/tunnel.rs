@@ -148,8 +148,8 @@ enum Inside {
 /// destination address, is the stricter check): a client that waited it out could send an
 /// unchecked ClientHello. Only a server that speaks first (after the detection timeout,
 /// or at once on `outbound.detect.server_first_ports`) ends the wait, or the tunnel idle
-/// timeout, which closes the tunnel. Through a mesh
-/// peer the TLS session's own records count as speaking; the peer applies its own policy.
+/// timeout, which closes the tunnel. Through a mesh peer the TLS session's own records
+/// count as speaking; the peer applies its own policy.
 async fn check_inside<C: AsyncRead + Unpin>(
     inputs: &Inputs,
     state: &super::State,
