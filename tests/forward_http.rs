@@ -246,3 +246,59 @@ async fn protocol_upgrades_pass_through() {
     assert_eq!(r.status, 200);
     assert!(r.json()["headers"].get("upgrade").is_none(), "{}", r.text());
 }
+
+/// Plain HTTP inside a CONNECT is served request by request (see tests/netns_transparent.rs
+/// for the Host check); a protocol switch in there (ws:// through a proxy) still joins the
+/// two sides, and each request has its own log record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_switch_inside_a_connect_tunnel_is_joined() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let proxy = TestProxy::start(&config()).await;
+    let target = format!("api.test:{}", up.port());
+    let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    s.write_all(
+        format!("GET /upgrade HTTP/1.1\r\nHost: {target}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"through both").await.unwrap();
+    let mut back = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"through both");
+    drop(s);
+    let rec = proxy
+        .wait_log(|r| r["path"] == "/upgrade" && r["status"] == 101)
+        .await;
+    assert_eq!(rec["mode"], "explicit", "{rec}");
+    assert_eq!(rec["decision"], "allow", "{rec}");
+}
+
+/// Reads one response head, byte by byte (nothing after it), lower-cased.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
