@@ -36,15 +36,8 @@ async fn open_connections_include_http_keep_alive_and_tunnels() {
     // Three CONNECT tunnels, proven open by an echo.
     let mut tunnels = Vec::new();
     for _ in 0..3 {
-        let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr())
-            .await
-            .unwrap();
-        s.write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr).as_bytes())
-            .await
-            .unwrap();
-        let mut buf = vec![0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let mut s =
+            outrider::testing::open_tunnel(proxy.proxy_addr(), &echo.addr.to_string()).await;
         s.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
         s.read_exact(&mut one).await.unwrap();

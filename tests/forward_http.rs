@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use outrider::testing::{curl, generated_body, ProxyClient, TestProxy, Upstream};
+use outrider::testing::{
+    curl, generated_body, open_tunnel, read_head, ProxyClient, TestProxy, Upstream,
+};
 
 fn config() -> String {
     "outbound:\n  egress:\n    allow:\n      - host: api.test\n      - host: other.test\n      - cidr: 127.0.0.1/32\n\
@@ -214,17 +216,7 @@ async fn protocol_upgrades_pass_through() {
     )
     .await
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     s.write_all(b"hello upgraded").await.unwrap();
@@ -256,21 +248,14 @@ async fn a_protocol_switch_inside_a_connect_tunnel_is_joined() {
     let up = Upstream::start().await;
     let proxy = TestProxy::start(&config()).await;
     let target = format!("api.test:{}", up.port());
-    let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr())
-        .await
-        .unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut s = open_tunnel(proxy.proxy_addr(), &target).await;
     s.write_all(
         format!("GET /upgrade HTTP/1.1\r\nHost: {target}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
             .as_bytes(),
     )
     .await
     .unwrap();
-    let head = read_head(&mut s).await;
+    let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     s.write_all(b"through both").await.unwrap();
     let mut back = [0u8; 12];
@@ -285,20 +270,4 @@ async fn a_protocol_switch_inside_a_connect_tunnel_is_joined() {
         .await;
     assert_eq!(rec["mode"], "explicit", "{rec}");
     assert_eq!(rec["decision"], "allow", "{rec}");
-}
-
-/// Reads one response head, byte by byte (nothing after it), lower-cased.
-async fn read_head(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).to_ascii_lowercase()
 }

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use outrider::testing::TestProxy;
+use outrider::testing::{read_head, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An app that accepts the h2c upgrade: to a request with `Upgrade: h2c` it answers `101`
@@ -81,17 +81,7 @@ async fn h2c_app() -> SocketAddr {
 async fn exchange(to: SocketAddr, request: &str) -> (String, String, tokio::net::TcpStream) {
     let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .expect("no response head")
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
     if head.starts_with("http/1.1 101") {
         return (head, String::new(), s);
     }

@@ -215,13 +215,7 @@ async fn protocol_upgrades_reach_the_app_and_are_joined() {
     };
     let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
     s.write_all(switch("/upgrade").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "{head:?}");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = outrider::testing::read_head(&mut s).await.to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     for probe in [&b"hello"[..], b"second message"] {

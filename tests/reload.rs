@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use outrider::testing::{BinProxy, ProxyClient, TestProxy, Upstream};
+use outrider::testing::{open_tunnel, read_head, BinProxy, ProxyClient, TestProxy, Upstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outrider");
 
@@ -241,37 +241,6 @@ async fn echoes(s: &mut tokio::net::TcpStream, probe: &[u8]) -> bool {
     ) && back == probe
 }
 
-/// Reads a response head byte by byte (so nothing after it is consumed).
-async fn read_head(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// Opens a `CONNECT` tunnel through the proxy at `proxy` to `target`.
-async fn open_tunnel(
-    proxy: std::net::SocketAddr,
-    target: std::net::SocketAddr,
-) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut tunnel = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    tunnel
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    assert!(read_head(&mut tunnel).await.starts_with("HTTP/1.1 200"));
-    tunnel
-}
-
 /// Opens a connection through the proxy at `proxy` that the upstream on `port` upgrades
 /// to its echo protocol (as a WebSocket would be).
 async fn open_upgraded(proxy: std::net::SocketAddr, port: u16) -> tokio::net::TcpStream {
@@ -297,7 +266,7 @@ async fn an_open_tunnel_is_drained_not_cut() {
         BIN,
         "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\nshutdown:\n  drain_timeout: 3s\n",
     );
-    let mut tunnel = open_tunnel(proxy.proxy_addr, echo.addr).await;
+    let mut tunnel = open_tunnel(proxy.proxy_addr, &echo.addr.to_string()).await;
     assert!(echoes(&mut tunnel, b"before").await);
     proxy.signal(Signal::SIGTERM);
     assert!(proxy.wait_stderr("draining"), "{}", proxy.stderr());
@@ -355,7 +324,7 @@ async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
     };
     let both = format!("{}, {}", echo.addr.port(), up.port());
     let proxy = TestProxy::start(&allowing(&both, "")).await;
-    let mut tunnel = open_tunnel(proxy.proxy_addr(), echo.addr).await;
+    let mut tunnel = open_tunnel(proxy.proxy_addr(), &echo.addr.to_string()).await;
     let mut upgraded = open_upgraded(proxy.proxy_addr(), up.port()).await;
     for s in [&mut tunnel, &mut upgraded] {
         assert!(echoes(s, b"before").await);

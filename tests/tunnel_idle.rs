@@ -6,24 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use outrider::testing::{TcpEcho, TestProxy};
+use outrider::testing::{open_tunnel, TcpEcho, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-async fn open_tunnel(proxy: &TestProxy, target: &str) -> TcpStream {
-    let mut s = TcpStream::connect(proxy.proxy_addr()).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "{head:?}");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-    s
-}
 
 /// Waits (up to `limit`) for the proxy to close `s`; returns how long that took.
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
@@ -46,7 +31,7 @@ async fn quiet_tunnels_are_closed_and_busy_ones_are_not() {
     let target = echo.addr.to_string();
 
     // Talking every 300 ms for 3 s, three timeouts: still open, and echoing.
-    let mut busy = open_tunnel(&proxy, &target).await;
+    let mut busy = open_tunnel(proxy.proxy_addr(), &target).await;
     for i in 0..10u8 {
         busy.write_all(&[b'a' + i]).await.unwrap();
         let mut back = [0u8; 1];
@@ -74,7 +59,7 @@ async fn quiet_tunnels_are_closed_and_busy_ones_are_not() {
     assert_eq!(rec["bytes_out"], 10, "{rec}");
 
     // A tunnel that never carries a byte (the echo does not speak first) is closed too.
-    let mut silent = open_tunnel(&proxy, &target).await;
+    let mut silent = open_tunnel(proxy.proxy_addr(), &target).await;
     closed_within(&mut silent, Duration::from_secs(10)).await;
     let rec = proxy
         .wait_log(|r| r["method"] == "CONNECT" && r["bytes_in"] == 0)

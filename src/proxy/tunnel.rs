@@ -175,10 +175,7 @@ async fn check_inside<C: AsyncRead + Unpin>(
                 return None;
             }
             Err(_) => {
-                guard.fail(format!(
-                    "tunnel closed after {} with no bytes either way",
-                    humantime::format_duration(quiet)
-                ));
+                guard.fail(went_quiet(quiet));
                 return None;
             }
         };
@@ -255,10 +252,7 @@ pub async fn splice<C, U>(
             }
             () = tokio::time::sleep(idle.step()) => {
                 if idle.expired(&guard.bytes) {
-                    guard.record.error = Some(format!(
-                        "tunnel closed after {} with no bytes either way",
-                        humantime::format_duration(idle_timeout)
-                    ));
+                    guard.record.error = Some(went_quiet(idle_timeout));
                     return;
                 }
             }
@@ -377,6 +371,14 @@ impl Quiet {
         }
         self.since.elapsed() >= self.timeout
     }
+}
+
+/// The log's error for a tunnel closed by its idle timeout.
+fn went_quiet(timeout: std::time::Duration) -> String {
+    format!(
+        "tunnel closed after {} with no bytes either way",
+        humantime::format_duration(timeout)
+    )
 }
 
 fn total(bytes: &Bytes) -> u64 {

@@ -519,6 +519,35 @@ impl RawResp {
     }
 }
 
+/// Reads one response head off `s` as sent, byte by byte so that nothing after it (a
+/// body, or the bytes of a tunnel or upgraded connection) is consumed. Fails the test if
+/// the peer closes first or 5 s pass.
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("no response head within 5 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Opens a `CONNECT` tunnel through the proxy at `proxy` to `target` (`host:port`) and
+/// checks that it was answered 200.
+pub async fn open_tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
 /// Writes raw bytes to `addr` and reads until the peer closes (or 5 s pass). Status 0 means
 /// no HTTP response came back (connection closed).
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResp {
