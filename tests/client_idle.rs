@@ -23,7 +23,7 @@ const DRIP: Duration = Duration::from_secs(4);
 /// the 30 s default (so a key that did nothing would fail them).
 const CLOSED_WITHIN: Duration = Duration::from_secs(15);
 
-/// An HTTP/1 app: `/` answers `ok`; `/drip` sends `first`, then `last` after [`DRIP`].
+/// An HTTP/1 and HTTP/2 app: `/` answers `ok`; `/drip` sends `first`, then `last` after [`DRIP`].
 async fn app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -36,7 +36,8 @@ async fn app() -> SocketAddr {
                     let chunks = futures_stream(drip);
                     Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(chunks)))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                // Both protocols: the proxy's hop to the app is HTTP/2 when the client's is.
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });

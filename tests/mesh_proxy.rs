@@ -363,3 +363,50 @@ async fn a_mesh_peer_that_never_answers_the_handshake_is_a_504() {
     assert!(resp.contains("timed out"), "{resp}");
     held.abort();
 }
+
+/// A gRPC call across the mesh: the app's HTTP/2 (prior knowledge, to B's address) goes
+/// from A to B in HTTP/2 inside mTLS, and from B to an HTTP/2-only app; its trailers come
+/// back, B authorizes each stream on its own path, and the app sees A's identity.
+#[tokio::test]
+async fn a_grpc_call_crosses_the_mesh_in_http2_with_its_trailers() {
+    use outrider::testing::{grpc_call, h2_client, text_body as body, GrpcApp};
+    let ca = Ca::new().await;
+    let app = GrpcApp::start().await;
+    let yaml = format!(
+        "outbound: {{ listen: 127.0.0.1:0 }}\ninbound:\n  listen: 127.0.0.1:0\n  mtls: strict\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {}\n  authorization:\n    - from: [\"spiffe://{TD}/ns/a/*\"]\n      paths: [/pkg.Greeter/]\n      methods: [POST]\n{}",
+        app.addr,
+        ca.identity_yaml("ns/b/sa/b")
+    );
+    let b = Sidecar::start(&yaml, None).await;
+    let b_inbound = b.handle.inbound_addr.unwrap();
+    let a = sidecar_client(&ca, "ns/a/sa/web", b_inbound).await;
+    let mut send = h2_client(TcpStream::connect(a.handle.outbound_addr).await.unwrap()).await;
+    let r = grpc_call(&mut send, "b.test", "/pkg.Greeter/Hello", body("hi")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "path=/pkg.Greeter/Hello te=trailers len=2", "{r:?}");
+    assert_eq!(r.trailer("grpc-status"), Some("0"), "{r:?}");
+    let r = grpc_call(&mut send, "b.test", "/pkg.Admin/Drop", body("x")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+
+    let seen = app.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].version, http::Version::HTTP_2);
+    assert_eq!(
+        seen[0].xfcc.as_deref(),
+        Some(format!("URI=spiffe://{TD}/ns/a/sa/web").as_str())
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = b.log_lines();
+    let served = lines
+        .iter()
+        .find(|l| l["path"] == "/pkg.Greeter/Hello")
+        .expect("B logged the call");
+    assert_eq!(served["protocol"], "http2", "{served}");
+    assert_eq!(
+        served["peer_identity"],
+        format!("spiffe://{TD}/ns/a/sa/web")
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l["path"] == "/pkg.Admin/Drop" && l["decision"] == "deny"));
+}

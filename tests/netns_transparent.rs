@@ -623,10 +623,11 @@ except (OSError, ssl.SSLError) as e:
     assert_eq!(field(&late, "decision"), "deny", "{late}");
 }
 
-/// Plain HTTP inside a CONNECT is served request by request: each Host is checked against
-/// the address the CONNECT dialled, as on a redirected connection, and each request is
-/// logged. Spliced as bytes, `CONNECT allowed.test:80` then `Host: denied.test` would be
-/// answered by allowed.test's server (a shared host, a CDN): domain fronting without TLS.
+/// Plain HTTP inside a CONNECT is served request by request: each Host (HTTP/2:
+/// `:authority`) is checked against the address the CONNECT dialled, as on a redirected
+/// connection, and each request is logged. Spliced as bytes, `CONNECT allowed.test:80`
+/// then `Host: denied.test` would be answered by allowed.test's server (a shared host, a
+/// CDN): domain fronting without TLS.
 #[test]
 fn plain_http_inside_a_connect_is_checked_request_by_request() {
     let w = World::new();
@@ -676,6 +677,29 @@ fn plain_http_inside_a_connect_is_checked_request_by_request() {
         field(r, "method") == "CONNECT" && field(r, "client") == field(&record, "client")
     });
     assert_eq!(field(&connect, "authority"), "allowed.test:80", "{connect}");
+
+    // The same in HTTP/2 with prior knowledge: the stream is refused on its `:authority`.
+    let mut args = tunnel.to_vec();
+    args.extend([
+        "--http2-prior-knowledge",
+        "--connect-to",
+        "denied.test:80:allowed.test:80",
+        "http://denied.test/fronted-h2",
+    ]);
+    let resp = Resp::parse(&w.curl(&args));
+    assert_eq!(
+        resp.status, 403,
+        "a fronted HTTP/2 stream got through:\n{}",
+        resp.body
+    );
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(
+        reason.contains("no rule for host denied.test"),
+        "x-outrider-error: {reason:?}"
+    );
+    let record = w.wait_log("the fronted stream", |r| field(r, "path") == "/fronted-h2");
+    assert_eq!(field(&record, "protocol"), "http2", "{record}");
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
 }
 
 /// A CONNECT tunnel admitted on the SNI inside it is checked again on that SNI after a

@@ -10,7 +10,9 @@ use hyper::body::Incoming;
 
 use super::admit::{admit, Admitted};
 use super::error::ProxyError;
-use super::http::{add_via, strip_hop_by_hop, wants_upgrade};
+use super::http::{
+    add_via, strip_hop_by_hop, strip_request_hop_by_hop, upstream_version, wants_upgrade,
+};
 use super::{ConnInfo, Inputs, State};
 use crate::access_log::LogGuard;
 use crate::body::{self, Body, Counted};
@@ -102,7 +104,10 @@ async fn forward(
     let upgrading = wants_upgrade(req.headers_mut());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrading);
+    // A connection addressed to the destination (redirected, or inside a CONNECT) keeps its
+    // HTTP/2 upstream; an explicit proxy request goes on in HTTP/1.1.
+    let version = upstream_version(client_version, conn.original_dst.is_some());
+    strip_request_hop_by_hop(&mut parts.headers, upgrading, version);
     add_via(&mut parts.headers, parts.version);
     // Host is the checked authority, and only it (RFC 9112 §3.2.2); usually it already is.
     let mut hosts = parts.headers.get_all(header::HOST).iter();
@@ -122,8 +127,7 @@ async fn forward(
         parts.uri = Uri::try_from(format!("http://{authority}{path}"))
             .map_err(|_| ProxyError::BadRequest("request target is not a valid URI".into()))?;
     }
-    // The upstream hop is HTTP/1.1 whatever the client spoke.
-    parts.version = http::Version::HTTP_11;
+    parts.version = version;
     let counter = guard.bytes.clone();
     let upstream_req = Request::from_parts(parts, body::request_body(incoming, counter));
     let pooled = Pooled {

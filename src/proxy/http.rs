@@ -195,6 +195,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The protocol of a request's hop to its upstream: HTTP/2 when the client spoke HTTP/2
+/// to the destination itself (`to_destination`: a redirected connection, a `CONNECT`
+/// tunnel, the inbound listener), as Linkerd and Istio's inbound side do; else HTTP/1.1.
+/// Such a client chose HTTP/2 for that server, which may speak nothing else (gRPC), and
+/// gRPC's trailers would not survive an HTTP/1.1 hop. An explicit-proxy client chose
+/// HTTP/2 for the proxy, not for the origin, which may not speak it.
+pub fn upstream_version(client: http::Version, to_destination: bool) -> http::Version {
+    if client == http::Version::HTTP_2 && to_destination {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    }
+}
+
+/// [`strip_hop_by_hop`] for a request going upstream in `version`: over HTTP/2,
+/// `TE: trailers` stays (the one `TE` HTTP/2 allows, RFC 9113 §8.2.2), because gRPC
+/// servers take it as the sign that every hop between passes trailers on.
+pub fn strip_request_hop_by_hop(
+    headers: &mut HeaderMap,
+    keep_upgrade: bool,
+    version: http::Version,
+) {
+    let te_trailers = version == http::Version::HTTP_2
+        && crate::net::upstream::has_token(headers, header::TE, "trailers");
+    strip_hop_by_hop(headers, keep_upgrade);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 /// Whether a request asks to switch protocols (WebSocket and the like). An offer of
 /// cleartext HTTP/2 is taken out first (see [`drop_h2c`]), so a request that offers only
 /// that goes on as an ordinary one.

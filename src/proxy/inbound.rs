@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
-use super::http::{add_via, append_value, strip_hop_by_hop, wants_upgrade};
+use super::http::{
+    add_via, append_value, strip_hop_by_hop, strip_request_hop_by_hop, upstream_version,
+    wants_upgrade,
+};
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
@@ -369,7 +372,10 @@ async fn to_app(
         (hyper::upgrade::on(&mut req), recheck)
     });
     let (mut parts, incoming) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrading);
+    // The caller addressed the app: HTTP/2 stays HTTP/2 (gRPC apps speak nothing else).
+    let client_version = parts.version;
+    let version = upstream_version(client_version, true);
+    strip_request_hop_by_hop(&mut parts.headers, upgrading, version);
     add_forwarding(
         &mut parts.headers,
         conn,
@@ -381,8 +387,7 @@ async fn to_app(
     if let Some(v) = peer.and_then(|id| append_value(None, &[b"URI=", id.as_bytes()])) {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
     }
-    let client_version = parts.version;
-    parts.version = http::Version::HTTP_11;
+    parts.version = version;
     let counter = guard.bytes.clone();
     let up = Request::from_parts(parts, body::request_body(incoming, counter));
     let pooled = super::forward::Pooled {

@@ -79,16 +79,24 @@ pub async fn serve(
     }
 }
 
-/// Serves the plain HTTP/1 inside a `CONNECT` tunnel (see `tunnel::connect`). Drained as
-/// tunnels are: kept until the drain deadline. The future is boxed under a named type:
-/// requests served here can themselves be `CONNECT`s, and the compiler cannot prove an
-/// opaque future `Send` through that cycle.
+/// Serves the plain HTTP inside a `CONNECT` tunnel (see `tunnel::connect`); `http1` when
+/// it is HTTP/1, else HTTP/2 with prior knowledge. Drained as tunnels are: kept until the
+/// drain deadline. The future is boxed under a named type: requests served here can
+/// themselves be `CONNECT`s, and the compiler cannot prove an opaque future `Send` through
+/// that cycle.
 pub(super) fn serve_in_connect(
     inputs: Arc<Inputs>,
     io: super::detect::Rewind<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
     conn: ConnInfo,
+    http1: bool,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(serve_http(inputs, io, conn, true, CancellationToken::new()))
+    Box::pin(serve_http(
+        inputs,
+        io,
+        conn,
+        http1,
+        CancellationToken::new(),
+    ))
 }
 
 /// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.

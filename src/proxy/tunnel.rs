@@ -86,12 +86,13 @@ pub async fn connect(
                 let first = match checked.await {
                     None => return,
                     Some(Inside::Bytes(first)) => first,
-                    Some(Inside::Http1(first)) => {
-                        // Plain HTTP: served request by request, each one's Host checked
-                        // against the address dialled (as on a redirected connection) and
-                        // logged. Passed on as bytes, a request for a host the policy denies
-                        // could ride on an allowed name's server (a shared host, a CDN).
-                        // The CONNECT's own record is written when the tunnel closes.
+                    Some(Inside::Http { first, http1 }) => {
+                        // Plain HTTP: served request by request, each one's Host (HTTP/2:
+                        // `:authority`) checked against the address dialled (as on a
+                        // redirected connection) and logged. Passed on as bytes, a request
+                        // for a host the policy denies could ride on an allowed name's
+                        // server (a shared host, a CDN). HTTP/2 goes on in HTTP/2. The
+                        // CONNECT's own record is written when the tunnel closes.
                         drop(upstream);
                         let inner = ConnInfo {
                             client: conn.client,
@@ -99,7 +100,7 @@ pub async fn connect(
                             in_connect: true,
                         };
                         let io = super::detect::Rewind::new(first, client);
-                        super::outbound::serve_in_connect(inputs.clone(), io, inner).await;
+                        super::outbound::serve_in_connect(inputs.clone(), io, inner, http1).await;
                         return;
                     }
                 };
@@ -131,18 +132,24 @@ pub async fn connect(
 enum Inside {
     /// Bytes to send on, then splice: TLS that passed its check, or anything else.
     Bytes(bytes::Bytes),
-    /// An HTTP/1 request (these are its first bytes): the tunnel is served as HTTP.
-    Http1(bytes::Bytes),
+    /// Plain HTTP/1, or HTTP/2 with prior knowledge (`first` are its first bytes): the
+    /// tunnel is served as HTTP.
+    Http {
+        /// What was read.
+        first: bytes::Bytes,
+        /// HTTP/1 (else HTTP/2).
+        http1: bool,
+    },
 }
 
 /// The first bytes through a CONNECT tunnel. A TLS ClientHello whose SNI names another host
 /// than the CONNECT target must pass the check a transparent connection with that SNI would
 /// (the name allowed and resolving to the dialled address, or that address allowed by a
 /// CIDR rule): else an allowed name's server — a CDN front — could carry traffic for a
-/// denied one. Plain HTTP/1 is handed back to be served request by request, so that each
-/// Host gets that check. Returns what was read, or `None` when the tunnel is refused
-/// (logged; dropping it closes it). Anything else (HTTP/2 with prior knowledge, opaque
-/// bytes) was checked on the CONNECT target alone.
+/// denied one. Plain HTTP (HTTP/1, or HTTP/2 with prior knowledge) is handed back to be
+/// served request by request, so that each Host or `:authority` gets that check. Returns
+/// what was read, or `None` when the tunnel is refused (logged; dropping it closes it).
+/// Anything else (opaque bytes) was checked on the CONNECT target alone.
 ///
 /// There is no fail-open timeout here, unlike transparent detection (whose fallback, the
 /// destination address, is the stricter check): a client that waited it out could send an
@@ -180,7 +187,10 @@ async fn check_inside<C: AsyncRead + Unpin>(
             }
         };
     let sni = match protocol {
-        Protocol::Http1 => return Some(Inside::Http1(first)),
+        Protocol::Http1 | Protocol::Http2 => {
+            let http1 = protocol == Protocol::Http1;
+            return Some(Inside::Http { first, http1 });
+        }
         Protocol::Tls(Hello { sni: Some(sni), .. }) => sni,
         _ => return Some(Inside::Bytes(first)),
     };

@@ -1,7 +1,7 @@
 //! Test support (feature `test-support`): an in-process proxy on ephemeral ports with its
 //! access log in a temp file, the real binary as a child process, a real hyper upstream
 //! that counts requests and connections, a proxy client speaking absolute-form HTTP/1.1,
-//! raw-socket requests, and a `curl` wrapper.
+//! raw-socket requests, a `curl` wrapper, and an HTTP/2-only app with its gRPC-style client.
 //!
 //! Panics are this module's error handling: a helper that cannot do its job fails the test.
 #![allow(
@@ -35,7 +35,9 @@ use crate::server::{Server, ServerHandle};
 /// The header the proxy names its refusals and failures in.
 pub const ERROR_HEADER: &str = "x-outrider-error";
 
+mod grpc;
 mod servers;
+pub use grpc::*;
 pub use servers::*;
 // ---------------------------------------------------------------------------------------
 // Temp dirs (tempfile is only a dev-dependency, so the library side makes its own).

@@ -1,0 +1,244 @@
+//! The upstream HTTP/2 client, for requests that arrived as HTTP/2 on a connection addressed
+//! to the destination itself: a redirected connection, plain HTTP/2 inside a `CONNECT`, or
+//! the inbound listener (see `proxy::http::upstream_version`). Such a client chose HTTP/2
+//! for that server, often because the server speaks nothing else: gRPC servers are
+//! HTTP/2-only, and gRPC needs trailers, which an HTTP/1.1 hop would drop. Everything else
+//! keeps the HTTP/1.1 client of the parent module, whose hot path this one leaves alone.
+//!
+//! One multiplexed connection per address (hyper's HTTP/2 client, its connection driven by
+//! a task of its own); a request waits for a free stream when the server's concurrency
+//! limit is reached. A connection unused for the pool's idle timeout is let go, and closes
+//! once its last stream has ended.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, uri, Request, Response};
+use http_body::{Frame, SizeHint};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
+
+use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
+use crate::body::{self, Body, BoxError};
+
+/// The HTTP/2 connections, one per address, and when each was last given a request.
+#[derive(Default)]
+pub(super) struct H2Pool(Mutex<HashMap<SocketAddr, Entry, foldhash::fast::RandomState>>);
+
+struct Entry {
+    send: SendRequest<Ending>,
+    used: Instant,
+}
+
+impl H2Pool {
+    /// The open connection to `addr`, if there is one.
+    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<SendRequest<Ending>> {
+        let mut conns = self.0.lock().ok()?;
+        let entry = conns.get_mut(&addr)?;
+        if entry.send.is_closed() {
+            conns.remove(&addr);
+            return None;
+        }
+        entry.used = now;
+        Some(entry.send.clone())
+    }
+
+    /// Keeps a new connection to `addr`, unless another request opened one meanwhile: then
+    /// that one is used, and the new one closes when this handle is dropped.
+    fn keep(&self, addr: SocketAddr, send: SendRequest<Ending>) -> SendRequest<Ending> {
+        let Ok(mut conns) = self.0.lock() else {
+            return send;
+        };
+        let now = Instant::now();
+        match conns.get_mut(&addr) {
+            Some(e) if !e.send.is_closed() => {
+                e.used = now;
+                e.send.clone()
+            }
+            _ => {
+                conns.insert(
+                    addr,
+                    Entry {
+                        send: send.clone(),
+                        used: now,
+                    },
+                );
+                send
+            }
+        }
+    }
+
+    /// Lets go of connections that closed or have not been used for the idle timeout.
+    pub(super) fn sweep(&self, now: Instant) {
+        if let Ok(mut conns) = self.0.lock() {
+            conns.retain(|_, e| {
+                !e.send.is_closed() && now.saturating_duration_since(e.used) < IDLE_TIMEOUT
+            });
+        }
+    }
+}
+
+impl Upstreams {
+    /// Sends `req` to `addr` over HTTP/2 (see the module comment). As over HTTP/1.1, the
+    /// response head must come within `timeout` of the end of the request body, so that a
+    /// long upload or a client-streaming call is not cut off while it still flows.
+    pub(super) async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        timeout: std::time::Duration,
+    ) -> Result<Response<Body>, SendError> {
+        let (mut parts, body) = req.into_parts();
+        // HTTP/2 names the target in `:scheme` and `:authority`, which hyper takes from the
+        // URI; the Host header it replaces is not sent twice (RFC 9113 §8.3.1).
+        if parts.uri.authority().is_none() {
+            let authority = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map_or_else(|| addr.to_string(), str::to_owned);
+            let mut uri_parts = parts.uri.clone().into_parts();
+            uri_parts.authority = authority.parse().ok();
+            if uri_parts.path_and_query.is_none() {
+                uri_parts.path_and_query = Some(uri::PathAndQuery::from_static("/"));
+            }
+            parts.uri = http::Uri::from_parts(uri_parts)
+                .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
+        }
+        if parts.uri.scheme().is_none() {
+            let mut uri_parts = parts.uri.clone().into_parts();
+            uri_parts.scheme = Some(uri::Scheme::HTTP);
+            parts.uri = http::Uri::from_parts(uri_parts)
+                .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
+        }
+        parts.headers.remove(header::HOST);
+
+        let ended = Arc::new(Notify::new());
+        let sent_whole = http_body::Body::is_end_stream(&body);
+        let mut req = Request::from_parts(
+            parts,
+            Ending {
+                inner: body,
+                ended: (!sent_whole).then(|| ended.clone()),
+            },
+        );
+        let mut fresh = false;
+        let mut send = match self.h2.checkout(addr, Instant::now()) {
+            Some(send) => send,
+            None => {
+                fresh = true;
+                self.dial_h2(addr).await?
+            }
+        };
+        loop {
+            let exchange = send.try_send_request(req);
+            let answered = within(exchange, &ended, sent_whole, timeout).await;
+            match answered {
+                None => return Err(SendError::Timeout),
+                Some(Ok(resp)) => return Ok(resp.map(body::boxed)),
+                // A pooled connection that closed (a GOAWAY, say) before this request went
+                // out: it goes once more, on a new connection.
+                Some(Err(mut e)) if !fresh => match e.take_message() {
+                    Some(unsent) => {
+                        req = unsent;
+                        fresh = true;
+                        send = self.dial_h2(addr).await?;
+                    }
+                    None => return Err(failed(e.error())),
+                },
+                Some(Err(e)) => return Err(failed(e.error())),
+            }
+        }
+    }
+
+    async fn dial_h2(&self, addr: SocketAddr) -> Result<SendRequest<Ending>, SendError> {
+        let io = connect_maybe_mesh(addr, self.connect_timeout, self.mesh.as_ref()).await?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            // The same bound as on an HTTP/1.1 response head.
+            .max_header_list_size(MAX_HEAD as u32)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| failed(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(self.h2.keep(addr, send))
+    }
+}
+
+/// An HTTP/2 exchange that failed, in words that say what was tried and why: a server that
+/// speaks only HTTP/1.1 fails this way.
+fn failed(e: &hyper::Error) -> SendError {
+    use std::error::Error as _;
+    let mut detail = e.to_string();
+    if let Some(cause) = e.source() {
+        detail = format!("{detail}: {cause}");
+    }
+    SendError::Failed(format!(
+        "HTTP/2 exchange failed: {detail} (sent in HTTP/2 because the client spoke HTTP/2 to this destination)"
+    ))
+}
+
+/// `exchange`'s outcome, or `None` when it took longer than `timeout` from the end of the
+/// request body (`ended` is notified then; `sent_whole` when there was no body to wait for).
+async fn within<F: std::future::Future>(
+    exchange: F,
+    ended: &Notify,
+    sent_whole: bool,
+    timeout: std::time::Duration,
+) -> Option<F::Output> {
+    tokio::pin!(exchange);
+    if !sent_whole {
+        tokio::select! {
+            r = &mut exchange => return Some(r),
+            () = ended.notified() => {}
+        }
+    }
+    tokio::time::timeout(timeout, exchange).await.ok()
+}
+
+/// A request body that says when it has ended (see [`within`]).
+pub(super) struct Ending {
+    inner: Body,
+    ended: Option<Arc<Notify>>,
+}
+
+impl http_body::Body for Ending {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let over = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if over {
+            if let Some(ended) = self.ended.take() {
+                // Stored if nobody waits yet: `within` sees it when it gets there.
+                ended.notify_one();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,188 @@
+//! HTTP/2 end to end, in-process: a client that speaks HTTP/2 to the destination itself
+//! (the inbound listener, or a `CONNECT` tunnel) has its requests go on in HTTP/2, so that
+//! an app that speaks nothing else — a gRPC server — is reached, and its trailers
+//! (`grpc-status`) come back. Inside a `CONNECT`, each stream is admitted and logged on
+//! its own, as an HTTP/1 request is. An explicit-proxy
+//! request in HTTP/2 still goes on in HTTP/1.1: its client chose HTTP/2 for the proxy,
+//! not for the origin. The mesh hop is in `tests/mesh_proxy.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use outrider::testing::{
+    grpc_call, h2_client, open_tunnel, text_body as body, ClientBody, GrpcApp, TestProxy, Upstream,
+    ERROR_HEADER,
+};
+
+/// A proxy whose inbound listener routes everything to `app` (`extra`: more config), and
+/// an HTTP/2 client connected to that listener.
+async fn inbound_proxy(app: std::net::SocketAddr, extra: &str) -> (TestProxy, H2) {
+    let p = TestProxy::start(&format!(
+        "{extra}inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\n"
+    ))
+    .await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let send = h2_client(tokio::net::TcpStream::connect(inbound).await.unwrap()).await;
+    (p, send)
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<ClientBody>;
+
+#[tokio::test]
+async fn inbound_http2_reaches_an_http2_only_app_and_its_trailers_come_back() {
+    let app = GrpcApp::start().await;
+    let (p, mut send) = inbound_proxy(app.addr, "").await;
+
+    for _ in 0..2 {
+        let r = grpc_call(&mut send, "app.test", "/pkg.Greeter/Hello", body("hello")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, "path=/pkg.Greeter/Hello te=trailers len=5", "{r:?}");
+        assert_eq!(r.trailer("grpc-status"), Some("0"), "{r:?}");
+        assert_eq!(r.trailer("grpc-message"), Some("ok"), "{r:?}");
+    }
+    // Both calls shared one connection to the app.
+    assert_eq!(app.connections(), 1);
+    let seen = app.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.version, http::Version::HTTP_2, "{s:?}");
+        assert_eq!(s.authority, "app.test", "{s:?}");
+        // `:authority` names the app; no Host beside it.
+        assert_eq!(s.host, None, "{s:?}");
+    }
+    let line = p
+        .wait_log(|l| l["path"] == "/pkg.Greeter/Hello" && l["status"] == 200)
+        .await;
+    assert_eq!(line["protocol"], "http2", "{line}");
+    p.shutdown().await;
+}
+
+/// An app that closes its HTTP/2 connection (GOAWAY, as servers do with idle ones) costs
+/// the next call nothing: it goes on a new connection.
+#[tokio::test]
+async fn a_call_after_the_app_closed_its_connection_goes_on_a_new_one() {
+    let app = GrpcApp::start().await;
+    let (p, mut send) = inbound_proxy(app.addr, "").await;
+    let r = grpc_call(&mut send, "app.test", "/pkg.Svc/First", body("a")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    app.close_connections();
+    // However soon after the GOAWAY it comes, the next call is answered.
+    for path in ["/pkg.Svc/Second", "/pkg.Svc/Third"] {
+        let r = grpc_call(&mut send, "app.test", path, body("b")).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.trailer("grpc-status"), Some("0"), "{r:?}");
+    }
+    assert_eq!(app.connections(), 2);
+    p.shutdown().await;
+}
+
+/// A request body that arrives in three parts over about 2.4 s.
+fn slow_body() -> ClientBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    tokio::spawn(async move {
+        for part in ["one ", "two ", "three"] {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
+                .await;
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    StreamBody::new(stream).boxed()
+}
+
+/// The response timeout runs from the end of the request body, over HTTP/2 as over
+/// HTTP/1.1: a client-streaming call longer than it is not cut off, and an app that says
+/// nothing once the body is in gets `504`.
+#[tokio::test]
+async fn the_response_timeout_starts_when_the_request_body_ends() {
+    let app = GrpcApp::start().await;
+    let (p, mut send) = inbound_proxy(app.addr, "outbound:\n  timeouts: { response: 1s }\n").await;
+
+    let r = grpc_call(&mut send, "app.test", "/pkg.Upload/Stream", slow_body()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.body, "path=/pkg.Upload/Stream te=trailers len=13",
+        "{r:?}"
+    );
+
+    // The app answers `/slow` 5 s after the body: past the 1 s timeout.
+    let r = grpc_call(&mut send, "app.test", "/slow", body("x")).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(r.headers.contains_key(ERROR_HEADER), "{r:?}");
+    p.shutdown().await;
+}
+
+/// An app that does not speak HTTP/2 gets the caller's HTTP/2 anyway (the caller chose
+/// it), and the caller hears why it failed.
+#[tokio::test]
+async fn an_app_that_does_not_speak_http2_is_a_502_that_says_so() {
+    let app = Upstream::start().await;
+    let (p, mut send) = inbound_proxy(app.addr, "").await;
+    let r = grpc_call(&mut send, "app.test", "/", body("x")).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    let why = r.headers[ERROR_HEADER].to_str().unwrap().to_owned();
+    assert!(why.contains("HTTP/2"), "{why}");
+    p.shutdown().await;
+}
+
+/// HTTP/2 with prior knowledge inside a `CONNECT` is served stream by stream: each stream
+/// is admitted on its own `:authority` and logged (with the address dialled), and goes on in
+/// HTTP/2, trailers included. (That a stream for a denied host is refused, which needs a
+/// public-range origin, is `plain_http_inside_a_connect_is_checked_request_by_request` in
+/// `tests/netns_transparent.rs`.)
+#[tokio::test]
+async fn http2_inside_a_connect_is_served_stream_by_stream() {
+    let app = GrpcApp::start().await;
+    let p =
+        TestProxy::start("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n").await;
+    let target = app.addr.to_string();
+    let tunnel = open_tunnel(p.proxy_addr(), &target).await;
+    let mut send = h2_client(tunnel).await;
+
+    for path in ["/pkg.Svc/One", "/pkg.Svc/Two"] {
+        let r = grpc_call(&mut send, &target, path, body("a")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.trailer("grpc-status"), Some("0"), "{r:?}");
+        let line = p.wait_log(|l| l["path"] == path).await;
+        assert_eq!(line["protocol"], "http2", "{line}");
+        assert_eq!(line["mode"], "explicit", "{line}");
+        assert_eq!(line["original_dst"], target, "{line}");
+        assert_eq!(line["decision"], "allow", "{line}");
+    }
+    assert!(app
+        .seen()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2));
+    // Closes the tunnel, which the shutdown would otherwise wait for until its drain ends.
+    drop(send);
+    p.shutdown().await;
+}
+
+/// An HTTP/2 client of the explicit proxy chose HTTP/2 for the proxy, not the origin: its
+/// request reaches an HTTP/1.1-only origin.
+#[tokio::test]
+async fn an_explicit_proxy_request_in_http2_goes_on_in_http1() {
+    let origin = Upstream::start().await;
+    let p =
+        TestProxy::start("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n").await;
+    let mut send = h2_client(
+        tokio::net::TcpStream::connect(p.proxy_addr())
+            .await
+            .unwrap(),
+    )
+    .await;
+    let authority = origin.addr.to_string();
+    let req = http::Request::get(format!("http://{authority}/hello"))
+        .body(body(""))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.requests(), 1);
+    p.shutdown().await;
+}
