@@ -61,6 +61,53 @@ async fn inbound_http2_reaches_an_http2_only_app_and_its_trailers_come_back() {
     p.shutdown().await;
 }
 
+/// A burst of calls on a cold pool (a gRPC client opening many streams at once) opens one
+/// connection to the app, not one each.
+#[tokio::test]
+async fn a_burst_of_calls_opens_one_connection_to_the_app() {
+    let app = GrpcApp::start().await;
+    let (p, send) = inbound_proxy(app.addr, "").await;
+    let calls = (0..20).map(|i| {
+        let mut send = send.clone();
+        async move {
+            grpc_call(
+                &mut send,
+                "app.test",
+                &format!("/pkg.Svc/Call{i}"),
+                body("x"),
+            )
+            .await
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+    assert_eq!(app.seen().len(), 20);
+    assert_eq!(app.connections(), 1);
+    p.shutdown().await;
+}
+
+/// Calls that wait for the same dial to an app that is down all hear why it failed.
+#[tokio::test]
+async fn calls_to_an_app_that_is_down_all_get_a_502() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = closed.local_addr().unwrap();
+    drop(closed);
+    let (p, send) = inbound_proxy(down, "").await;
+    let calls = (0..5).map(|_| {
+        let mut send = send.clone();
+        async move { grpc_call(&mut send, "app.test", "/pkg.Svc/Call", body("x")).await }
+    });
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.status, 502, "{r:?}");
+        let why = r.headers[ERROR_HEADER].to_str().unwrap();
+        assert!(
+            why.contains("connect to") && why.contains("failed"),
+            "{why}"
+        );
+    }
+    p.shutdown().await;
+}
+
 /// An app that closes its HTTP/2 connection (GOAWAY, as servers do with idle ones) costs
 /// the next call nothing: it goes on a new connection.
 #[tokio::test]

@@ -41,6 +41,26 @@ pub enum ConnectError {
     NoCertificate(SocketAddr),
 }
 
+impl ConnectError {
+    /// The same error again (for each request that shared one dial); an OS error keeps its
+    /// kind and message.
+    pub fn copy(&self) -> ConnectError {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            ConnectError::Timeout(a) => ConnectError::Timeout(*a),
+            ConnectError::Io { addr, source } => ConnectError::Io {
+                addr: *addr,
+                source: io(source),
+            },
+            ConnectError::Mtls { addr, source } => ConnectError::Mtls {
+                addr: *addr,
+                source: io(source),
+            },
+            ConnectError::NoCertificate(a) => ConnectError::NoCertificate(*a),
+        }
+    }
+}
+
 /// Dials `addr` with a timeout, TCP_NODELAY on, and counts failures.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let result = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

@@ -75,6 +75,17 @@ pub enum SendError {
     Timeout,
 }
 
+impl SendError {
+    /// The same error again, for each of the requests that shared the dial that failed.
+    fn copy(&self) -> SendError {
+        match self {
+            SendError::Connect(e) => SendError::Connect(e.copy()),
+            SendError::Failed(s) => SendError::Failed(s.clone()),
+            SendError::Timeout => SendError::Timeout,
+        }
+    }
+}
+
 /// The protocol switch an upstream accepted with `101`: its connection, with any bytes
 /// already read after the response head replayed first. Carried in the response's
 /// extensions (which need `Clone`, hence the shared slot; the first `take` gets it).
@@ -97,7 +108,7 @@ pub struct Upstreams {
     connect_timeout: Duration,
     mesh: Option<MeshClient>,
     /// Connections for requests that go on in HTTP/2 (see [`http2`]).
-    h2: http2::H2Pool,
+    h2: Arc<http2::H2Pool>,
 }
 
 /// Idle connections by address, oldest first, and how many there are in all.
@@ -287,7 +298,7 @@ impl Upstreams {
             max_idle,
             connect_timeout,
             mesh,
-            h2: http2::H2Pool::default(),
+            h2: Arc::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&pool);

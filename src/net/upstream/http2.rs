@@ -6,8 +6,8 @@
 //! keeps the HTTP/1.1 client of the parent module, whose hot path this one leaves alone.
 //!
 //! One multiplexed connection per address (hyper's HTTP/2 client, its connection driven by
-//! a task of its own); a request waits for a free stream when the server's concurrency
-//! limit is reached. A connection unused for the pool's idle timeout is let go, and closes
+//! a task of its own), dialled once for all the requests that wait for it; a request waits
+//! for a free stream when the server's concurrency limit is reached. A connection unused for the pool's idle timeout is let go, and closes
 //! once its last stream has ended.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{header, uri, Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::client::conn::http2::SendRequest;
@@ -27,59 +28,67 @@ use tokio::sync::Notify;
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
 use crate::body::{self, Body, BoxError};
 
-/// The HTTP/2 connections, one per address, and when each was last given a request.
+/// The HTTP/2 connections, one per address, and the dials under way.
 #[derive(Default)]
-pub(super) struct H2Pool(Mutex<HashMap<SocketAddr, Entry, foldhash::fast::RandomState>>);
+pub(super) struct H2Pool(Mutex<HashMap<SocketAddr, Slot, foldhash::fast::RandomState>>);
 
-struct Entry {
-    send: SendRequest<Ending>,
-    used: Instant,
+/// A dial that every request waiting for the same address shares.
+type Dial = Shared<BoxFuture<'static, Result<SendRequest<Ending>, Arc<SendError>>>>;
+
+#[derive(Default)]
+struct Slot {
+    /// The open connection, and when it was last given a request.
+    conn: Option<(SendRequest<Ending>, Instant)>,
+    /// The dial under way: a burst of requests on a cold pool (a gRPC client opening many
+    /// streams at once) opens one connection, not one each.
+    dialling: Option<Dial>,
 }
 
 impl H2Pool {
-    /// The open connection to `addr`, if there is one.
-    fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<SendRequest<Ending>> {
-        let mut conns = self.0.lock().ok()?;
-        let entry = conns.get_mut(&addr)?;
-        if entry.send.is_closed() {
-            conns.remove(&addr);
-            return None;
-        }
-        entry.used = now;
-        Some(entry.send.clone())
-    }
-
-    /// Keeps a new connection to `addr`, unless another request opened one meanwhile: then
-    /// that one is used, and the new one closes when this handle is dropped.
-    fn keep(&self, addr: SocketAddr, send: SendRequest<Ending>) -> SendRequest<Ending> {
-        let Ok(mut conns) = self.0.lock() else {
-            return send;
+    /// The open connection to `addr`, or the dial to wait for (started by `dial` if none
+    /// is under way).
+    fn checkout(
+        &self,
+        addr: SocketAddr,
+        dial: impl FnOnce() -> Dial,
+    ) -> Result<SendRequest<Ending>, Dial> {
+        let Ok(mut slots) = self.0.lock() else {
+            return Err(dial());
         };
-        let now = Instant::now();
-        match conns.get_mut(&addr) {
-            Some(e) if !e.send.is_closed() => {
-                e.used = now;
-                e.send.clone()
+        let slot = slots.entry(addr).or_default();
+        if let Some((send, used)) = &mut slot.conn {
+            if !send.is_closed() {
+                *used = Instant::now();
+                return Ok(send.clone());
             }
-            _ => {
-                conns.insert(
-                    addr,
-                    Entry {
-                        send: send.clone(),
-                        used: now,
-                    },
-                );
-                send
+            slot.conn = None;
+        }
+        Err(slot.dialling.get_or_insert_with(dial).clone())
+    }
+
+    /// Records how the dial to `addr` ended.
+    fn dialled(&self, addr: SocketAddr, result: &Result<SendRequest<Ending>, SendError>) {
+        if let Ok(mut slots) = self.0.lock() {
+            let slot = slots.entry(addr).or_default();
+            slot.dialling = None;
+            if let Ok(send) = result {
+                slot.conn = Some((send.clone(), Instant::now()));
             }
         }
     }
 
-    /// Lets go of connections that closed or have not been used for the idle timeout.
+    /// Lets go of connections that closed or have not been used for the idle timeout (each
+    /// closes once its last stream has ended).
     pub(super) fn sweep(&self, now: Instant) {
-        if let Ok(mut conns) = self.0.lock() {
-            conns.retain(|_, e| {
-                !e.send.is_closed() && now.saturating_duration_since(e.used) < IDLE_TIMEOUT
-            });
+        if let Ok(mut slots) = self.0.lock() {
+            for slot in slots.values_mut() {
+                if slot.conn.as_ref().is_some_and(|(send, used)| {
+                    send.is_closed() || now.saturating_duration_since(*used) >= IDLE_TIMEOUT
+                }) {
+                    slot.conn = None;
+                }
+            }
+            slots.retain(|_, slot| slot.conn.is_some() || slot.dialling.is_some());
         }
     }
 }
@@ -128,14 +137,8 @@ impl Upstreams {
                 ended: (!sent_whole).then(|| ended.clone()),
             },
         );
-        let mut fresh = false;
-        let mut send = match self.h2.checkout(addr, Instant::now()) {
-            Some(send) => send,
-            None => {
-                fresh = true;
-                self.dial_h2(addr).await?
-            }
-        };
+        let (mut send, mut fresh) = self.h2_connection(addr).await?;
+        let mut retried = false;
         loop {
             let exchange = send.try_send_request(req);
             let answered = within(exchange, &ended, sent_whole, timeout).await;
@@ -144,11 +147,11 @@ impl Upstreams {
                 Some(Ok(resp)) => return Ok(resp.map(body::boxed)),
                 // A pooled connection that closed (a GOAWAY, say) before this request went
                 // out: it goes once more, on a new connection.
-                Some(Err(mut e)) if !fresh => match e.take_message() {
+                Some(Err(mut e)) if !fresh && !retried => match e.take_message() {
                     Some(unsent) => {
                         req = unsent;
-                        fresh = true;
-                        send = self.dial_h2(addr).await?;
+                        retried = true;
+                        (send, fresh) = self.h2_connection(addr).await?;
                     }
                     None => return Err(failed(e.error())),
                 },
@@ -157,21 +160,63 @@ impl Upstreams {
         }
     }
 
-    async fn dial_h2(&self, addr: SocketAddr) -> Result<SendRequest<Ending>, SendError> {
-        let io = connect_maybe_mesh(addr, self.connect_timeout, self.mesh.as_ref()).await?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            // The same bound as on an HTTP/1.1 response head.
-            .max_header_list_size(MAX_HEAD as u32)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| failed(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
-        Ok(self.h2.keep(addr, send))
+    /// A connection to `addr`, and whether it was opened for this request.
+    async fn h2_connection(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(SendRequest<Ending>, bool), SendError> {
+        match self.h2.checkout(addr, || self.start_dial(addr)) {
+            Ok(send) => Ok((send, false)),
+            Err(dial) => match dial.await {
+                Ok(send) => Ok((send, true)),
+                Err(e) => Err(e.copy()),
+            },
+        }
     }
+
+    /// Dials `addr` in a task of its own, so that the requests waiting for it are not left
+    /// without a connection when the one that started it goes away.
+    fn start_dial(&self, addr: SocketAddr) -> Dial {
+        let (pool, timeout, mesh) = (
+            Arc::clone(&self.h2),
+            self.connect_timeout,
+            self.mesh.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let result = dial(addr, timeout, mesh.as_ref()).await;
+            pool.dialled(addr, &result);
+            result.map_err(Arc::new)
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Arc::new(SendError::Failed(format!(
+                    "dialling {addr} failed: {e}"
+                ))))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+async fn dial(
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+    mesh: Option<&super::MeshClient>,
+) -> Result<SendRequest<Ending>, SendError> {
+    let io = connect_maybe_mesh(addr, timeout, mesh).await?;
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        // The same bound as on an HTTP/1.1 response head.
+        .max_header_list_size(MAX_HEAD as u32)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| failed(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(send)
 }
 
 /// An HTTP/2 exchange that failed, in words that say what was tried and why: a server that
