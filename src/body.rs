@@ -60,7 +60,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B> Counted<B> {
+impl<B: http_body::Body> Counted<B> {
     /// Counts into `counter.outbound` (to the client) or `counter.inbound` (from it).
     pub fn new(
         inner: B,
@@ -70,7 +70,10 @@ impl<B> Counted<B> {
     ) -> Self {
         let mut guard = guard;
         if let Some(g) = guard.as_mut() {
-            g.response_complete = Some(false);
+            // A body that is over before it starts (HEAD, 204, 304, an empty 200, a gRPC
+            // trailers-only answer) is never polled: hyper sends the head alone. It is
+            // complete, not cut off.
+            g.response_complete = Some(inner.is_end_stream());
         }
         Self {
             inner,

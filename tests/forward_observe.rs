@@ -339,3 +339,27 @@ async fn invalid_host_refusals_log_the_requested_authority() {
     // Without the authority, an operator cannot tell which host a client was refused.
     assert_eq!(rec["authority"], "a..b.test:8080", "{rec}");
 }
+
+/// A response with no body to send (HEAD, 204, an empty 200) is complete when its head is
+/// sent: its record carries no "cut off" error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_without_a_body_are_logged_as_complete() {
+    let up = Upstream::start().await;
+    let proxy =
+        TestProxy::start("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n").await;
+    let base = format!("http://127.0.0.1:{}", up.port());
+    let proxy_url = proxy.proxy_url();
+    for (args, path, status) in [
+        (vec!["-I"], "/head", 200),
+        (vec![], "/empty", 200),
+        (vec![], "/no-content", 204),
+    ] {
+        let url = format!("{base}{path}");
+        let mut all = vec!["-x", proxy_url.as_str(), url.as_str()];
+        all.extend(args);
+        assert_eq!(curl(&all).await.status, status, "{path}");
+        let rec = proxy.wait_log(|r| r["path"] == path).await;
+        assert_eq!(rec["status"], status, "{rec}");
+        assert!(rec.get("error").is_none(), "{path}: {rec}");
+    }
+}

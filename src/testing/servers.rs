@@ -203,6 +203,12 @@ async fn upstream_route(
                 .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
             Ok(resp)
         }
+        "/empty" => Ok(Response::new(full_body(Bytes::new()))),
+        "/no-content" => {
+            let mut resp = Response::new(full_body(Bytes::new()));
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(num("ms"))).await;
             Ok(Response::new(full_body("slow done")))
