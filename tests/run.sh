@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README and CI run it: installs what the tests need
-# (curl, iptables, iproute2, python3, Debian's packages), builds once, smoke-runs the
+# (curl, iptables, iproute2, python3, tcpdump, python3-grpcio), builds once, smoke-runs the
 # benchmark harness, then runs every test.
 # Network-namespace and iptables tests need root; as non-root they fail loudly, never pass.
 set -euo pipefail
@@ -10,6 +10,8 @@ need=()
 for bin in curl:curl iptables:iptables ip:iproute2 python3:python3 setpriv:util-linux tcpdump:tcpdump; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || need+=("${bin##*:}")
 done
+# tests/grpc.rs: a real gRPC app and caller (gRPC's C core), for the system python3.
+/usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need+=(python3-grpcio)
 if ((${#need[@]})); then
   echo "== installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

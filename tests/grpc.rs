@@ -1,0 +1,157 @@
+//! A real gRPC stack through the inbound listener: Debian's `python3-grpcio` (gRPC's C core)
+//! as both the app and its caller, with no protobuf (the methods carry raw bytes). Unary,
+//! client-streaming and server-streaming calls go through with their messages in order, an
+//! error status in trailers reaches the caller as that status, and a call that the
+//! authorization rules refuse is `PERMISSION_DENIED` to the caller (gRPC's reading of 403).
+//! `tests/run.sh` installs `python3-grpcio`; without it these tests fail saying so.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use outrider::testing::TestProxy;
+
+/// The system python3 (Debian's packages are installed for it, not for a pyenv one).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// The app: `demo.Echo` with four methods on raw bytes; prints its port.
+const SERVER: &str = r#"
+import grpc
+from concurrent import futures
+
+def unary(req, ctx):
+    return b"echo:" + req
+
+def client_stream(requests, ctx):
+    return b"+".join(requests)
+
+def server_stream(req, ctx):
+    for i in range(3):
+        yield req + str(i).encode()
+
+def fail(req, ctx):
+    ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+same = lambda b: b
+handlers = {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary, same, same),
+    "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, same, same),
+    "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, same, same),
+    "Fail": grpc.unary_unary_rpc_method_handler(fail, same, same),
+}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// The caller: each call's outcome, as JSON (`[code, details]` for an error).
+const CLIENT: &str = r#"
+import json, sys, grpc
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+same = lambda b: b
+def outcome(call):
+    try:
+        return call()
+    except grpc.RpcError as e:
+        return [e.code().name, e.details()]
+out = {
+    "unary": outcome(lambda: channel.unary_unary("/demo.Echo/Unary", same, same)(b"hi", timeout=10).decode()),
+    "client_stream": outcome(lambda: channel.stream_unary("/demo.Echo/ClientStream", same, same)(iter([b"a", b"b", b"c"]), timeout=10).decode()),
+    "server_stream": outcome(lambda: [m.decode() for m in channel.unary_stream("/demo.Echo/ServerStream", same, same)(b"m", timeout=10)]),
+    "fail": outcome(lambda: channel.unary_unary("/demo.Echo/Fail", same, same)(b"x", timeout=10)),
+    "other_service": outcome(lambda: channel.unary_unary("/demo.Admin/Drop", same, same)(b"x", timeout=10)),
+}
+print(json.dumps(out))
+"#;
+
+fn python_has_grpc() {
+    let probe = Command::new(PYTHON).args(["-c", "import grpc"]).output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "{PYTHON} cannot import grpc (install python3-grpcio, as tests/run.sh does): {probe:?}"
+    );
+}
+
+/// The app, killed when dropped.
+struct App(Child, u16);
+
+impl App {
+    fn start() -> App {
+        python_has_grpc();
+        let mut child = Command::new(PYTHON)
+            .args(["-c", SERVER])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the gRPC app printed {line:?}, not its port"));
+        App(child, port)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the caller against `target` and returns its JSON.
+async fn call_all(target: std::net::SocketAddr) -> serde_json::Value {
+    let out = tokio::process::Command::new(PYTHON)
+        .args(["-c", CLIENT, &target.to_string()])
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("grpc_proxy")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the gRPC caller failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_of_every_kind_go_through_the_inbound_listener() {
+    let app = App::start();
+    let p = TestProxy::start(&format!(
+        "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n  authorization:\n    - paths: [/demo.Echo/]\n",
+        app.1
+    ))
+    .await;
+    let out = call_all(p.handle().inbound_addr.unwrap()).await;
+    assert_eq!(out["unary"], "echo:hi", "{out}");
+    assert_eq!(out["client_stream"], "a+b+c", "{out}");
+    assert_eq!(
+        out["server_stream"],
+        serde_json::json!(["m0", "m1", "m2"]),
+        "{out}"
+    );
+    // The app's own error status, carried in trailers.
+    assert_eq!(
+        out["fail"],
+        serde_json::json!(["NOT_FOUND", "no such thing"]),
+        "{out}"
+    );
+    // Refused by the proxy (403), which the caller reads as PERMISSION_DENIED.
+    assert_eq!(out["other_service"][0], "PERMISSION_DENIED", "{out}");
+
+    let fail = p.wait_log(|l| l["path"] == "/demo.Echo/Fail").await;
+    assert_eq!(fail["protocol"], "http2", "{fail}");
+    assert!(fail.get("error").is_none(), "{fail}");
+    let denied = p.wait_log(|l| l["path"] == "/demo.Admin/Drop").await;
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    p.shutdown().await;
+}
