@@ -233,3 +233,24 @@ async fn an_explicit_proxy_request_in_http2_goes_on_in_http1() {
     assert_eq!(origin.requests(), 1);
     p.shutdown().await;
 }
+
+/// The HTTP/2 client takes an origin-form request too: the Host names `:authority` (and is
+/// not sent beside it), and the scheme is `http`.
+#[tokio::test]
+async fn an_origin_form_request_gets_its_authority_from_host() {
+    let app = GrpcApp::start().await;
+    let pool = outrider::net::upstream::Upstreams::new(Duration::from_secs(5), None);
+    let mut req = http::Request::post("/pkg.Svc/Origin")
+        .header("host", "named.test")
+        .body(outrider::body::full("x"))
+        .unwrap();
+    *req.version_mut() = http::Version::HTTP_2;
+    let resp = pool
+        .send(app.addr, req, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = app.seen();
+    assert_eq!(seen[0].authority, "named.test", "{seen:?}");
+    assert_eq!(seen[0].host, None, "{seen:?}");
+}

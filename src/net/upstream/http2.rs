@@ -7,8 +7,8 @@
 //!
 //! One multiplexed connection per address (hyper's HTTP/2 client, its connection driven by
 //! a task of its own), dialled once for all the requests that wait for it; a request waits
-//! for a free stream when the server's concurrency limit is reached. A connection unused for the pool's idle timeout is let go, and closes
-//! once its last stream has ended.
+//! for a free stream when the server's concurrency limit is reached. A connection unused
+//! for the pool's idle timeout is let go, and closes once its last stream has ended.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -106,23 +106,22 @@ impl Upstreams {
         let (mut parts, body) = req.into_parts();
         // HTTP/2 names the target in `:scheme` and `:authority`, which hyper takes from the
         // URI; the Host header it replaces is not sent twice (RFC 9113 §8.3.1).
-        if parts.uri.authority().is_none() {
-            let authority = parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map_or_else(|| addr.to_string(), str::to_owned);
+        // (Both proxy paths already send absolute URIs; this covers any other caller.)
+        if parts.uri.authority().is_none() || parts.uri.scheme().is_none() {
+            let authority = match parts.uri.authority() {
+                Some(a) => a.as_str().to_owned(),
+                None => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map_or_else(|| addr.to_string(), str::to_owned),
+            };
             let mut uri_parts = parts.uri.clone().into_parts();
+            uri_parts.scheme = Some(uri_parts.scheme.unwrap_or(uri::Scheme::HTTP));
             uri_parts.authority = authority.parse().ok();
             if uri_parts.path_and_query.is_none() {
                 uri_parts.path_and_query = Some(uri::PathAndQuery::from_static("/"));
             }
-            parts.uri = http::Uri::from_parts(uri_parts)
-                .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
-        }
-        if parts.uri.scheme().is_none() {
-            let mut uri_parts = parts.uri.clone().into_parts();
-            uri_parts.scheme = Some(uri::Scheme::HTTP);
             parts.uri = http::Uri::from_parts(uri_parts)
                 .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
         }
