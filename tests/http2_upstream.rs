@@ -86,6 +86,44 @@ async fn a_burst_of_calls_opens_one_connection_to_the_app() {
     p.shutdown().await;
 }
 
+/// When every connection to the app carries as many streams as the app allows (long
+/// calls, such as gRPC watches), a new call goes on another connection instead of waiting
+/// behind them.
+#[tokio::test]
+async fn a_call_beyond_the_apps_stream_limit_opens_another_connection() {
+    let app = GrpcApp::start_limited(2).await;
+    let (p, mut send) = inbound_proxy(app.addr, "").await;
+    // The first call opens the connection, and the app's limit arrives with its SETTINGS.
+    let r = grpc_call(&mut send, "app.test", "/pkg.Svc/Warm", body("w")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Two calls the app holds for 5 s fill that connection.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut send = send.clone();
+            tokio::spawn(async move { grpc_call(&mut send, "app.test", "/slow", body("s")).await })
+        })
+        .collect();
+    for _ in 0..200 {
+        if app.seen().iter().filter(|s| s.path == "/slow").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.seen().iter().filter(|s| s.path == "/slow").count(), 2);
+
+    let r = grpc_call(&mut send, "app.test", "/pkg.Svc/Quick", body("q")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "the call waited for the held ones to end"
+    );
+    assert_eq!(app.connections(), 2);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    p.shutdown().await;
+}
+
 /// Calls that wait for the same dial to an app that is down all hear why it failed.
 #[tokio::test]
 async fn calls_to_an_app_that_is_down_all_get_a_502() {

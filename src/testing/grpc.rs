@@ -49,6 +49,16 @@ pub struct GrpcApp {
 
 impl GrpcApp {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Like [`GrpcApp::start`], allowing at most `max_streams` streams at once on each
+    /// connection (`SETTINGS_MAX_CONCURRENT_STREAMS`; gRPC servers often set 100).
+    pub async fn start_limited(max_streams: u32) -> Self {
+        Self::start_with(Some(max_streams)).await
+    }
+
+    async fn start_with(max_streams: Option<u32>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -67,6 +77,7 @@ impl GrpcApp {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| answer(req, log.clone()));
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
                         .serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
                     tokio::select! {

@@ -6,13 +6,15 @@
 //! keeps the HTTP/1.1 client of the parent module, whose hot path this one leaves alone.
 //!
 //! One multiplexed connection per address (hyper's HTTP/2 client, its connection driven by
-//! a task of its own), dialled once for all the requests that wait for it; a request waits
-//! for a free stream when the server's concurrency limit is reached. A connection unused
-//! for the pool's idle timeout is let go, and closes once its last stream has ended.
+//! a task of its own), dialled once for all the requests that wait for it; another one when
+//! every connection carries as many streams as its server allows. A connection with no
+//! stream, unused for the pool's idle timeout, is let go and closes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -28,67 +30,108 @@ use tokio::sync::Notify;
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
 use crate::body::{self, Body, BoxError};
 
-/// The HTTP/2 connections, one per address, and the dials under way.
+/// The HTTP/2 connections by address, and the dials under way.
 #[derive(Default)]
 pub(super) struct H2Pool(Mutex<HashMap<SocketAddr, Slot, foldhash::fast::RandomState>>);
 
-/// A dial that every request waiting for the same address shares.
-type Dial = Shared<BoxFuture<'static, Result<SendRequest<Ending>, Arc<SendError>>>>;
+/// A dial that every request waiting for the same address shares; its connection goes into
+/// the address's slot.
+type Dial = Shared<BoxFuture<'static, Result<(), Arc<SendError>>>>;
 
 #[derive(Default)]
 struct Slot {
-    /// The open connection, and when it was last given a request.
-    conn: Option<(SendRequest<Ending>, Instant)>,
+    /// The open connections: usually one, more while every one of them carries as many
+    /// streams as its server allows (long-lived gRPC streams, say), so that a new request
+    /// does not wait behind them.
+    conns: Vec<Conn>,
     /// The dial under way: a burst of requests on a cold pool (a gRPC client opening many
     /// streams at once) opens one connection, not one each.
     dialling: Option<Dial>,
 }
 
+/// One HTTP/2 connection, the streams open on it (which hyper does not count for us) and
+/// how many its server allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current
+/// by the connection's task).
+struct Conn {
+    send: SendRequest<Ending>,
+    used: Instant,
+    streams: Arc<AtomicUsize>,
+    limit: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    fn has_room(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// A new connection, and where its task keeps the server's stream limit.
+type Dialled = (SendRequest<Ending>, Arc<AtomicUsize>);
+
+/// A request's stream on a connection, counted until its response ends or is dropped.
+pub(super) struct Stream(Arc<AtomicUsize>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Checkout {
+    Ready(SendRequest<Ending>, Stream),
+    Wait(Dial),
+}
+
 impl H2Pool {
-    /// The open connection to `addr`, or the dial to wait for (started by `dial` if none
-    /// is under way).
-    fn checkout(
-        &self,
-        addr: SocketAddr,
-        dial: impl FnOnce() -> Dial,
-    ) -> Result<SendRequest<Ending>, Dial> {
+    /// A connection to `addr` with room for one more stream, or the dial to wait for
+    /// (started by `dial` if none is under way).
+    fn checkout(&self, addr: SocketAddr, dial: impl FnOnce() -> Dial) -> Checkout {
         let Ok(mut slots) = self.0.lock() else {
-            return Err(dial());
+            return Checkout::Wait(dial());
         };
         let slot = slots.entry(addr).or_default();
-        if let Some((send, used)) = &mut slot.conn {
-            if !send.is_closed() {
-                *used = Instant::now();
-                return Ok(send.clone());
-            }
-            slot.conn = None;
+        slot.conns.retain(|c| !c.send.is_closed());
+        if let Some(c) = slot.conns.iter_mut().find(|c| c.has_room()) {
+            c.used = Instant::now();
+            c.streams.fetch_add(1, Ordering::Relaxed);
+            return Checkout::Ready(c.send.clone(), Stream(c.streams.clone()));
         }
-        Err(slot.dialling.get_or_insert_with(dial).clone())
+        Checkout::Wait(slot.dialling.get_or_insert_with(dial).clone())
     }
 
     /// Records how the dial to `addr` ended.
-    fn dialled(&self, addr: SocketAddr, result: &Result<SendRequest<Ending>, SendError>) {
-        if let Ok(mut slots) = self.0.lock() {
-            let slot = slots.entry(addr).or_default();
-            slot.dialling = None;
-            if let Ok(send) = result {
-                slot.conn = Some((send.clone(), Instant::now()));
-            }
-        }
+    fn dialled(
+        &self,
+        addr: SocketAddr,
+        result: Result<Dialled, SendError>,
+    ) -> Result<(), SendError> {
+        let Ok(mut slots) = self.0.lock() else {
+            return result.map(drop);
+        };
+        let slot = slots.entry(addr).or_default();
+        slot.dialling = None;
+        let (send, limit) = result?;
+        slot.conns.push(Conn {
+            send,
+            used: Instant::now(),
+            streams: Arc::default(),
+            limit,
+        });
+        Ok(())
     }
 
-    /// Lets go of connections that closed or have not been used for the idle timeout (each
-    /// closes once its last stream has ended).
+    /// Lets go of connections that closed, or that carry no stream and have not been used
+    /// for the idle timeout.
     pub(super) fn sweep(&self, now: Instant) {
         if let Ok(mut slots) = self.0.lock() {
             for slot in slots.values_mut() {
-                if slot.conn.as_ref().is_some_and(|(send, used)| {
-                    send.is_closed() || now.saturating_duration_since(*used) >= IDLE_TIMEOUT
-                }) {
-                    slot.conn = None;
-                }
+                slot.conns.retain(|c| {
+                    !c.send.is_closed()
+                        && (c.streams.load(Ordering::Relaxed) > 0
+                            || now.saturating_duration_since(c.used) < IDLE_TIMEOUT)
+                });
             }
-            slots.retain(|_, slot| slot.conn.is_some() || slot.dialling.is_some());
+            slots.retain(|_, slot| !slot.conns.is_empty() || slot.dialling.is_some());
         }
     }
 }
@@ -136,21 +179,28 @@ impl Upstreams {
                 ended: (!sent_whole).then(|| ended.clone()),
             },
         );
-        let (mut send, mut fresh) = self.h2_connection(addr).await?;
+        let (mut send, mut stream, mut fresh) = self.h2_connection(addr).await?;
         let mut retried = false;
         loop {
             let exchange = send.try_send_request(req);
             let answered = within(exchange, &ended, sent_whole, timeout).await;
             match answered {
                 None => return Err(SendError::Timeout),
-                Some(Ok(resp)) => return Ok(resp.map(body::boxed)),
+                Some(Ok(resp)) => {
+                    return Ok(resp.map(|inner| {
+                        body::boxed(Held {
+                            inner,
+                            _stream: stream,
+                        })
+                    }))
+                }
                 // A pooled connection that closed (a GOAWAY, say) before this request went
                 // out: it goes once more, on a new connection.
                 Some(Err(mut e)) if !fresh && !retried => match e.take_message() {
                     Some(unsent) => {
                         req = unsent;
                         retried = true;
-                        (send, fresh) = self.h2_connection(addr).await?;
+                        (send, stream, fresh) = self.h2_connection(addr).await?;
                     }
                     None => return Err(failed(e.error())),
                 },
@@ -159,18 +209,24 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `addr`, and whether it was opened for this request.
+    /// A connection to `addr` with a stream claimed on it, and whether it was opened for
+    /// this request.
     async fn h2_connection(
         &self,
         addr: SocketAddr,
-    ) -> Result<(SendRequest<Ending>, bool), SendError> {
-        match self.h2.checkout(addr, || self.start_dial(addr)) {
-            Ok(send) => Ok((send, false)),
-            Err(dial) => match dial.await {
-                Ok(send) => Ok((send, true)),
-                Err(e) => Err(e.copy()),
-            },
+    ) -> Result<(SendRequest<Ending>, Stream, bool), SendError> {
+        // Each wait ends with a new connection, which others may fill first (a burst larger
+        // than a connection's stream limit); a server that closes every new connection at
+        // once must not keep a request dialling for ever.
+        for waited in 0..4 {
+            match self.h2.checkout(addr, || self.start_dial(addr)) {
+                Checkout::Ready(send, stream) => return Ok((send, stream, waited > 0)),
+                Checkout::Wait(dial) => dial.await.map_err(|e| e.copy())?,
+            }
         }
+        Err(SendError::Failed(format!(
+            "no HTTP/2 connection to {addr} had room for another stream"
+        )))
     }
 
     /// Dials `addr` in a task of its own, so that the requests waiting for it are not left
@@ -183,8 +239,7 @@ impl Upstreams {
         );
         let task = tokio::spawn(async move {
             let result = dial(addr, timeout, mesh.as_ref()).await;
-            pool.dialled(addr, &result);
-            result.map_err(Arc::new)
+            pool.dialled(addr, result).map_err(Arc::new)
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -202,7 +257,7 @@ async fn dial(
     addr: SocketAddr,
     timeout: std::time::Duration,
     mesh: Option<&super::MeshClient>,
-) -> Result<SendRequest<Ending>, SendError> {
+) -> Result<Dialled, SendError> {
     let io = connect_maybe_mesh(addr, timeout, mesh).await?;
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         // The same bound as on an HTTP/1.1 response head.
@@ -210,12 +265,22 @@ async fn dial(
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| failed(&e))?;
+    let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+    let seen = limit.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        // The server may change its limit in any SETTINGS frame, which this poll reads.
+        let ended = std::future::poll_fn(|cx| {
+            let polled = conn.as_mut().poll(cx);
+            seen.store(conn.current_max_send_streams(), Ordering::Relaxed);
+            polled
+        })
+        .await;
+        if let Err(e) = ended {
             tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    Ok(send)
+    Ok((send, limit))
 }
 
 /// An HTTP/2 exchange that failed, in words that say what was tried and why: a server that
@@ -247,6 +312,32 @@ async fn within<F: std::future::Future>(
         }
     }
     tokio::time::timeout(timeout, exchange).await.ok()
+}
+
+/// A response body that holds its stream's place in the count until it ends.
+struct Held {
+    inner: hyper::body::Incoming,
+    _stream: Stream,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that says when it has ended (see [`within`]).
