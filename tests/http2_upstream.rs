@@ -124,6 +124,23 @@ async fn a_call_beyond_the_apps_stream_limit_opens_another_connection() {
     p.shutdown().await;
 }
 
+/// A burst far beyond the app's stream limit is answered whole: a few more connections are
+/// opened, and the rest of the calls wait their turn on them.
+#[tokio::test]
+async fn a_burst_beyond_the_stream_limit_is_answered_whole() {
+    let app = GrpcApp::start_limited(2).await;
+    let (p, send) = inbound_proxy(app.addr, "").await;
+    let calls = (0..40).map(|i| {
+        let mut send = send.clone();
+        async move { grpc_call(&mut send, "app.test", &format!("/pkg.Svc/B{i}"), body("x")).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(answers.iter().all(|r| r.status == 200), "{answers:?}");
+    assert_eq!(app.seen().len(), 40);
+    assert!(app.connections() <= 5, "{} connections", app.connections());
+    p.shutdown().await;
+}
+
 /// Calls that wait for the same dial to an app that is down all hear why it failed.
 #[tokio::test]
 async fn calls_to_an_app_that_is_down_all_get_a_502() {

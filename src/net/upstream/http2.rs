@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -57,11 +57,16 @@ struct Conn {
     used: Instant,
     streams: Arc<AtomicUsize>,
     limit: Arc<AtomicUsize>,
+    /// Whether a response has come on it: by then the server's SETTINGS, which precede
+    /// everything it sends, are in `limit`. Until then the limit is not known, and hyper
+    /// opens one stream at a time and queues the rest (see `dial`).
+    answered: Arc<AtomicBool>,
 }
 
 impl Conn {
     fn has_room(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+        !self.answered.load(Ordering::Relaxed)
+            || self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
     }
 }
 
@@ -69,11 +74,14 @@ impl Conn {
 type Dialled = (SendRequest<Ending>, Arc<AtomicUsize>);
 
 /// A request's stream on a connection, counted until its response ends or is dropped.
-pub(super) struct Stream(Arc<AtomicUsize>);
+pub(super) struct Stream {
+    streams: Arc<AtomicUsize>,
+    answered: Arc<AtomicBool>,
+}
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -83,18 +91,30 @@ enum Checkout {
 }
 
 impl H2Pool {
-    /// A connection to `addr` with room for one more stream, or the dial to wait for
-    /// (started by `dial` if none is under way).
-    fn checkout(&self, addr: SocketAddr, dial: impl FnOnce() -> Dial) -> Checkout {
+    /// A connection to `addr` with room for one more stream (with `any_open`, the least
+    /// busy open one even without: the stream then waits in hyper's queue for room), or
+    /// the dial to wait for (started by `dial` if none is under way).
+    fn checkout(&self, addr: SocketAddr, any_open: bool, dial: impl FnOnce() -> Dial) -> Checkout {
         let Ok(mut slots) = self.0.lock() else {
             return Checkout::Wait(dial());
         };
         let slot = slots.entry(addr).or_default();
         slot.conns.retain(|c| !c.send.is_closed());
-        if let Some(c) = slot.conns.iter_mut().find(|c| c.has_room()) {
+        let pick = if any_open {
+            slot.conns
+                .iter_mut()
+                .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+        } else {
+            slot.conns.iter_mut().find(|c| c.has_room())
+        };
+        if let Some(c) = pick {
             c.used = Instant::now();
             c.streams.fetch_add(1, Ordering::Relaxed);
-            return Checkout::Ready(c.send.clone(), Stream(c.streams.clone()));
+            let stream = Stream {
+                streams: c.streams.clone(),
+                answered: c.answered.clone(),
+            };
+            return Checkout::Ready(c.send.clone(), stream);
         }
         Checkout::Wait(slot.dialling.get_or_insert_with(dial).clone())
     }
@@ -116,6 +136,7 @@ impl H2Pool {
             used: Instant::now(),
             streams: Arc::default(),
             limit,
+            answered: Arc::default(),
         });
         Ok(())
     }
@@ -187,12 +208,13 @@ impl Upstreams {
             match answered {
                 None => return Err(SendError::Timeout),
                 Some(Ok(resp)) => {
+                    stream.answered.store(true, Ordering::Relaxed);
                     return Ok(resp.map(|inner| {
                         body::boxed(Held {
                             inner,
                             _stream: stream,
                         })
-                    }))
+                    }));
                 }
                 // A pooled connection that closed (a GOAWAY, say) before this request went
                 // out: it goes once more, on a new connection.
@@ -216,16 +238,22 @@ impl Upstreams {
         addr: SocketAddr,
     ) -> Result<(SendRequest<Ending>, Stream, bool), SendError> {
         // Each wait ends with a new connection, which others may fill first (a burst larger
-        // than a connection's stream limit); a server that closes every new connection at
-        // once must not keep a request dialling for ever.
-        for waited in 0..4 {
-            match self.h2.checkout(addr, || self.start_dial(addr)) {
+        // than a connection's stream limit). After a few, the request takes its turn on the
+        // least busy connection rather than dial on: a burst is not met with a connection
+        // per hundred streams, nor a server that closes new connections with endless dials.
+        const WAITS: u32 = 4;
+        for waited in 0..=WAITS {
+            match self
+                .h2
+                .checkout(addr, waited == WAITS, || self.start_dial(addr))
+            {
                 Checkout::Ready(send, stream) => return Ok((send, stream, waited > 0)),
+                Checkout::Wait(_) if waited == WAITS => break,
                 Checkout::Wait(dial) => dial.await.map_err(|e| e.copy())?,
             }
         }
         Err(SendError::Failed(format!(
-            "no HTTP/2 connection to {addr} had room for another stream"
+            "every new HTTP/2 connection to {addr} closed before it could be used"
         )))
     }
 
@@ -262,6 +290,9 @@ async fn dial(
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         // The same bound as on an HTTP/1.1 response head.
         .max_header_list_size(MAX_HEAD as u32)
+        // Until the server's SETTINGS say how many streams it takes, one: more could be
+        // refused (REFUSED_STREAM), and a refused request cannot be sent again here.
+        .initial_max_send_streams(1)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| failed(&e))?;
