@@ -141,6 +141,81 @@ async fn a_burst_beyond_the_stream_limit_is_answered_whole() {
     p.shutdown().await;
 }
 
+/// A TCP relay to `target` whose open connections can be frozen: nothing more passes either
+/// way and nothing is closed, as when a peer's node dies or a NAT entry is dropped. New
+/// connections still pass.
+async fn freezing_relay(
+    target: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (freeze, _) = tokio::sync::watch::channel(false);
+    let freeze = std::sync::Arc::new(freeze);
+    let f = freeze.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let server = tokio::net::TcpStream::connect(target).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                // Sees only a freeze that comes after the connection began.
+                let mut frozen = f.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        tokio::select! {
+                            n = from.read(&mut buf) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if to.write_all(&buf[..n]).await.is_err() { return; }
+                            }
+                            _ = frozen.changed() => {
+                                if *frozen.borrow() {
+                                    // Hold both sockets, pass nothing, close nothing.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, freeze)
+}
+
+/// An app whose connection goes silent without closing (its node died): the connection is
+/// found dead by its unanswered PINGs and replaced, instead of every call to the app
+/// waiting out the response timeout on it for ever.
+#[tokio::test]
+async fn a_silently_dead_connection_is_found_by_ping_and_replaced() {
+    let app = GrpcApp::start().await;
+    let (relay, freeze) = freezing_relay(app.addr).await;
+    let (p, mut send) = inbound_proxy(relay, "outbound:\n  timeouts: { response: 1s }\n").await;
+    let r = grpc_call(&mut send, "app.test", "/pkg.Svc/Before", body("a")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    freeze.send_replace(true);
+    // Calls time out (504) until the PINGs have gone unanswered (10 s + 10 s), then go on a
+    // new connection.
+    let mut statuses = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while tokio::time::Instant::now() < deadline {
+        let r = grpc_call(&mut send, "app.test", "/pkg.Svc/After", body("b")).await;
+        statuses.push(r.status);
+        if r.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(statuses.contains(&504), "{statuses:?}");
+    assert_eq!(app.connections(), 2);
+    p.shutdown().await;
+}
+
 /// Calls that wait for the same dial to an app that is down all hear why it failed.
 #[tokio::test]
 async fn calls_to_an_app_that_is_down_all_get_a_502() {

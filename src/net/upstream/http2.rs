@@ -24,11 +24,15 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{header, uri, Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
 use crate::body::{self, Body, BoxError};
+
+/// How long an upstream HTTP/2 connection may be silent before it is PINGed, and how long
+/// the PING may go unanswered before the connection is closed.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The HTTP/2 connections by address, and the dials under way.
 #[derive(Default)]
@@ -293,6 +297,13 @@ async fn dial(
         // Until the server's SETTINGS say how many streams it takes, one: more could be
         // refused (REFUSED_STREAM), and a refused request cannot be sent again here.
         .initial_max_send_streams(1)
+        // A server that vanished without a FIN or RST (a dead node, a dropped NAT entry)
+        // would keep its connection "open", and every request to it would wait out the
+        // response timeout: unanswered PINGs close it, as Linkerd's do.
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| failed(&e))?;
