@@ -39,10 +39,11 @@ ONLY=${BENCH_ONLY:-.}
 
 if [[ $MODE == smoke ]]; then
     DUR=1 WARMUP=0 THREADS=1 CONNS=4 CLOSE_CONNS=2 BIG_CONNS=2
-    RATE=100 RATE_DUR=1 RATE_CONNS=4 IDLE_NS=(20)
+    RATE=100 RATE_DUR=1 RATE_CONNS=4 IDLE_NS=(20) H2_CONNS=2 H2_STREAMS=2
 else
     DUR=${BENCH_DURATION:-8} WARMUP=2 THREADS=2 CONNS=64 CLOSE_CONNS=64 BIG_CONNS=16
     RATE=2000 RATE_DUR=${BENCH_DURATION:-8} RATE_CONNS=64 IDLE_NS=(1000 10000)
+    H2_CONNS=16 H2_STREAMS=10
 fi
 if [[ -n ${BENCH_IDLE:-} ]]; then
     read -r -a IDLE_NS <<<"$BENCH_IDLE"
@@ -133,7 +134,8 @@ EOF
 }
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
     P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF \
-    P_CA P_MA_ADM P_MA_OUT P_MB_ADM P_MB_OUT P_MB_IN <<<"$(free_ports 28)"
+    P_CA P_MA_ADM P_MA_OUT P_MB_ADM P_MB_OUT P_MB_IN \
+    P_H2O P_H2_ADM P_H2_OUT P_H2_IN P_H2_HAP P_H2_NGX <<<"$(free_ports 34)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -346,7 +348,8 @@ head -c 1024 /dev/urandom >"$RUN/www/1k"
 head -c 1048576 /dev/urandom >"$RUN/www/1m"
 cp "$RUN/www/1k" "$RUN/www/1m" "$RUN/www/c/"
 chmod -R a+rX "$RUN/www"
-render "$PEERS/origin-nginx.conf" "$RUN/conf/origin.conf" NAME=origin LISTEN="127.0.0.1:$P_ORIGIN"
+render "$PEERS/origin-nginx.conf" "$RUN/conf/origin.conf" NAME=origin LISTEN="127.0.0.1:$P_ORIGIN" \
+    LISTEN_H2="127.0.0.1:$P_H2O"
 start origin nginx -p "$RUN" -e "$RUN/logs/origin-error.log" -c "$RUN/conf/origin.conf"
 ORIGIN_PID=$LAST_PID
 wait_http "http://127.0.0.1:$P_ORIGIN/1k" || { FAILED=1; log "origin nginx did not start"; cat "$RUN/logs/origin.out" >&2; exit 1; }
@@ -629,7 +632,8 @@ setup_netns() {
         ip netns exec "$NETNS" ip addr add "$T_NS/30" dev "$vn" &&
         ip netns exec "$NETNS" ip link set "$vn" up &&
         ip netns exec "$NETNS" ip link set lo up || return 1
-    render "$PEERS/origin-nginx.conf" "$RUN/conf/origin-t.conf" NAME=origin-t LISTEN="$T_HOST:$P_ORIGIN"
+    render "$PEERS/origin-nginx.conf" "$RUN/conf/origin-t.conf" NAME=origin-t LISTEN="$T_HOST:$P_ORIGIN" \
+        LISTEN_H2="$T_HOST:$P_H2O"
     start origin-t nginx -p "$RUN" -e "$RUN/logs/origin-t-error.log" -c "$RUN/conf/origin-t.conf"
     ORIGIN_T_PID=$LAST_PID
     wait_http "http://$T_HOST:$P_ORIGIN/1k" || return 1
@@ -951,6 +955,108 @@ if want h2hc && [[ -n $OUTRIDER ]]; then
     for p in "${h2h_pids[@]}"; do stop "$p"; done
 fi
 
+# --- HTTP/2 end to end (gRPC's path): h2load → proxy → the origin's h2c port ------------
+# The client speaks HTTP/2 with prior knowledge, H2_CONNS connections × H2_STREAMS streams,
+# and each proxy speaks HTTP/2 to the origin: Outrider's inbound listener, HAProxy with
+# `proto h2` on both sides, nginx with `grpc_pass` (its only HTTP/2 upstream). h2load's
+# per-request log gives the latency percentiles. Output: <path>.h2_1k.wrk.json, in wrk's
+# shape.
+
+# h2_load PATH ADDR PIDS
+h2_load() {
+    local path=$1 addr=$2 pids=$3 pidargs=() p
+    for p in $pids; do pidargs+=(--pid "$p"); done
+    if ((WARMUP > 0)); then
+        h2load -t "$THREADS" -c "$H2_CONNS" -m "$H2_STREAMS" -D "$WARMUP" "http://$addr/1k" >/dev/null 2>&1 || true
+    fi
+    python3 "$TOOLS/proctree.py" measure "${pidargs[@]}" --out "$OUT/$path.h2_1k.proc.json" -- \
+        h2load -t "$THREADS" -c "$H2_CONNS" -m "$H2_STREAMS" -D "$DUR" --log-file="$OUT/$path.h2_1k.log" \
+        "http://$addr/1k" >"$OUT/$path.h2_1k.txt" 2>&1 || return 1
+    python3 - "$OUT/$path.h2_1k.txt" "$OUT/$path.h2_1k.log" >"$OUT/$path.h2_1k.wrk.json" <<'EOF' || return 1
+import json, re, sys
+text = open(sys.argv[1]).read()
+secs = float(re.search(r"finished in ([0-9.]+)s", text).group(1))
+m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
+done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+# Not 2xx (the 2xx count also has the responses that came after the measured time).
+m = re.search(r"status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+status = sum(int(x) for x in m.groups())
+nbytes = int(re.search(r"traffic: .*?\((\d+)\) total", text).group(1))
+lat = sorted(int(l.split("\t")[2]) for l in open(sys.argv[2]) if l.count("\t") >= 2)
+if not ok or not lat or failed + errored + status > 0.01 * done:
+    sys.exit(f"h2load: {ok} of {done} succeeded, {failed} failed, {errored} errored, {status} not 2xx")
+pct = lambda q: lat[min(len(lat) - 1, int(q / 100 * len(lat)))]
+print(json.dumps({"requests": ok, "duration_us": int(secs * 1e6), "bytes": nbytes,
+                  "errors": {"connect": 0, "read": errored, "write": failed, "status": status, "timeout": timeout},
+                  "latency_us": {"mean": round(sum(lat) / len(lat), 1), "p50": pct(50), "p90": pct(90),
+                                 "p99": pct(99), "p99_9": pct(99.9), "max": lat[-1]}}))
+EOF
+}
+
+# wait_h2 URL [SECONDS]: until URL answers HTTP/2 with prior knowledge.
+wait_h2() {
+    local url=$1 secs=${2:-10} i
+    for ((i = 0; i < secs * 10; i++)); do
+        [[ $(curl -s --http2-prior-knowledge -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) == 200 ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# h2_peer PATH LABEL PROXY ADDR NOTES -- CMD...
+h2_peer() {
+    local path=$1 label=$2 proxy=$3 addr=$4 notes=$5
+    shift 5
+    [[ ${1:-} == -- ]] && shift
+    want "$path" || return 0
+    log "path $path"
+    start "$path" "$@"
+    local pid=$LAST_PID
+    if ! wait_h2 "http://$addr/1k" 15; then
+        fail "$path" "$proxy did not answer HTTP/2 (log: $(tail -n 3 "$RUN/logs/$path.out" | tr '\n' ' '))"
+        stop "$pid"
+        manifest "$path" group=h2 label="$label" proxy="$proxy" status=failed reason="did not start"
+        return 0
+    fi
+    log "  $path h2_1k"
+    h2_load "$path" "$addr" "$pid" || fail "$path" "load h2_1k failed (see $OUT/$path.h2_1k.*)"
+    stop "$pid"
+    manifest "$path" group=h2 label="$label" proxy="$proxy" status=ok notes="$notes"
+}
+
+H2_NOTES="h2c prior knowledge, $H2_CONNS connections × $H2_STREAMS streams, HTTP/2 to the origin's h2c port"
+if want h2-direct; then
+    log "path h2-direct"
+    log "  h2-direct h2_1k"
+    if h2_load h2-direct "127.0.0.1:$P_H2O" "$ORIGIN_PID"; then
+        manifest h2-direct group=h2 label="direct (h2load → nginx h2c)" proxy=none status=ok \
+            notes="CPU and RSS columns are the origin's own"
+    else
+        fail h2-direct "load h2_1k failed (see $OUT/h2-direct.h2_1k.*)"
+        manifest h2-direct group=h2 label="direct (h2load → nginx h2c)" proxy=none status=failed
+    fi
+fi
+if want h2-outrider; then
+    if [[ -z $OUTRIDER ]]; then
+        skip h2-outrider h2 "outrider inbound, HTTP/2" "$OUTRIDER_WHY"
+    else
+        cat >"$RUN/conf/h2in.yaml" <<EOF
+admin: { listen: 127.0.0.1:$P_H2_ADM }
+outbound: { listen: 127.0.0.1:$P_H2_OUT }
+inbound: { listen: 127.0.0.1:$P_H2_IN, mtls: disabled, routes: [ { match: { path_prefix: / }, to: 127.0.0.1:$P_H2O } ] }
+access_log: { output: "$LOG_OFF" }
+EOF
+        h2_peer h2-outrider "outrider inbound, HTTP/2" outrider "127.0.0.1:$P_H2_IN" "$H2_NOTES; $LOG_OFF_NOTE" -- \
+            "$OUTRIDER" run --config "$RUN/conf/h2in.yaml"
+    fi
+fi
+render "$PEERS/haproxy-h2.cfg" "$RUN/conf/haproxy-h2.cfg" PORT="$P_H2_HAP" H2_ORIGIN="127.0.0.1:$P_H2O"
+h2_peer h2-haproxy "haproxy, proto h2" haproxy "127.0.0.1:$P_H2_HAP" "$H2_NOTES" -- \
+    haproxy -db -f "$RUN/conf/haproxy-h2.cfg"
+render "$PEERS/nginx-h2.conf" "$RUN/conf/nginx-h2.conf" PORT="$P_H2_NGX" H2_ORIGIN="127.0.0.1:$P_H2O"
+h2_peer h2-nginx "nginx grpc_pass" nginx "127.0.0.1:$P_H2_NGX" "$H2_NOTES" -- \
+    nginx -p "$RUN" -e "$RUN/logs/nginx-h2-error.log" -c "$RUN/conf/nginx-h2.conf"
+
 # --- instructions per request: callgrind, untouched by the machine's background load ----
 # Requests per second on this shared machine move 5-10 % with whatever else it runs; the
 # user-space instructions a proxy executes per request do not. (Kernel work, about 70 %
@@ -1058,6 +1164,7 @@ python3 "$TOOLS/report.py" --raw "$OUT" --mode "$REPORT_MODE" --stamp "$STAMP" -
     --param close_conns="$CLOSE_CONNS" --param big_conns="$BIG_CONNS" --param rate="$RATE" \
     --param rate_duration_s="$RATE_DUR" --param rate_conns="$RATE_CONNS" \
     --param idle_levels="${IDLE_NS[*]}" --param nofile="$NOFILE" \
+    --param h2_conns="$H2_CONNS" --param h2_streams="$H2_STREAMS" \
     --param outrider_bin="${OUTRIDER:-none}" --param outrider_commit="$OUTRIDER_COMMIT" || { FAILED=1; log "report failed"; }
 if [[ $FAILED == 1 ]]; then
     log "some steps failed (see above)"

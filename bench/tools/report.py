@@ -26,6 +26,7 @@ COMPARE = {
     "transparent-outrider": ["transparent-squid"],
     "mtls-outrider": ["mtls-nginx", "mtls-haproxy"],
     "cache-outrider": ["cache-squid", "cache-nginx"],
+    "h2-outrider": ["h2-haproxy", "h2-nginx"],
 }
 MB = 1024  # KiB per MiB
 
@@ -112,7 +113,7 @@ def head_to_head(raw, prefix):
 
 def loads_of(raw, name):
     out = {}
-    for load in ("ka_1k", "close_1k", "ka_1m", "ka_c1k", "rate_1k", "rate_c1k"):
+    for load in ("ka_1k", "close_1k", "ka_1m", "ka_c1k", "rate_1k", "rate_c1k", "h2_1k"):
         proc = load_json(os.path.join(raw, f"{name}.{load}.proc.json"))
         wrk = load_json(os.path.join(raw, f"{name}.{load}.wrk.json"))
         rate = load_json(os.path.join(raw, f"{name}.{load}.rate.json"))
@@ -309,7 +310,7 @@ def markdown(res):
               f"1 MiB req/s | × direct | at {p_.get('rate')} req/s: p50 / p99 / p99.9 | CPU s / 1k req | peak RSS |",
               "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for p in res["paths"]:
-        if p["status"] not in ("ok", "partial") or not p["loads"]:
+        if p["status"] not in ("ok", "partial") or not p["loads"] or p.get("group") == "h2":
             continue
         L = p["loads"]
         row = [p["label"]]
@@ -325,6 +326,22 @@ def markdown(res):
         peaks = [x.get("peak_rss_kb") for x in L.values() if x.get("peak_rss_kb")]
         row.append(fmb(max(peaks)) if peaks else "–")
         lines.append("| " + " | ".join(row) + " |")
+    h2 = [p for p in res["paths"] if p.get("group") == "h2" and p["status"] in ("ok", "partial")
+          and p["loads"].get("h2_1k")]
+    if h2:
+        direct = next((p["loads"]["h2_1k"] for p in h2 if p["path"] == "h2-direct"), None)
+        lines += ["", "## HTTP/2 end to end", "",
+                  f"h2load with prior knowledge (h2c), {p_.get('h2_conns')} connections × "
+                  f"{p_.get('h2_streams')} streams, 1 KiB; each proxy speaks HTTP/2 to the origin's "
+                  "h2c port (gRPC's path). Latencies in ms, from h2load's per-request log.", "",
+                  "| path | req/s | × direct | p50 / p99 / p99.9 | CPU s / 1k req | peak RSS |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        for p in h2:
+            x = p["loads"]["h2_1k"]
+            vs = fnum(x["rps"] / direct["rps"], 2) if direct and direct["rps"] else "–"
+            lat = " / ".join(fus(x["latency_us"][k]) for k in ("p50", "p99", "p99_9"))
+            lines.append(f"| {p['label']} | {fnum(x['rps'])} | {vs} | {lat} | "
+                         f"{fnum(x.get('cpu_s_per_1k'), 3)} | {fmb(x.get('peak_rss_kb'))} |")
     levels = res["params"].get("idle_levels", "").split()
     mem_rows = [p for p in res["paths"] if p.get("memory")]
     if mem_rows:
