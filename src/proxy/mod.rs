@@ -158,9 +158,9 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The original destination, for transparent connections.
     pub original_dst: Option<SocketAddr>,
-    /// Requests from inside an explicit `CONNECT` tunnel that carries plain HTTP/1: each is
-    /// checked and sent as a redirected one would be, `original_dst` being the address the
-    /// `CONNECT` dialled.
+    /// Requests from inside an explicit `CONNECT` tunnel that carries plain HTTP (HTTP/1, or
+    /// HTTP/2 with prior knowledge): each is checked and sent as a redirected one would be,
+    /// `original_dst` being the address the `CONNECT` dialled.
     pub in_connect: bool,
 }
 

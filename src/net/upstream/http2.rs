@@ -53,39 +53,41 @@ struct Slot {
     dialling: Option<Dial>,
 }
 
-/// One HTTP/2 connection, the streams open on it (which hyper does not count for us) and
-/// how many its server allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current
-/// by the connection's task).
+/// One HTTP/2 connection in the pool.
 struct Conn {
     send: SendRequest<Ending>,
     used: Instant,
-    streams: Arc<AtomicUsize>,
-    limit: Arc<AtomicUsize>,
+    state: Arc<ConnState>,
+}
+
+/// What the pool knows of a connection beyond hyper's handle, shared with its task and its
+/// streams.
+#[derive(Default)]
+struct ConnState {
+    /// Streams open on it (hyper does not count them for us).
+    streams: AtomicUsize,
+    /// How many its server allows at once (`SETTINGS_MAX_CONCURRENT_STREAMS`), kept current
+    /// by the connection's task.
+    limit: AtomicUsize,
     /// Whether a response has come on it: by then the server's SETTINGS, which precede
     /// everything it sends, are in `limit`. Until then the limit is not known, and hyper
     /// opens one stream at a time and queues the rest (see `dial`).
-    answered: Arc<AtomicBool>,
+    answered: AtomicBool,
 }
 
-impl Conn {
+impl ConnState {
     fn has_room(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
             || self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
     }
 }
 
-/// A new connection, and where its task keeps the server's stream limit.
-type Dialled = (SendRequest<Ending>, Arc<AtomicUsize>);
-
 /// A request's stream on a connection, counted until its response ends or is dropped.
-pub(super) struct Stream {
-    streams: Arc<AtomicUsize>,
-    answered: Arc<AtomicBool>,
-}
+pub(super) struct Stream(Arc<ConnState>);
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -107,18 +109,14 @@ impl H2Pool {
         let pick = if any_open {
             slot.conns
                 .iter_mut()
-                .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+                .min_by_key(|c| c.state.streams.load(Ordering::Relaxed))
         } else {
-            slot.conns.iter_mut().find(|c| c.has_room())
+            slot.conns.iter_mut().find(|c| c.state.has_room())
         };
         if let Some(c) = pick {
             c.used = Instant::now();
-            c.streams.fetch_add(1, Ordering::Relaxed);
-            let stream = Stream {
-                streams: c.streams.clone(),
-                answered: c.answered.clone(),
-            };
-            return Checkout::Ready(c.send.clone(), stream);
+            c.state.streams.fetch_add(1, Ordering::Relaxed);
+            return Checkout::Ready(c.send.clone(), Stream(c.state.clone()));
         }
         Checkout::Wait(slot.dialling.get_or_insert_with(dial).clone())
     }
@@ -127,20 +125,18 @@ impl H2Pool {
     fn dialled(
         &self,
         addr: SocketAddr,
-        result: Result<Dialled, SendError>,
+        result: Result<(SendRequest<Ending>, Arc<ConnState>), SendError>,
     ) -> Result<(), SendError> {
         let Ok(mut slots) = self.0.lock() else {
             return result.map(drop);
         };
         let slot = slots.entry(addr).or_default();
         slot.dialling = None;
-        let (send, limit) = result?;
+        let (send, state) = result?;
         slot.conns.push(Conn {
             send,
             used: Instant::now(),
-            streams: Arc::default(),
-            limit,
-            answered: Arc::default(),
+            state,
         });
         Ok(())
     }
@@ -152,7 +148,7 @@ impl H2Pool {
             for slot in slots.values_mut() {
                 slot.conns.retain(|c| {
                     !c.send.is_closed()
-                        && (c.streams.load(Ordering::Relaxed) > 0
+                        && (c.state.streams.load(Ordering::Relaxed) > 0
                             || now.saturating_duration_since(c.used) < IDLE_TIMEOUT)
                 });
             }
@@ -204,7 +200,7 @@ impl Upstreams {
                 ended: (!sent_whole).then(|| ended.clone()),
             },
         );
-        let (mut send, mut stream, mut fresh) = self.h2_connection(addr).await?;
+        let (mut send, mut stream) = self.h2_connection(addr).await?;
         let mut retried = false;
         loop {
             let exchange = send.try_send_request(req);
@@ -212,7 +208,7 @@ impl Upstreams {
             match answered {
                 None => return Err(SendError::Timeout),
                 Some(Ok(resp)) => {
-                    stream.answered.store(true, Ordering::Relaxed);
+                    stream.0.answered.store(true, Ordering::Relaxed);
                     return Ok(resp.map(|inner| {
                         body::boxed(Held {
                             inner,
@@ -220,13 +216,13 @@ impl Upstreams {
                         })
                     }));
                 }
-                // A pooled connection that closed (a GOAWAY, say) before this request went
-                // out: it goes once more, on a new connection.
-                Some(Err(mut e)) if !fresh && !retried => match e.take_message() {
+                // A connection that closed (a GOAWAY, say) before this request went out:
+                // it goes once more, on another connection.
+                Some(Err(mut e)) if !retried => match e.take_message() {
                     Some(unsent) => {
                         req = unsent;
                         retried = true;
-                        (send, stream, fresh) = self.h2_connection(addr).await?;
+                        (send, stream) = self.h2_connection(addr).await?;
                     }
                     None => return Err(failed(e.error())),
                 },
@@ -235,12 +231,11 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `addr` with a stream claimed on it, and whether it was opened for
-    /// this request.
+    /// A connection to `addr` with a stream claimed on it.
     async fn h2_connection(
         &self,
         addr: SocketAddr,
-    ) -> Result<(SendRequest<Ending>, Stream, bool), SendError> {
+    ) -> Result<(SendRequest<Ending>, Stream), SendError> {
         // Each wait ends with a new connection, which others may fill first (a burst larger
         // than a connection's stream limit). After a few, the request takes its turn on the
         // least busy connection rather than dial on: a burst is not met with a connection
@@ -251,7 +246,7 @@ impl Upstreams {
                 .h2
                 .checkout(addr, waited == WAITS, || self.start_dial(addr))
             {
-                Checkout::Ready(send, stream) => return Ok((send, stream, waited > 0)),
+                Checkout::Ready(send, stream) => return Ok((send, stream)),
                 Checkout::Wait(_) if waited == WAITS => break,
                 Checkout::Wait(dial) => dial.await.map_err(|e| e.copy())?,
             }
@@ -289,7 +284,7 @@ async fn dial(
     addr: SocketAddr,
     timeout: std::time::Duration,
     mesh: Option<&super::MeshClient>,
-) -> Result<Dialled, SendError> {
+) -> Result<(SendRequest<Ending>, Arc<ConnState>), SendError> {
     let io = connect_maybe_mesh(addr, timeout, mesh).await?;
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         // The same bound as on an HTTP/1.1 response head.
@@ -307,14 +302,18 @@ async fn dial(
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| failed(&e))?;
-    let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
-    let seen = limit.clone();
+    let state = Arc::new(ConnState {
+        limit: AtomicUsize::new(conn.current_max_send_streams()),
+        ..ConnState::default()
+    });
+    let seen = state.clone();
     tokio::spawn(async move {
         let mut conn = std::pin::pin!(conn);
         // The server may change its limit in any SETTINGS frame, which this poll reads.
         let ended = std::future::poll_fn(|cx| {
             let polled = conn.as_mut().poll(cx);
-            seen.store(conn.current_max_send_streams(), Ordering::Relaxed);
+            seen.limit
+                .store(conn.current_max_send_streams(), Ordering::Relaxed);
             polled
         })
         .await;
@@ -322,7 +321,7 @@ async fn dial(
             tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    Ok((send, limit))
+    Ok((send, state))
 }
 
 /// An HTTP/2 exchange that failed, in words that say what was tried and why: a server that
