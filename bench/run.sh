@@ -1064,11 +1064,16 @@ h2_peer h2-nginx "nginx grpc_pass" nginx "127.0.0.1:$P_H2_NGX" "$H2_NOTES" -- \
 # proxy runs under valgrind's callgrind, nginx with one worker and no master and HAProxy
 # with one thread, so that one process does all the work; after a warm-up the counters
 # are zeroed, the 1 KiB keep-alive load runs over 16 connections, and the instruction
-# total is divided by the requests wrk completed. Output: instr.<name>.json.
+# total is divided by the requests wrk completed. Output: instr.<name>.json. The
+# `-newconn` runs send `Connection: close`: a new connection per request, whose extra
+# count over the keep-alive one is each proxy's cost of a connection (accept, set-up,
+# close).
 if [[ $MODE == smoke ]]; then INSTR_WARM=1 INSTR_DUR=1; else INSTR_WARM=2 INSTR_DUR=6; fi
-# instr_one NAME MODE ADDR WAITURL URLPATH -- CMD...
+# instr_one NAME MODE ADDR WAITURL URLPATH -- CMD...; INSTR_HEADER: a header wrk adds.
 instr_one() {
     local name=$1 mode=$2 addr=$3 waiturl=$4 upath=$5 abs="" host="" pid cg
+    local -a extra=()
+    [[ -n ${INSTR_HEADER:-} ]] && extra=(-H "$INSTR_HEADER")
     cg=$RUN/out/instr.$name.cg
     shift 5
     [[ ${1:-} == -- ]] && shift
@@ -1083,7 +1088,7 @@ instr_one() {
     if [[ $mode == forward ]]; then
         abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
     fi
-    WRK_ABS_URL=$abs WRK_HOST=$host wrk -t1 -c16 -d"${INSTR_WARM}s" --timeout 5s -s "$LUA" \
+    WRK_ABS_URL=$abs WRK_HOST=$host wrk -t1 -c16 -d"${INSTR_WARM}s" --timeout 5s -s "$LUA" "${extra[@]}" \
         "http://$addr$upath" >/dev/null 2>&1 || true
     # (squid is not measured: it drops root for its own user, and valgrind's vgdb could
     # not reach it to zero the counters.)
@@ -1093,7 +1098,7 @@ instr_one() {
         return 0
     fi
     WRK_ABS_URL=$abs WRK_HOST=$host WRK_JSON=$OUT/instr.$name.wrk.json \
-        wrk -t1 -c16 -d"${INSTR_DUR}s" --timeout 5s -s "$LUA" "http://$addr$upath" >"$OUT/instr.$name.wrk.txt" 2>&1 ||
+        wrk -t1 -c16 -d"${INSTR_DUR}s" --timeout 5s -s "$LUA" "${extra[@]}" "http://$addr$upath" >"$OUT/instr.$name.wrk.txt" 2>&1 ||
         fail instr "wrk against $name under valgrind failed (see $OUT/instr.$name.wrk.txt)"
     timeout 60 callgrind_control -d "$pid" >/dev/null 2>&1 || fail instr "$name: callgrind_control could not dump"
     stop "$pid"
@@ -1128,6 +1133,15 @@ if want instr; then
         instr_one haproxy reverse "127.0.0.1:$P_HAPROXY" "http://127.0.0.1:$P_HAPROXY/1k" /1k -- \
             haproxy -db -f "$RUN/conf/haproxy-instr.cfg"
         if [[ -n $OUTRIDER ]]; then
+            INSTR_HEADER="Connection: close" instr_one outrider-inbound-newconn reverse "127.0.0.1:$P_OI_IN" \
+                "http://127.0.0.1:$P_OI_IN/1k" /1k -- "$OUTRIDER" run --config "$RUN/conf/inbound.yaml"
+        fi
+        INSTR_HEADER="Connection: close" instr_one nginx-newconn reverse "127.0.0.1:$P_NGINX" \
+            "http://127.0.0.1:$P_NGINX/1k" /1k -- \
+            nginx -p "$RUN" -e "$RUN/logs/nginx-instr-error.log" -c "$RUN/conf/nginx-instr.conf"
+        INSTR_HEADER="Connection: close" instr_one haproxy-newconn reverse "127.0.0.1:$P_HAPROXY" \
+            "http://127.0.0.1:$P_HAPROXY/1k" /1k -- haproxy -db -f "$RUN/conf/haproxy-instr.cfg"
+        if [[ -n $OUTRIDER ]]; then
             instr_one outrider-explicit forward "127.0.0.1:$P_OF_OUT" "http://127.0.0.1:$P_OF_OUT/" /1k -- \
                 "$OUTRIDER" run --config "$RUN/conf/fwd-log.yaml"
             # Cache hits: the warm-up fills the cache, so the counted requests are hits.
@@ -1140,7 +1154,7 @@ if want instr; then
             nginx -p "$RUN" -e "$RUN/logs/nginx-cache-instr-error.log" -c "$RUN/conf/nginx-cache-instr.conf"
     fi
     manifest instr group=instr label="user-space instructions per request (callgrind)" proxy=all status=ok \
-        notes="1 KiB keep-alive, 16 connections, ${INSTR_DUR}s after a ${INSTR_WARM}s warm-up; kernel work not counted"
+        notes="1 KiB keep-alive, 16 connections, ${INSTR_DUR}s after a ${INSTR_WARM}s warm-up (-newconn: Connection: close); kernel work not counted"
 fi
 
 # --- report -----------------------------------------------------------------------

@@ -153,6 +153,25 @@ pub fn record_denial(code: &'static str, decision: &'static str) {
         .increment(1);
 }
 
+/// The connection metric handles, resolved once as the request ones are: a lookup in the
+/// registry hashes the key, twice per connection accepted and once per connection closed.
+struct ConnectionHandles {
+    total: metrics::Counter,
+    open: metrics::Gauge,
+}
+
+static CONNECTION_HANDLES: OnceLock<ConnectionHandles> = OnceLock::new();
+
+fn connection_handles() -> Option<&'static ConnectionHandles> {
+    // Before a recorder exists the macros return no-op handles: resolve only after.
+    HANDLE.get().is_some_and(Option::is_some).then(|| {
+        CONNECTION_HANDLES.get_or_init(|| ConnectionHandles {
+            total: metrics::counter!("outrider_connections_total"),
+            open: metrics::gauge!("outrider_connections_open"),
+        })
+    })
+}
+
 /// Tracks one open client connection for the gauge; decrements on drop.
 pub struct ConnectionGauge;
 
@@ -160,20 +179,26 @@ impl ConnectionGauge {
     /// Counts a connection that lives on after the one it came from closed (a CONNECT
     /// tunnel or an upgraded connection): open, but not a new accept.
     pub fn continued() -> Self {
-        metrics::gauge!("outrider_connections_open").increment(1.0);
+        if let Some(h) = connection_handles() {
+            h.open.increment(1.0);
+        }
         Self
     }
 
     /// Counts a new connection.
     pub fn open() -> Self {
-        metrics::counter!("outrider_connections_total").increment(1);
-        metrics::gauge!("outrider_connections_open").increment(1.0);
+        if let Some(h) = connection_handles() {
+            h.total.increment(1);
+            h.open.increment(1.0);
+        }
         Self
     }
 }
 
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
-        metrics::gauge!("outrider_connections_open").decrement(1.0);
+        if let Some(h) = connection_handles() {
+            h.open.decrement(1.0);
+        }
     }
 }

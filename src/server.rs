@@ -41,7 +41,8 @@ pub struct Server {
     inbound: Vec<TcpListener>,
     admin: TcpListener,
     handle: ServerHandle,
-    orig_dst: OrigDstFn,
+    /// `None`: the kernel's answer.
+    orig_dst: Option<OrigDstFn>,
 }
 
 /// Controls a running server: reload, shutdown, addresses.
@@ -150,13 +151,13 @@ impl Server {
             inbound,
             admin,
             handle,
-            orig_dst: Arc::new(kernel_orig_dst),
+            orig_dst: None,
         })
     }
 
     /// Replaces how original destinations are found (the in-process test seam).
     pub fn with_orig_dst(mut self, f: OrigDstFn) -> Self {
-        self.orig_dst = f;
+        self.orig_dst = Some(f);
         self
     }
 
@@ -277,22 +278,24 @@ impl ServerHandle {
     }
 }
 
-/// The kernel's answer, except that a connection to the listener itself is explicit.
-fn kernel_orig_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    crate::net::orig_dst::original_dst(stream)
-}
-
 async fn accept_outbound(
     listener: TcpListener,
     inputs: Arc<Inputs>,
-    orig_dst: OrigDstFn,
+    orig_dst: Option<OrigDstFn>,
     shutdown: CancellationToken,
 ) {
     let stop = shutdown.clone();
     proxy::accept_loop(listener, stop, |stream, client| {
-        let od = orig_dst(&stream);
+        // The kernel's answer, except that a connection to the listener itself is explicit.
+        let od = match &orig_dst {
+            Some(f) => f(&stream),
+            None => crate::net::orig_dst::original_dst(&stream, client),
+        };
         let task = proxy::outbound::serve(inputs.clone(), stream, client, od, shutdown.clone());
-        inputs.tasks.spawn(task);
+        // Boxed before it is spawned: the connection's future (about 4 KB) is moved a few
+        // times on its way into the task and written over twice when it ends; a box is
+        // moved instead (6 % of the instructions of a one-request connection).
+        inputs.tasks.spawn(Box::pin(task));
     })
     .await;
 }

@@ -433,13 +433,17 @@ def markdown(res):
         lines += ["", "## Instructions per request (callgrind)", "",
                   "User-space instructions each proxy executes per 1 KiB keep-alive request, counted by "
                   "valgrind's callgrind over 16 connections (nginx with one worker, HAProxy with one thread); "
-                  "`-cache` rows are cache hits of /c/1k. "
+                  "`-cache` rows are cache hits of /c/1k; `-newconn` rows send `Connection: close`, a new "
+                  "connection per request. "
                   "Unlike req/s, this does not move with the machine's background load; it leaves out the "
                   "kernel's share (loopback TCP, about 70 % of each proxy's CPU here and much the same for all).", "",
                   "| proxy | instructions / request | requests counted | outrider’s count × this |", "|---|--:|--:|--:|"]
-        order = ["outrider-inbound", "nginx", "haproxy", "outrider-explicit", "outrider-cache", "nginx-cache"]
+        order = ["outrider-inbound", "nginx", "haproxy", "outrider-inbound-newconn", "nginx-newconn",
+                 "haproxy-newconn", "outrider-explicit", "outrider-cache", "nginx-cache"]
+        bases = {"nginx-cache": "outrider-cache", "nginx-newconn": "outrider-inbound-newconn",
+                 "haproxy-newconn": "outrider-inbound-newconn"}
         for name, v in sorted(ins.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
-            base = ins.get("outrider-cache" if name == "nginx-cache" else "outrider-inbound")
+            base = ins.get(bases.get(name, "outrider-inbound"))
             x = base and not name.startswith("outrider") and fnum(base["per_request"] / v["per_request"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['per_request'])} | {fnum(v['requests'])} | {x} |")
     lines += ["", "## Targets", "", "| target | goal | value | met |", "|---|---|---|---|"]

@@ -33,9 +33,10 @@ use crate::policy::authz;
 pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: CancellationToken) {
     let stop = shutdown.clone();
     super::accept_loop(listener, stop, |stream, client| {
-        let od = crate::net::orig_dst::original_dst(&stream);
+        let od = crate::net::orig_dst::original_dst(&stream, client);
         let task = serve(inputs.clone(), stream, client, od, shutdown.clone());
-        inputs.tasks.spawn(task);
+        // Boxed before it is spawned, as on the outbound listener (`server.rs`).
+        inputs.tasks.spawn(Box::pin(task));
     })
     .await;
 }
@@ -422,6 +423,10 @@ fn add_forwarding(
     request_id: HeaderValue,
 ) {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    // Room for the three below at once. On a connection's first request the map is as
+    // small as the client's headers (later ones reuse the previous response's, which is
+    // roomy), and inserting one at a time grew it twice.
+    headers.reserve(3);
     let ip = IpText::new(conn.client.ip());
     if let Some(v) = append_value(headers.get(&XFF), &[ip.as_bytes()]) {
         headers.insert(XFF, v);
