@@ -168,10 +168,7 @@ async fn answer(
 
 /// A request body held whole.
 pub fn text_body(text: &'static str) -> ClientBody {
-    use http_body_util::Full;
-    Full::new(Bytes::from_static(text.as_bytes()))
-        .map_err(|never| match never {})
-        .boxed()
+    http_body_util::Full::new(Bytes::from_static(text.as_bytes())).boxed()
 }
 
 /// An HTTP/2 client with prior knowledge over `io` (a TCP stream, or a CONNECT tunnel).

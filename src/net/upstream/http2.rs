@@ -191,20 +191,20 @@ impl Upstreams {
         }
         parts.headers.remove(header::HOST);
 
-        let ended = Arc::new(Notify::new());
-        let sent_whole = http_body::Body::is_end_stream(&body);
+        // Only a body still to come has an end to wait for (none: the clock starts now).
+        let ended = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(Notify::new()));
         let mut req = Request::from_parts(
             parts,
             Ending {
                 inner: body,
-                ended: (!sent_whole).then(|| ended.clone()),
+                ended: ended.clone(),
             },
         );
         let (mut send, mut stream) = self.h2_connection(addr).await?;
         let mut retried = false;
         loop {
             let exchange = send.try_send_request(req);
-            let answered = within(exchange, &ended, sent_whole, timeout).await;
+            let answered = within(exchange, ended.as_deref(), timeout).await;
             match answered {
                 None => return Err(SendError::Timeout),
                 Some(Ok(resp)) => {
@@ -338,15 +338,14 @@ fn failed(e: &hyper::Error) -> SendError {
 }
 
 /// `exchange`'s outcome, or `None` when it took longer than `timeout` from the end of the
-/// request body (`ended` is notified then; `sent_whole` when there was no body to wait for).
+/// request body (`ended` is notified then; `None` when there was no body to wait for).
 async fn within<F: std::future::Future>(
     exchange: F,
-    ended: &Notify,
-    sent_whole: bool,
+    ended: Option<&Notify>,
     timeout: std::time::Duration,
 ) -> Option<F::Output> {
     tokio::pin!(exchange);
-    if !sent_whole {
+    if let Some(ended) = ended {
         tokio::select! {
             r = &mut exchange => return Some(r),
             () = ended.notified() => {}
