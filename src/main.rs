@@ -57,6 +57,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    outrider::alloc::configure();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -224,6 +224,15 @@ impl<T> Rewind<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
+
+    /// Replays `bytes` next, before anything not yet replayed.
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            [bytes, std::mem::take(&mut self.prefix)].concat().into()
+        };
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {

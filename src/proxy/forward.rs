@@ -81,7 +81,7 @@ pub fn record_error(guard: &mut LogGuard, e: &ProxyError) {
 /// Both halves of a protocol switch (WebSocket and the like), to be joined, and how to
 /// check the joined connection again after a reload.
 type Upgrade = (
-    hyper::upgrade::OnUpgrade,
+    super::upgrade::OnUpgrade,
     crate::net::upstream::Upgraded,
     super::tunnel::StillAllowed,
 );
@@ -102,7 +102,7 @@ async fn forward(
 
     let client_version = req.version();
     let upgrading = wants_upgrade(req.headers_mut());
-    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrading.then(|| super::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
     // A connection addressed to the destination (redirected, or inside a CONNECT) keeps its
     // HTTP/2 upstream; an explicit proxy request goes on in HTTP/1.1.

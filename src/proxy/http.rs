@@ -47,11 +47,38 @@ fn server_builder(limits: ClientLimits) -> auto::Builder<TokioExecutor> {
 /// Serves one client connection (keep-alive, upgrades) until it closes, draining it
 /// gracefully on shutdown. `http1` says detection already saw HTTP/1: the connection is then
 /// served by hyper's HTTP/1 server alone, whose state is a fraction of the size of the
-/// auto-detecting one's, which every idle keep-alive connection would otherwise carry.
+/// auto-detecting one's, and parked while it is quiet (see `keepalive`).
 pub async fn serve_connection<I, S, B>(
     io: I,
     svc: S,
     http1: bool,
+    limits: ClientLimits,
+    shutdown: CancellationToken,
+) -> Result<(), crate::body::BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+    S::Error: Into<crate::body::BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<crate::body::BoxError>,
+{
+    if http1 {
+        return super::keepalive::serve(io, svc, limits, shutdown).await;
+    }
+    // Boxed: hyper's auto-detecting server is several KB, which every HTTP/1 connection's
+    // task would otherwise carry (parked ones too) for the few that speak HTTP/2.
+    Box::pin(serve_auto(io, svc, limits, shutdown)).await
+}
+
+/// [`serve_connection`] for HTTP/2, or a protocol not yet known: hyper's auto server.
+async fn serve_auto<I, S, B>(
+    io: I,
+    svc: S,
     limits: ClientLimits,
     shutdown: CancellationToken,
 ) -> Result<(), crate::body::BoxError>
@@ -67,35 +94,11 @@ where
     B::Error: Into<crate::body::BoxError>,
 {
     let io = TokioIo::new(io);
-    // Both protocols time out idle connections here rather than with hyper's timers: its
-    // HTTP/1 header-read timer was a fresh boxed `Sleep`, registered and removed in the
-    // runtime's timer wheel, for every request (3 % of the inbound path's CPU); this
-    // tracker is a counter per request and one sleep per timeout.
+    // Both protocols time out idle connections with this tracker rather than with hyper's
+    // timers: its HTTP/1 header-read timer was a fresh boxed `Sleep`, registered and removed
+    // in the runtime's timer wheel, for every request (3 % of the inbound path's CPU); this
+    // is a counter per request and one sleep per timeout.
     let idle = super::idle::Idle::new();
-    if http1 {
-        // No timer: without one hyper runs no header-read timeout of its own.
-        let connection = hyper::server::conn::http1::Builder::new()
-            .max_buf_size(limits.max_head)
-            .serve_connection(io, super::idle::Tracked::new(svc, idle.clone()))
-            .with_upgrades();
-        tokio::pin!(connection);
-        return tokio::select! {
-            res = connection.as_mut() => res.map_err(Into::into),
-            () = shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await.map_err(Into::into)
-            }
-            // Nothing in flight for the timeout: the connection is between requests, or
-            // part-way through a head that is coming too slowly (slowloris). Either way
-            // nothing is lost by closing it, and a graceful shutdown would wait for the
-            // rest of a slow head.
-            () = idle.expired(limits.idle_timeout) => {
-                tracing::debug!("closing an idle client connection");
-                Ok(())
-            }
-        };
-    }
-    // HTTP/2 (or not yet known).
     let builder = server_builder(limits);
     let connection =
         builder.serve_connection_with_upgrades(io, super::idle::Tracked::new(svc, idle.clone()));

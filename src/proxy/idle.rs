@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,6 +28,12 @@ struct Shared {
     active: AtomicUsize,
     /// When the last request or response body ended, in ms since `start`.
     quiet_since_ms: AtomicU64,
+    /// Requests begun on the connection.
+    begun: AtomicU64,
+    /// Something written to the client has not been flushed yet (see `keepalive`).
+    unflushed: AtomicBool,
+    /// Bytes were read from the client since `keepalive` last cleared this.
+    read: AtomicBool,
     start: Instant,
 }
 
@@ -37,6 +43,9 @@ impl Idle {
             shared: Arc::new(Shared {
                 active: AtomicUsize::new(0),
                 quiet_since_ms: AtomicU64::new(0),
+                begun: AtomicU64::new(0),
+                unflushed: AtomicBool::new(false),
+                read: AtomicBool::new(false),
                 start: Instant::now(),
             }),
         }
@@ -55,14 +64,42 @@ impl Idle {
     }
 
     /// When the connection will have been quiet for `timeout`; `None` while it is busy.
-    fn quiet_until(&self, timeout: Duration) -> Option<Instant> {
+    pub(super) fn quiet_until(&self, timeout: Duration) -> Option<Instant> {
         let s = &self.shared;
         let quiet = Duration::from_millis(s.quiet_since_ms.load(Ordering::Acquire));
         (s.active.load(Ordering::Acquire) == 0).then(|| s.start + quiet + timeout)
     }
 
+    // Relaxed, below: these are written and read by the connection's own task only.
+
+    /// Notes whether everything written to the client has been flushed.
+    pub(super) fn set_flushed(&self, flushed: bool) {
+        self.shared.unflushed.store(!flushed, Ordering::Relaxed);
+    }
+
+    /// Whether everything written to the client has been flushed.
+    pub(super) fn flushed(&self) -> bool {
+        !self.shared.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// Notes whether bytes were read from the client (since the caller last cleared it).
+    pub(super) fn set_read(&self, read: bool) {
+        self.shared.read.store(read, Ordering::Relaxed);
+    }
+
+    /// Whether bytes were read from the client since [`Idle::set_read`] last cleared it.
+    pub(super) fn has_read(&self) -> bool {
+        self.shared.read.load(Ordering::Relaxed)
+    }
+
+    /// How many requests have begun on the connection.
+    pub(super) fn begun(&self) -> u64 {
+        self.shared.begun.load(Ordering::Relaxed)
+    }
+
     /// Counts one unit of work until the returned guard is dropped.
     fn begin(&self) -> Active {
+        self.shared.begun.fetch_add(1, Ordering::Relaxed);
         self.shared.active.fetch_add(1, Ordering::AcqRel);
         Active(self.shared.clone())
     }

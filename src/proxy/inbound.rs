@@ -314,7 +314,7 @@ const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-
 /// Both halves of a protocol switch, and how to authorize the joined connection again
 /// after a reload.
 type Upgrade = (
-    hyper::upgrade::OnUpgrade,
+    super::upgrade::OnUpgrade,
     crate::net::upstream::Upgraded,
     super::tunnel::StillAllowed,
 );
@@ -370,7 +370,7 @@ async fn to_app(
         // An upgraded connection is checked again after a reload as this request was.
         let path = Some(req.uri().path());
         let recheck = authz_recheck(peer, port, path, Some(req.method().as_str()));
-        (hyper::upgrade::on(&mut req), recheck)
+        (super::upgrade::on(&mut req), recheck)
     });
     let (mut parts, incoming) = req.into_parts();
     // The caller addressed the app: HTTP/2 stays HTTP/2 (gRPC apps speak nothing else).

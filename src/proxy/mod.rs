@@ -10,8 +10,10 @@ pub mod forward;
 pub mod http;
 mod idle;
 pub mod inbound;
+mod keepalive;
 pub mod outbound;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

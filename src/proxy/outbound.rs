@@ -86,7 +86,7 @@ pub async fn serve(
 /// that cycle.
 pub(super) fn serve_in_connect(
     inputs: Arc<Inputs>,
-    io: super::detect::Rewind<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    io: super::detect::Rewind<super::upgrade::ClientIo>,
     conn: ConnInfo,
     http1: bool,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {

@@ -10,10 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::upgrade::OnUpgrade;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::admit::admit;
@@ -69,14 +68,14 @@ pub async fn connect(
     .await;
     match result {
         Ok((upstream, host, dialled)) => {
-            let on_upgrade = hyper::upgrade::on(&mut req);
+            let on_upgrade = super::upgrade::on(&mut req);
             guard.record.status = 200;
             let tasks = inputs.tasks.clone();
             tasks.spawn(async move {
                 // The tunnel outlives the HTTP connection it came from: count it as open.
                 let _gauge = crate::metrics::ConnectionGauge::continued();
                 let mut client = match on_upgrade.await {
-                    Ok(upgraded) => TokioIo::new(upgraded),
+                    Ok(upgraded) => upgraded,
                     Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
                 };
                 let mut upstream = upstream;
@@ -345,7 +344,7 @@ pub async fn splice_upgrades(
         return;
     };
     match client.await {
-        Ok(c) => splice(&inputs, TokioIo::new(c), upstream, guard, recheck).await,
+        Ok(c) => splice(&inputs, c, upstream, guard, recheck).await,
         Err(e) => guard.fail(format!("protocol upgrade failed: {e}")),
     }
 }
