@@ -94,10 +94,9 @@ where
     B::Error: Into<crate::body::BoxError>,
 {
     let io = TokioIo::new(io);
-    // Both protocols time out idle connections with this tracker rather than with hyper's
-    // timers: its HTTP/1 header-read timer was a fresh boxed `Sleep`, registered and removed
-    // in the runtime's timer wheel, for every request (3 % of the inbound path's CPU); this
-    // is a counter per request and one sleep per timeout.
+    // Idle connections are timed out with this tracker, as in `keepalive`, rather than with
+    // hyper's timers: its HTTP/2 server has none, and its HTTP/1 header-read timer was a
+    // fresh boxed `Sleep` per request (3 % of the inbound path's CPU).
     let idle = super::idle::Idle::new();
     let builder = server_builder(limits);
     let connection =

@@ -6,6 +6,8 @@
 //! body being sent) and [`Idle::expired`] resolves once nothing has been for the timeout.
 //! The caller then shuts an HTTP/2 connection down gracefully (GOAWAY) and closes an HTTP/1
 //! one, which is between requests or part-way through a head that comes too slowly.
+//! For HTTP/1 it also notes what `keepalive` needs to tell when hyper can be stopped between
+//! requests: how many have begun, whether bytes were read, whether writes were flushed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +19,7 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-/// What is in flight on one connection, and when it last changed.
+/// What is in flight on one connection, and when it last changed (plus `keepalive`'s notes).
 #[derive(Clone)]
 pub struct Idle {
     shared: Arc<Shared>,
@@ -30,8 +32,8 @@ struct Shared {
     quiet_since_ms: AtomicU64,
     /// Requests begun on the connection.
     begun: AtomicU64,
-    /// Something written to the client has not been flushed yet (see `keepalive`).
-    unflushed: AtomicBool,
+    /// Everything written to the client has been flushed (see `keepalive`).
+    flushed: AtomicBool,
     /// Bytes were read from the client since `keepalive` last cleared this.
     read: AtomicBool,
     start: Instant,
@@ -44,7 +46,7 @@ impl Idle {
                 active: AtomicUsize::new(0),
                 quiet_since_ms: AtomicU64::new(0),
                 begun: AtomicU64::new(0),
-                unflushed: AtomicBool::new(false),
+                flushed: AtomicBool::new(true),
                 read: AtomicBool::new(false),
                 start: Instant::now(),
             }),
@@ -74,12 +76,12 @@ impl Idle {
 
     /// Notes whether everything written to the client has been flushed.
     pub(super) fn set_flushed(&self, flushed: bool) {
-        self.shared.unflushed.store(!flushed, Ordering::Relaxed);
+        self.shared.flushed.store(flushed, Ordering::Relaxed);
     }
 
     /// Whether everything written to the client has been flushed.
     pub(super) fn flushed(&self) -> bool {
-        !self.shared.unflushed.load(Ordering::Relaxed)
+        self.shared.flushed.load(Ordering::Relaxed)
     }
 
     /// Notes whether bytes were read from the client (since the caller last cleared it).

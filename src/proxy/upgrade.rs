@@ -41,7 +41,7 @@ impl Future for OnUpgrade {
         match self.get_mut() {
             OnUpgrade::Slot(rx) => Pin::new(rx)
                 .poll(cx)
-                .map_err(|_| "the client connection closed before the switch".to_string()),
+                .map_err(|_| "the client connection was not handed over (it closed, or the response did not switch)".to_string()),
             OnUpgrade::Hyper(up) => Pin::new(up).poll(cx).map(|r| match r {
                 Ok(up) => Ok(Box::new(hyper_util::rt::TokioIo::new(up)) as ClientIo),
                 Err(e) => Err(e.to_string()),
@@ -79,10 +79,10 @@ impl Handoff {
     pub(super) fn take_switch(&self) -> Option<Option<oneshot::Sender<ClientIo>>> {
         self.switched
             .swap(false, Ordering::AcqRel)
-            .then(|| self.waiting().take())
+            .then(|| self.slot().take())
     }
 
-    fn waiting(&self) -> std::sync::MutexGuard<'_, Option<oneshot::Sender<ClientIo>>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<oneshot::Sender<ClientIo>>> {
         // Nothing runs with the lock held that could panic; a poisoned lock is still sound.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -113,7 +113,7 @@ where
             .is_some()
         {
             let (tx, rx) = oneshot::channel();
-            *self.handoff.waiting() = Some(tx);
+            *self.handoff.slot() = Some(tx);
             req.extensions_mut()
                 .insert(Slot(Arc::new(Mutex::new(Some(rx)))));
             Some((self.handoff.clone(), req.method() == http::Method::CONNECT))
@@ -155,7 +155,7 @@ where
                 handoff.switched.store(true, Ordering::Release);
             } else {
                 // No switch: the waiting side learns so now, not when the connection ends.
-                handoff.waiting().take();
+                handoff.slot().take();
             }
         }
         Poll::Ready(res)
