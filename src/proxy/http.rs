@@ -1,8 +1,10 @@
 //! HTTP message rules for a proxy (RFC 9110 §7.6): hop-by-hop headers, `Via`, and the
 //! request target.
 
+use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -47,14 +49,15 @@ fn server_builder(limits: ClientLimits) -> auto::Builder<TokioExecutor> {
 /// Serves one client connection (keep-alive, upgrades) until it closes, draining it
 /// gracefully on shutdown. `http1` says detection already saw HTTP/1: the connection is then
 /// served by hyper's HTTP/1 server alone, whose state is a fraction of the size of the
-/// auto-detecting one's, and parked while it is quiet (see `keepalive`).
-pub async fn serve_connection<I, S, B>(
+/// auto-detecting one's, and parked while it is quiet (see `keepalive`). Not an `async fn`,
+/// which would keep its arguments in its state beside the server's (see `keepalive::serve`).
+pub fn serve_connection<I, S, B>(
     io: I,
     svc: S,
     http1: bool,
     limits: ClientLimits,
     shutdown: CancellationToken,
-) -> Result<(), crate::body::BoxError>
+) -> impl Future<Output = Result<(), crate::body::BoxError>> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
@@ -68,11 +71,11 @@ where
     B::Error: Into<crate::body::BoxError>,
 {
     if http1 {
-        return super::keepalive::serve(io, svc, limits, shutdown).await;
+        return Either::Left(super::keepalive::serve(io, svc, limits, shutdown));
     }
     // Boxed: hyper's auto-detecting server is several KB, which every HTTP/1 connection's
     // task would otherwise carry (parked ones too) for the few that speak HTTP/2.
-    Box::pin(serve_auto(io, svc, limits, shutdown)).await
+    Either::Right(Box::pin(serve_auto(io, svc, limits, shutdown)))
 }
 
 /// [`serve_connection`] for HTTP/2, or a protocol not yet known: hyper's auto server.

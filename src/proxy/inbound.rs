@@ -7,6 +7,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -44,53 +46,64 @@ pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: Cancel
 /// Serves one inbound connection: mesh mTLS is terminated (once identity is configured),
 /// plaintext is accepted unless `inbound.mtls` is strict, then HTTP is proxied per request
 /// and anything else passed through to the app.
-pub async fn serve(
+pub fn serve(
     inputs: Arc<Inputs>,
     mut stream: TcpStream,
     client: SocketAddr,
     original_dst: Option<SocketAddr>,
     shutdown: CancellationToken,
-) {
-    let _gauge = crate::metrics::ConnectionGauge::open();
-    let _ = stream.set_nodelay(true);
-    let conn = ConnInfo {
-        client,
-        original_dst,
-        in_connect: false,
-    };
-    let state = inputs.state.load_full();
-    let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
-        Ok(found) => found,
-        Err(_) => return,
-    };
-    let io = Rewind::new(prefix, stream);
-    let mesh = inputs.mesh.clone();
-    match (&protocol, mesh) {
-        (Protocol::Tls(hello), Some(mesh))
-            if hello.mesh && state.cfg.inbound_mtls != MtlsMode::Disabled =>
-        {
-            // Boxed: the TLS session and the HTTP server over it would otherwise size the
-            // state of every plaintext connection too (about 7 KB each, idle or not).
-            return Box::pin(terminate_mtls(inputs, io, conn, &mesh, shutdown)).await;
+) -> impl std::future::Future<Output = ()> + Send {
+    // As on the outbound listener (`outbound::serve`): a block, not an `async fn`; what
+    // serves the connection is awaited outside the block that picks it; the gauge is moved in.
+    let gauge = crate::metrics::ConnectionGauge::open();
+    async move {
+        let _ = stream.set_nodelay(true);
+        'pick: {
+            let conn = ConnInfo {
+                client,
+                original_dst,
+                in_connect: false,
+            };
+            let state = inputs.state.load_full();
+            let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
+                Ok(found) => found,
+                Err(_) => return,
+            };
+            let io = Rewind::new(prefix, stream);
+            match (&protocol, inputs.mesh.clone()) {
+                (Protocol::Tls(hello), Some(mesh))
+                    if hello.mesh && state.cfg.inbound_mtls != MtlsMode::Disabled =>
+                {
+                    // Boxed: the TLS session and the HTTP server over it would otherwise size
+                    // the state of every plaintext connection too (about 7 KB each, idle or
+                    // not).
+                    let mtls = terminate_mtls(inputs, io, conn, mesh, shutdown);
+                    break 'pick Either::Right(mtls.boxed());
+                }
+                _ => {}
+            }
+            if state.cfg.inbound_mtls == MtlsMode::Strict {
+                // Strict: plaintext (anything but mesh TLS) is refused and logged.
+                refuse(
+                    &state,
+                    conn,
+                    protocol.name(),
+                    "plaintext refused: inbound.mtls is strict",
+                );
+                return;
+            }
+            let http1 = match protocol {
+                Protocol::Http1 => true,
+                Protocol::Http2 => false,
+                other => {
+                    let name = other.name();
+                    break 'pick Either::Right(pass_through(inputs, io, conn, None, name).boxed());
+                }
+            };
+            Either::Left(serve_http(inputs, io, conn, None, http1, shutdown))
         }
-        _ => {}
-    }
-    if state.cfg.inbound_mtls == MtlsMode::Strict {
-        // Strict: plaintext (anything but mesh TLS) is refused and logged.
-        refuse(
-            &state,
-            conn,
-            protocol.name(),
-            "plaintext refused: inbound.mtls is strict",
-        );
-        return;
-    }
-    match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let http1 = protocol == Protocol::Http1;
-            serve_http(inputs, io, conn, None, http1, shutdown).await
-        }
-        other => Box::pin(pass_through(inputs, io, conn, None, other.name())).await,
+        .await;
+        drop(gauge);
     }
 }
 
@@ -100,7 +113,7 @@ async fn terminate_mtls<I>(
     inputs: Arc<Inputs>,
     io: I,
     conn: ConnInfo,
-    mesh: &super::Mesh,
+    mesh: Arc<super::Mesh>,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -127,6 +140,7 @@ async fn terminate_mtls<I>(
         Err(_) => return,
     };
     let io = Rewind::new(prefix, tls);
+    drop(state);
     match inner {
         Protocol::Http1 | Protocol::Http2 => {
             let http1 = inner == Protocol::Http1;
@@ -158,27 +172,29 @@ fn inbound_guard(state: &super::State, conn: ConnInfo, protocol: &'static str) -
 }
 
 /// HTTP/1 or HTTP/2 from a caller (plaintext, or inside terminated mTLS with `peer` set).
-async fn serve_http<I>(
+fn serve_http<I>(
     inputs: Arc<Inputs>,
     io: I,
     conn: ConnInfo,
     peer: Option<Arc<str>>,
     http1: bool,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let for_svc = inputs.clone();
     let svc = service_fn(move |req| Box::pin(handle(for_svc.clone(), conn, peer.clone(), req)));
-    if let Err(e) =
-        super::http::serve_connection(io, svc, http1, inputs.state.load().cfg.clients, shutdown)
-            .await
-    {
-        tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
-        super::log_refused_head(&inputs, "inbound", conn, &e);
-    }
+    let limits = inputs.state.load().cfg.clients;
+    // Not an `async fn`: see `http::serve_connection`.
+    super::http::serve_connection(io, svc, http1, limits, shutdown).map(move |res| {
+        if let Err(e) = res {
+            tracing::debug!(client = %conn.client, error = %e, "inbound connection ended with error");
+            super::log_refused_head(&inputs, "inbound", conn, &e);
+        }
+    })
 }
 
 /// Non-HTTP traffic: authorized on identity and port only, then spliced to the app.

@@ -10,6 +10,7 @@
 //! with those bytes replayed. A busy connection is never parked, so keep-alive load pays
 //! nothing for it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -35,17 +36,22 @@ use crate::body::BoxError;
 pub(super) const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// How many bytes a parked connection reads to learn that the client is back; hyper reads
-/// the rest.
-const WAKE_READ: usize = 256;
+/// the rest. Small: it is room that every parked connection keeps, where a longer head
+/// costs one more read when a connection wakes (after at least `PARK_AFTER` of quiet).
+const WAKE_READ: usize = 64;
 
 /// Serves an HTTP/1 client connection (keep-alive, upgrades) until it closes, parking it
 /// while it is quiet; closes it after the idle timeout, and drains it on `shutdown`.
-pub(super) async fn serve<I, S, B>(
+///
+/// A `fn` that returns an `async` block, not an `async fn`: an `async fn` keeps its
+/// arguments twice in its state (as passed, and moved into its body) for as long as it
+/// runs, parked connections included, where a block's captures are its state.
+pub(super) fn serve<I, S, B>(
     io: I,
     svc: S,
     limits: ClientLimits,
     shutdown: CancellationToken,
-) -> Result<(), BoxError>
+) -> impl Future<Output = Result<(), BoxError>> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
@@ -60,121 +66,156 @@ where
 {
     let idle = Idle::new();
     let handoff = Arc::new(Handoff::default());
-    let mut svc = Switching {
-        inner: Tracked::new(svc, idle.clone()),
-        handoff: handoff.clone(),
+    let mut conn = Conn {
+        io: ConnIo {
+            io: Rewind::new(Bytes::new(), io),
+            idle: idle.clone(),
+        },
+        svc: Switching {
+            inner: Tracked::new(svc, idle.clone()),
+            handoff: handoff.clone(),
+        },
     };
-    let mut io = ConnIo {
-        io: Rewind::new(Bytes::new(), io),
-        idle: idle.clone(),
-    };
+    async move {
+        loop {
+            // Boxed: hyper's connection (its buffers, dispatcher and timers) is room that a
+            // parked connection does not keep.
+            match Box::pin(active(conn, &idle, &handoff, &limits, &shutdown)).await? {
+                Some(quiet) => conn = quiet,
+                None => return Ok(()),
+            }
+            let mut first = [0u8; WAKE_READ];
+            let deadline = idle
+                .quiet_until(limits.idle_timeout)
+                .unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+            let io = &mut conn.io.io;
+            tokio::select! {
+                read = io.read(&mut first) => match read {
+                    Ok(n) if n > 0 => io.replay(Bytes::copy_from_slice(&first[..n])),
+                    // Closed or reset between requests: nothing was in flight.
+                    _ => return Ok(()),
+                },
+                () = shutdown.cancelled() => {
+                    let _ = io.shutdown().await;
+                    return Ok(());
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::debug!("closing an idle client connection");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A client connection between two runs of hyper: what a parked connection keeps.
+struct Conn<I, S> {
+    io: ConnIo<I>,
+    svc: Switching<Tracked<S>>,
+}
+
+/// Serves `conn` with hyper until it is quiet and can be parked (it is then returned, with
+/// nothing left in hyper's buffers), or until it ends (`None`): the client closed it or
+/// asked to, a drain, the idle timeout, or a protocol switch that took it.
+async fn active<I, S, B>(
+    mut conn: Conn<I, S>,
+    idle: &Idle,
+    handoff: &Handoff,
+    limits: &ClientLimits,
+    shutdown: &CancellationToken,
+) -> Result<Option<Conn<I, S>>, BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let park_after = PARK_AFTER.min(limits.idle_timeout);
     loop {
-        // The active phase, in a block of its own: a box moved out of is freed only when
-        // it goes out of scope, and the parked phase must not keep hyper's.
-        let parts = {
-            // No timer: without one hyper runs no header-read timeout of its own; the idle
-            // timeout below covers a head that comes too slowly. Boxed, so that a parked
-            // connection does not keep room for it.
-            let mut conn = Box::new(
-                hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(limits.max_head)
-                    .serve_connection(TokioIo::new(io), svc),
-            );
-            let (mut parking, mut draining) = (false, false);
-            // hyper stops at once only between requests: after one it has answered, or before
-            // it has read anything. Part-way through a head it would instead read on and close
-            // after answering (see `parkable`).
-            let begun = idle.begun();
-            idle.set_read(false);
-            let timer = tokio::time::sleep(park_after);
-            tokio::pin!(timer);
-            let done = loop {
-                tokio::select! {
-                    res = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break res,
-                    () = shutdown.cancelled(), if !draining => {
-                        draining = true;
-                        Pin::new(&mut *conn).graceful_shutdown();
-                    }
-                    () = &mut timer => {
-                        let now = Instant::now();
-                        match idle.quiet_until(park_after) {
-                            // Busy: look again later; an end before then moves the deadline.
-                            None => timer.as_mut().reset(now + park_after),
-                            Some(at) if at > now => timer.as_mut().reset(at),
-                            Some(_) if idle.quiet_until(limits.idle_timeout) <= Some(now) => {
-                                // Nothing in flight for the idle timeout (a client that stopped
-                                // reading its last response, or a head coming too slowly):
-                                // nothing is lost by closing it.
-                                tracing::debug!("closing an idle client connection");
-                                return Ok(());
-                            }
-                            Some(_) if parking || !parkable(&idle, begun) => {
-                                let next = now + park_after;
-                                let limit = idle.quiet_until(limits.idle_timeout);
-                                timer.as_mut().reset(limit.map_or(next, |at| at.min(next)));
-                            }
-                            Some(_) => {
-                                // What hyper read of a next head comes back to be replayed.
-                                parking = true;
-                                Pin::new(&mut *conn).graceful_shutdown();
-                            }
+        // No timer: without one hyper runs no header-read timeout of its own; the idle
+        // timeout below covers a head that comes too slowly.
+        let mut hyper = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(limits.max_head)
+            .serve_connection(TokioIo::new(conn.io), conn.svc);
+        let (mut parking, mut draining) = (false, false);
+        // hyper stops at once only between requests: after one it has answered, or before
+        // it has read anything. Part-way through a head it would instead read on and close
+        // after answering (see `parkable`).
+        let begun = idle.begun();
+        idle.set_read(false);
+        let timer = tokio::time::sleep(park_after);
+        tokio::pin!(timer);
+        let done = loop {
+            tokio::select! {
+                res = std::future::poll_fn(|cx| hyper.poll_without_shutdown(cx)) => break res,
+                () = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    Pin::new(&mut hyper).graceful_shutdown();
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    match idle.quiet_until(park_after) {
+                        // Busy: look again later; an end before then moves the deadline.
+                        None => timer.as_mut().reset(now + park_after),
+                        Some(at) if at > now => timer.as_mut().reset(at),
+                        Some(_) if idle.quiet_until(limits.idle_timeout) <= Some(now) => {
+                            // Nothing in flight for the idle timeout (a client that stopped
+                            // reading its last response, or a head coming too slowly):
+                            // nothing is lost by closing it.
+                            tracing::debug!("closing an idle client connection");
+                            return Ok(None);
+                        }
+                        Some(_) if parking || !parkable(idle, begun) => {
+                            let next = now + park_after;
+                            let limit = idle.quiet_until(limits.idle_timeout);
+                            timer.as_mut().reset(limit.map_or(next, |at| at.min(next)));
+                        }
+                        Some(_) => {
+                            // What hyper read of a next head comes back to be replayed.
+                            parking = true;
+                            Pin::new(&mut hyper).graceful_shutdown();
                         }
                     }
                 }
-            };
-            done?;
-            if let Some(waiting) = handoff.take_switch() {
-                let parts = conn.into_parts();
-                let mut client = parts.io.into_inner().io;
-                if !parts.read_buf.is_empty() {
-                    client.replay(parts.read_buf);
-                }
-                let client = Box::new(client) as ClientIo;
-                // Nobody waiting: the service switched without asking for the connection.
-                if let Some(tx) = waiting {
-                    let _ = tx.send(client);
-                }
-                return Ok(());
             }
-            if !parking || draining {
-                // hyper is done with the connection (the client closed it or asked to, or a
-                // drain): polled as a future once more, it flushes what it has left and shuts
-                // the connection down.
-                return (&mut *conn).await.map_err(Into::into);
-            }
-            conn.into_parts()
         };
-        svc = parts.service;
-        io = parts.io.into_inner();
+        done?;
+        if let Some(waiting) = handoff.take_switch() {
+            let parts = hyper.into_parts();
+            let mut client = parts.io.into_inner().io;
+            if !parts.read_buf.is_empty() {
+                client.replay(parts.read_buf);
+            }
+            let client = Box::new(client) as ClientIo;
+            // Nobody waiting: the service switched without asking for the connection.
+            if let Some(tx) = waiting {
+                let _ = tx.send(client);
+            }
+            return Ok(None);
+        }
+        if !parking || draining {
+            // hyper is done with the connection (the client closed it or asked to, or a
+            // drain): polled as a future once more, it flushes what it has left and shuts
+            // the connection down.
+            return (&mut hyper).await.map(|()| None).map_err(Into::into);
+        }
+        let parts = hyper.into_parts();
+        conn = Conn {
+            io: parts.io.into_inner(),
+            svc: parts.service,
+        };
         // Part of a next head, read before hyper stopped: replayed to the next hyper (copied
-        // out: hyper's bytes share its 8 KiB read buffer).
-        let rest = parts.read_buf;
-        if !rest.is_empty() {
-            io.io.replay(Bytes::copy_from_slice(&rest));
-            continue;
+        // out: hyper's bytes share its 8 KiB read buffer, which is not kept).
+        if parts.read_buf.is_empty() {
+            return Ok(Some(conn));
         }
-        // Dropped before the wait: even empty, hyper's bytes would keep its read buffer.
-        drop(rest);
-        let mut first = [0u8; WAKE_READ];
-        let deadline = idle
-            .quiet_until(limits.idle_timeout)
-            .unwrap_or_else(|| Instant::now() + limits.idle_timeout);
-        tokio::select! {
-            read = io.io.read(&mut first) => match read {
-                Ok(n) if n > 0 => io.io.replay(Bytes::copy_from_slice(&first[..n])),
-                // Closed or reset between requests: nothing was in flight.
-                _ => return Ok(()),
-            },
-            () = shutdown.cancelled() => {
-                let _ = io.io.shutdown().await;
-                return Ok(());
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                tracing::debug!("closing an idle client connection");
-                return Ok(());
-            }
-        }
+        conn.io.io.replay(Bytes::copy_from_slice(&parts.read_buf));
     }
 }
 

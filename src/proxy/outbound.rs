@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,62 +22,77 @@ use crate::policy::host::{parse_host, Host};
 
 /// Serves one accepted outbound connection. `original_dst` is `None` for explicit clients
 /// (including those whose original destination is the listener itself).
-pub async fn serve(
+pub fn serve(
     inputs: Arc<Inputs>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     client: SocketAddr,
     original_dst: Option<SocketAddr>,
     shutdown: CancellationToken,
-) {
-    let _gauge = crate::metrics::ConnectionGauge::open();
-    let _ = stream.set_nodelay(true);
-    let conn = ConnInfo {
-        client,
-        original_dst,
-        in_connect: false,
-    };
-    let state = inputs.state.load_full();
-    let Some(od) = original_dst else {
-        // Explicit clients are sniffed only to serve HTTP/1 with hyper's HTTP/1 server alone
-        // (see `serve_connection`); one that is slow to speak is served by either.
-        let mut stream = stream;
-        let Ok((protocol, prefix)) = detect(&mut stream, state.cfg.detect_timeout).await else {
-            return;
-        };
-        drop(state);
-        let http1 = protocol == Protocol::Http1;
-        return serve_http(inputs, Rewind::new(prefix, stream), conn, http1, shutdown).await;
-    };
-    if state.cfg.server_first_ports.contains(&od.port()) {
-        // Boxed here and below: admission (DNS) and the tunnel would otherwise size the state
-        // of every HTTP connection too.
-        return Box::pin(tunnel_tcp(
-            inputs,
-            stream,
-            bytes::Bytes::new(),
-            conn,
-            Protocol::Tcp { timed_out: false },
-        ))
+) -> impl std::future::Future<Output = ()> + Send {
+    // A block, not an `async fn`: a block's captures are its state, where an `async fn`
+    // keeps its arguments twice (as passed, and moved into its body; see
+    // `keepalive::serve`). The gauge is opened here and moved in: a local, even of size
+    // zero, is placed after the detection's room and pushes the server's further along.
+    let gauge = crate::metrics::ConnectionGauge::open();
+    async move {
+        let _ = stream.set_nodelay(true);
+        // What serves the connection is awaited outside the block that picks it, so that the
+        // block's locals end first: they would otherwise keep their room in the state (moved
+        // out or not), and the config (which a reload replaces), for the connection's life.
+        'pick: {
+            let conn = ConnInfo {
+                client,
+                original_dst,
+                in_connect: false,
+            };
+            let state = inputs.state.load_full();
+            let (http1, prefix) = match original_dst {
+                None => {
+                    // Explicit clients are sniffed only to serve HTTP/1 with hyper's HTTP/1
+                    // server alone (see `serve_connection`); one that is slow to speak is
+                    // served by either.
+                    let detected = detect(&mut stream, state.cfg.detect_timeout).await;
+                    let Ok((protocol, prefix)) = detected else {
+                        return;
+                    };
+                    (protocol == Protocol::Http1, prefix)
+                }
+                Some(od) if state.cfg.server_first_ports.contains(&od.port()) => {
+                    // Boxed here and below: admission (DNS) and the tunnel would otherwise
+                    // size the state of every HTTP connection too.
+                    let tcp = Protocol::Tcp { timed_out: false };
+                    let tunnel = tunnel_tcp(inputs, stream, bytes::Bytes::new(), conn, tcp);
+                    break 'pick Either::Right(tunnel.boxed());
+                }
+                Some(_) => {
+                    let detected = detect(&mut stream, state.cfg.detect_timeout).await;
+                    let (protocol, prefix) = match detected {
+                        Ok(found) => found,
+                        Err(e) => {
+                            tracing::debug!(%client, error = %e, "client closed during detection");
+                            return;
+                        }
+                    };
+                    match protocol {
+                        Protocol::Http1 => (true, prefix),
+                        Protocol::Http2 => (false, prefix),
+                        other => {
+                            if let Protocol::Tcp { timed_out: true } = other {
+                                // Fails open to opaque TCP (still subject to CIDR policy), and
+                                // is counted.
+                                metrics::counter!("outrider_detect_timeouts_total").increment(1);
+                            }
+                            let tunnel = tunnel_tcp(inputs, stream, prefix, conn, other);
+                            break 'pick Either::Right(tunnel.boxed());
+                        }
+                    }
+                }
+            };
+            let io = Rewind::new(prefix, stream);
+            Either::Left(serve_http(inputs, io, conn, http1, shutdown))
+        }
         .await;
-    }
-    let mut stream = stream;
-    let (protocol, prefix) = match detect(&mut stream, state.cfg.detect_timeout).await {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::debug!(%client, error = %e, "client closed during detection");
-            return;
-        }
-    };
-    if let Protocol::Tcp { timed_out: true } = protocol {
-        // Fails open to opaque TCP (still subject to CIDR policy), and is counted.
-        metrics::counter!("outrider_detect_timeouts_total").increment(1);
-    }
-    match protocol {
-        Protocol::Http1 | Protocol::Http2 => {
-            let http1 = protocol == Protocol::Http1;
-            serve_http(inputs, Rewind::new(prefix, stream), conn, http1, shutdown).await
-        }
-        other => Box::pin(tunnel_tcp(inputs, stream, prefix, conn, other)).await,
+        drop(gauge);
     }
 }
 
@@ -101,26 +118,28 @@ pub(super) fn serve_in_connect(
 
 /// HTTP/1 and HTTP/2 with keep-alive and upgrades; drains gracefully on shutdown.
 /// `http1` when detection saw HTTP/1.
-async fn serve_http<I>(
+fn serve_http<I>(
     inputs: Arc<Inputs>,
     io: I,
     conn: ConnInfo,
     http1: bool,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Boxed: hyper keeps room for the in-flight request's future in every connection, and
     // unboxed that room (the size of the whole request path) is paid by idle ones too.
     let for_svc = inputs.clone();
     let svc = service_fn(move |req| Box::pin(super::forward::handle(for_svc.clone(), conn, req)));
-    if let Err(e) =
-        super::http::serve_connection(io, svc, http1, inputs.state.load().cfg.clients, shutdown)
-            .await
-    {
-        tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
-        super::log_refused_head(&inputs, "outbound", conn, &e);
-    }
+    let limits = inputs.state.load().cfg.clients;
+    // Not an `async fn`: see `http::serve_connection`.
+    super::http::serve_connection(io, svc, http1, limits, shutdown).map(move |res| {
+        if let Err(e) = res {
+            tracing::debug!(client = %conn.client, error = %e, "client connection ended with error");
+            super::log_refused_head(&inputs, "outbound", conn, &e);
+        }
+    })
 }
 
 /// TLS (checked on its SNI) and opaque TCP (checked on the destination address): admitted,
