@@ -46,6 +46,45 @@ fn server_builder(limits: ClientLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The service a client connection is served with, as hyper's servers take it (the futures
+/// `Unpin`, so that the keep-alive loop can stop hyper between requests and take it back).
+/// Implemented for every such service: it names the bounds once for the functions that
+/// pass one along.
+pub trait ClientService<B>:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<B>,
+        Error: Into<crate::body::BoxError>,
+        Future: Send + Unpin + 'static,
+    > + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S, B> ClientService<B> for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error: Into<crate::body::BoxError>,
+            Future: Send + Unpin + 'static,
+        > + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// The body of a response to a client, as hyper's servers take it.
+pub trait ResponseBody:
+    http_body::Body<Data: Send, Error: Into<crate::body::BoxError>> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: http_body::Body<Data: Send, Error: Into<crate::body::BoxError>> + Send + 'static
+{
+}
+
 /// Serves one client connection (keep-alive, upgrades) until it closes, draining it
 /// gracefully on shutdown. `http1` says detection already saw HTTP/1: the connection is then
 /// served by hyper's HTTP/1 server alone, whose state is a fraction of the size of the
@@ -60,15 +99,8 @@ pub fn serve_connection<I, S, B>(
 ) -> impl Future<Output = Result<(), crate::body::BoxError>> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    S::Error: Into<crate::body::BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<crate::body::BoxError>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     if http1 {
         return Either::Left(super::keepalive::serve(io, svc, limits, shutdown));
@@ -87,14 +119,8 @@ async fn serve_auto<I, S, B>(
 ) -> Result<(), crate::body::BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<crate::body::BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<crate::body::BoxError>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     let io = TokioIo::new(io);
     // Idle connections are timed out with this tracker, as in `keepalive`, rather than with

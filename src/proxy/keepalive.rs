@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::detect::Rewind;
-use super::http::ClientLimits;
+use super::http::{ClientLimits, ClientService, ResponseBody};
 use super::idle::{Idle, Tracked};
 use super::upgrade::{ClientIo, Handoff, Switching};
 use crate::body::BoxError;
@@ -54,15 +54,8 @@ pub(super) fn serve<I, S, B>(
 ) -> impl Future<Output = Result<(), BoxError>> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     let idle = Idle::new();
     let handoff = Arc::new(Handoff::default());
@@ -126,15 +119,8 @@ async fn active<I, S, B>(
 ) -> Result<Option<Conn<I, S>>, BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ClientService<B>,
+    B: ResponseBody,
 {
     let park_after = PARK_AFTER.min(limits.idle_timeout);
     loop {
