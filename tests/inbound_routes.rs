@@ -258,3 +258,33 @@ async fn protocol_upgrades_reach_the_app_and_are_joined() {
     assert!(rec.get("rule").is_none(), "{rec}");
     assert!(rec["bytes_in"].as_u64().unwrap() >= 19, "{rec}");
 }
+
+#[tokio::test]
+async fn connect_to_the_inbound_listener_is_refused_and_never_reaches_the_app() {
+    use tokio::io::AsyncWriteExt;
+    let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
+    let p = TestProxy::start(&inbound_config(api, web, canary, "")).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+
+    // The host route would send shop.local to the web app, which answers anything 200.
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(b"CONNECT shop.local:443 HTTP/1.1\r\nHost: shop.local:443\r\n\r\n")
+        .await
+        .unwrap();
+    let head = outrider::testing::read_head(&mut s).await.to_lowercase();
+    assert!(head.starts_with("http/1.1 405"), "{head}");
+    assert!(
+        head.contains("x-outrider-error: connect is not served on the inbound listener"),
+        "{head}"
+    );
+
+    let rec = p.wait_log(|r| r["method"] == "CONNECT").await;
+    assert_eq!(rec["direction"], "inbound", "{rec}");
+    assert_eq!(rec["status"], 405, "{rec}");
+    assert!(rec["upstream"].is_null(), "the app was dialled: {rec}");
+
+    // Only CONNECT is refused: the same host routes a GET to the web app.
+    let (status, _, body) = send(inbound, "GET", "/", &[("host", "shop.local")]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"app\":\"web\""), "{body}");
+}

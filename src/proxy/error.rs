@@ -27,6 +27,9 @@ pub enum ProxyError {
     /// No inbound route matches and there is no original destination to fall back on.
     #[error("no inbound route matches and the connection has no original destination")]
     NoRoute,
+    /// The listener does not serve this method (`CONNECT` on the inbound listener).
+    #[error("{0}")]
+    MethodNotAllowed(&'static str),
     /// The request is addressed to the proxy itself.
     #[error("loop: request addressed to the proxy itself ({0})")]
     Loop(String),
@@ -63,6 +66,7 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT

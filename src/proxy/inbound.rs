@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::future::Either;
 use futures_util::FutureExt;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -347,6 +347,14 @@ async fn to_app(
     request_id: HeaderValue,
     guard: &mut LogGuard,
 ) -> Result<(Response<Body>, Option<Upgrade>), ProxyError> {
+    // The inbound listener routes requests to the app; it is no tunnel. Passed on, a
+    // CONNECT reached the app with its target rewritten to `/`, and an app's 200 left the
+    // caller with a "tunnel" that closed at once.
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(
+            "CONNECT is not served on the inbound listener: it routes requests to the app (tunnels go through the outbound listener)",
+        ));
+    }
     let target = state
         .cfg
         .routes
