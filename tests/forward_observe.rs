@@ -363,3 +363,53 @@ async fn responses_without_a_body_are_logged_as_complete() {
         assert!(rec.get("error").is_none(), "{path}: {rec}");
     }
 }
+
+/// Userinfo in a URL or CONNECT target is refused, and what may be a password never
+/// reaches the log: an access log travels further than the request did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userinfo_is_refused_and_its_password_never_logged() {
+    let up = Upstream::start().await;
+    let p = up.port();
+    let proxy =
+        TestProxy::start("outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n").await;
+    let r = proxy_get(
+        proxy.proxy_addr(),
+        &format!("http://alice:s3cret@127.0.0.1:{p}/with-userinfo"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.error_header().contains("userinfo"), "{r:?}");
+    let raw = outrider::testing::raw_exchange(
+        proxy.proxy_addr(),
+        format!("CONNECT alice:s3cret@127.0.0.1:{p} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(raw.status, 400, "{raw:?}");
+    assert!(
+        raw.header(ERROR_HEADER)
+            .unwrap_or_default()
+            .contains("userinfo"),
+        "{raw:?}"
+    );
+    assert_eq!(
+        up.requests(),
+        0,
+        "a request with userinfo reached the upstream"
+    );
+
+    let get = proxy.wait_log(|r| r["path"] == "/with-userinfo").await;
+    assert_eq!(get["authority"], format!("***@127.0.0.1:{p}"), "{get}");
+    assert_eq!(get["decision"], "deny", "{get}");
+    let connect = proxy.wait_log(|r| r["method"] == "CONNECT").await;
+    assert_eq!(
+        connect["authority"],
+        format!("***@127.0.0.1:{p}"),
+        "{connect}"
+    );
+    for line in proxy.log_lines().await {
+        assert!(
+            !line.to_string().contains("s3cret"),
+            "password logged: {line}"
+        );
+    }
+}

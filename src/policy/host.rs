@@ -31,6 +31,10 @@ pub enum HostError {
     /// A character no host name may carry (NUL, whitespace, `@`, `%`, `/` …).
     #[error("host contains an invalid character")]
     BadChar,
+    /// Userinfo before the host (`user:password@host`): credentials, or a disguise for the
+    /// real host (`good.test@evil.test`). RFC 9110 §4.2.4 says to treat it as an error.
+    #[error("the URL carries userinfo (user:password@), which is refused: send credentials in an Authorization header")]
+    Userinfo,
     /// An empty label (`a..b`, leading dot) or a label over 63 bytes.
     #[error("host has an empty or over-long label")]
     BadLabel,
@@ -108,6 +112,14 @@ pub fn split_authority(authority: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
+/// An authority for the log: userinfo, which may be a password, is masked as `***@`.
+pub fn mask_userinfo(authority: &str) -> std::borrow::Cow<'_, str> {
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}").into(),
+        None => authority.into(),
+    }
+}
+
 /// Parses a port string: 1–65535, digits only.
 pub fn parse_port(p: &str) -> Option<u16> {
     if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
@@ -119,6 +131,13 @@ pub fn parse_port(p: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_is_masked_for_the_log() {
+        assert_eq!(mask_userinfo("user:pw@a.test:8080"), "***@a.test:8080");
+        assert_eq!(mask_userinfo("a@b@c.test"), "***@c.test");
+        assert_eq!(mask_userinfo("[::1]:80"), "[::1]:80");
+    }
 
     #[test]
     fn normalises_case_and_one_trailing_dot() {

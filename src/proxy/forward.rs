@@ -295,6 +295,9 @@ fn target(
 /// Parses `host[:port]` strictly.
 pub fn parse_authority(authority: &str, default_port: u16) -> Result<(Host, u16), ProxyError> {
     let invalid = |e| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(e));
+    if authority.contains('@') {
+        return Err(invalid(crate::policy::host::HostError::Userinfo));
+    }
     let (h, p) =
         split_authority(authority).ok_or(invalid(crate::policy::host::HostError::BadChar))?;
     let host = parse_host(h).map_err(invalid)?;

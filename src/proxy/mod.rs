@@ -194,11 +194,18 @@ pub fn request_record<B>(
     conn: ConnInfo,
     req: &::http::Request<B>,
 ) -> crate::access_log::Record {
-    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-        // What the client asked for, even if it turns out invalid.
-        let host = req.headers().get(::http::header::HOST)?;
-        Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
-    });
+    // What the client asked for, even if it turns out invalid; but never its userinfo,
+    // which is refused and may be a password (logs travel further than requests).
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .map(|a| crate::policy::host::mask_userinfo(a).into_owned())
+        .or_else(|| {
+            let host = req.headers().get(::http::header::HOST)?;
+            let host = String::from_utf8_lossy(host.as_bytes());
+            Some(crate::policy::host::mask_userinfo(&host).into_owned())
+        });
     crate::access_log::Record {
         direction,
         mode: conn.mode(),

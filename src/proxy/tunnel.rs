@@ -43,7 +43,9 @@ pub async fn connect(
             client: Some(conn.client),
             original_dst: conn.original_dst,
             method: Some("CONNECT".into()),
-            authority: authority.clone(),
+            authority: authority
+                .as_deref()
+                .map(|a| crate::policy::host::mask_userinfo(a).into_owned()),
             ..Record::default()
         },
     );
