@@ -32,6 +32,8 @@ struct Shared {
     pending: Mutex<Vec<u8>>,
     wake: Condvar,
     sink: Mutex<Box<dyn Write + Send>>,
+    /// The file written to, when the output is one: reopened on request (log rotation).
+    path: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -63,21 +65,17 @@ impl AccessLog {
     /// Opens the output named by `access_log.output`: `stdout`, `stderr`, `off`, or a file
     /// path (appended to, created if missing).
     pub fn open(output: &str) -> std::io::Result<Self> {
-        let sink: Box<dyn Write + Send> = match output {
+        let (sink, path): (Box<dyn Write + Send>, _) = match output {
             "off" => return Ok(Self { shared: None }),
-            "stdout" => Box::new(std::io::stdout()),
-            "stderr" => Box::new(std::io::stderr()),
-            path => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+            "stdout" => (Box::new(std::io::stdout()), None),
+            "stderr" => (Box::new(std::io::stderr()), None),
+            path => (Box::new(append_to(path.as_ref())?), Some(path.into())),
         };
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(64 * 1024)),
             wake: Condvar::new(),
             sink: Mutex::new(sink),
+            path,
         });
         // The thread holds only a weak reference: when the last handle goes (a reload that
         // changed the output), it writes what is left and ends.
@@ -115,6 +113,33 @@ impl AccessLog {
             shared.drain();
         }
     }
+
+    /// Reopens a file output by its path, after log rotation moved the file away: what was
+    /// queued goes to the old file, what follows to the new one. Returns the path reopened,
+    /// or `None` for stdout, stderr and off. On error the old file stays in use.
+    pub fn reopen(&self) -> std::io::Result<Option<&std::path::Path>> {
+        let Some((shared, path)) = self
+            .shared
+            .as_ref()
+            .and_then(|s| Some((s, s.path.as_deref()?)))
+        else {
+            return Ok(None);
+        };
+        let file = append_to(path)?;
+        shared.drain();
+        if let Ok(mut sink) = shared.sink.lock() {
+            *sink = Box::new(file);
+        }
+        Ok(Some(path))
+    }
+}
+
+/// A log file opened for appending, created if missing.
+fn append_to(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 fn write_loop(shared: &std::sync::Weak<Shared>) {
@@ -458,6 +483,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    /// A reopen that cannot open the path loses nothing: the file in use stays in use.
+    #[test]
+    fn a_failed_reopen_keeps_writing_to_the_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sub, moved) = (dir.path().join("logs"), dir.path().join("moved"));
+        std::fs::create_dir(&sub).unwrap();
+        let log = AccessLog::open(sub.join("access.log").to_str().unwrap()).unwrap();
+        let record = |status| Record {
+            status,
+            ..Record::default()
+        };
+        log.write(&record(201));
+        std::fs::rename(&sub, &moved).unwrap();
+        assert!(
+            log.reopen().is_err(),
+            "the directory is gone: nothing to open"
+        );
+        log.write(&record(202));
+        log.flush();
+        let text = std::fs::read_to_string(moved.join("access.log")).unwrap();
+        assert!(
+            text.contains("\"status\":201") && text.contains("\"status\":202"),
+            "{text}"
+        );
+        assert!(AccessLog::open("stdout")
+            .unwrap()
+            .reopen()
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {

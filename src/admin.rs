@@ -85,10 +85,14 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
             let n = handle.purge_cache(url.as_deref());
             text(StatusCode::OK, plain, format!("purged {n}\n"))
         }
+        (&Method::POST, "/reopen_logs") => match handle.reopen_logs() {
+            Ok(done) => text(StatusCode::OK, plain, format!("{done}\n")),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, format!("{e}\n")),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             plain,
-            "not found: try /live, /ready, /metrics, /config, POST /cache/purge\n",
+            "not found: try /live, /ready, /metrics, /config, POST /cache/purge, POST /reopen_logs\n",
         ),
     })
 }

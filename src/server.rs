@@ -238,6 +238,23 @@ impl ServerHandle {
         self.shutdown.cancel();
     }
 
+    /// Reopens the access-log file (after log rotation moved it away): SIGUSR1, or the
+    /// admin API's `POST /reopen_logs`. Returns what happened, for the operator.
+    pub fn reopen_logs(&self) -> Result<String, String> {
+        let state = self.inputs.state.load();
+        match state.log.reopen() {
+            Ok(Some(path)) => Ok(format!("access log reopened: {}", path.display())),
+            Ok(None) => Ok(format!(
+                "access log output is {}: nothing to reopen",
+                state.cfg.access_log
+            )),
+            Err(e) => Err(format!(
+                "cannot reopen the access log {}: {e}; still writing to the old file",
+                state.cfg.access_log
+            )),
+        }
+    }
+
     /// Drops cached responses: one URL's, or all. Returns how many.
     pub fn purge_cache(&self, url: Option<&str>) -> usize {
         let state = self.inputs.state.load();
@@ -301,11 +318,13 @@ async fn accept_outbound(
     .await;
 }
 
-/// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP.
+/// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP and reopening the access log on
+/// SIGUSR1 (as nginx and Envoy do, for logrotate's `postrotate`).
 pub async fn run_with_signals(server: Server) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let handle = server.handle();
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let h = handle.clone();
@@ -315,6 +334,10 @@ pub async fn run_with_signals(server: Server) -> anyhow::Result<()> {
                 _ = hup.recv() => match h.reload() {
                     Ok(()) => tracing::info!("config reloaded"),
                     Err(e) => tracing::error!(error = %e, "config reload refused; keeping the running config"),
+                },
+                _ = usr1.recv() => match h.reopen_logs() {
+                    Ok(done) => tracing::info!("{done}"),
+                    Err(e) => tracing::error!("{e}"),
                 },
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); h.shutdown(); return; }
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); h.shutdown(); return; }

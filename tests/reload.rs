@@ -367,3 +367,76 @@ async fn a_reload_closes_the_tunnels_it_no_longer_allows() {
         assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
     }
 }
+
+/// Waits (up to 5 s) until the file at `path` has a line containing `needle`; returns its text.
+async fn file_with(path: &std::path::Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Log rotation as logrotate does it: the file is renamed, then the proxy is told to reopen
+/// its path (SIGUSR1 in `postrotate`, or the admin API). Records before the reopen stay in
+/// the renamed file, and the ones after go to a new file at the configured path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_and_the_admin_api_reopen_the_access_log_after_rotation() {
+    let up = Upstream::start().await;
+    let proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n",
+    );
+    let get = |path: &'static str| {
+        let url = format!("http://127.0.0.1:{}{path}", up.port());
+        async move {
+            outrider::testing::proxy_get(proxy.proxy_addr, &url)
+                .await
+                .status
+        }
+    };
+    let log = proxy.log_path.clone();
+    let rotated = |n: u32| log.with_extension(format!("log.{n}"));
+
+    assert_eq!(get("/before").await, 200);
+    assert!(file_with(&log, "/before").await.contains("/before"));
+    std::fs::rename(&log, rotated(1)).unwrap();
+    // Until told, the proxy writes on into the file it has open, wherever it now is.
+    assert_eq!(get("/between").await, 200);
+    assert!(file_with(&rotated(1), "/between")
+        .await
+        .contains("/between"));
+
+    proxy.signal(Signal::SIGUSR1);
+    assert!(
+        proxy.wait_stderr("access log reopened"),
+        "no reopen logged:\n{}",
+        proxy.stderr()
+    );
+    assert_eq!(get("/after-signal").await, 200);
+    let fresh = file_with(&log, "/after-signal").await;
+    assert!(fresh.contains("/after-signal"), "new file: {fresh:?}");
+    assert!(
+        !fresh.contains("/before") && !fresh.contains("/between"),
+        "{fresh}"
+    );
+    let old = std::fs::read_to_string(rotated(1)).unwrap();
+    assert!(!old.contains("/after-signal"), "{old}");
+
+    // The admin API does the same, for when a signal is awkward to send (another container).
+    std::fs::rename(&log, rotated(2)).unwrap();
+    let resp = outrider::testing::raw_exchange(
+        proxy.admin_addr,
+        b"POST /reopen_logs HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(get("/after-admin").await, 200);
+    let fresh = file_with(&log, "/after-admin").await;
+    assert!(fresh.contains("/after-admin"), "new file: {fresh:?}");
+    assert!(!fresh.contains("/after-signal"), "{fresh}");
+    assert_eq!(up.requests(), 4);
+}
