@@ -31,9 +31,58 @@ pub struct AccessLog {
 struct Shared {
     pending: Mutex<Vec<u8>>,
     wake: Condvar,
-    sink: Mutex<Box<dyn Write + Send>>,
+    sink: Mutex<Sink>,
     /// The file written to, when the output is one: reopened on request (log rotation).
     path: Option<std::path::PathBuf>,
+}
+
+/// Where batches go, and whether writing them has been failing.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    /// While writes fail (a full disk): when the operator was last told, and how many
+    /// records have been dropped since the failures began.
+    failing: Option<(Instant, u64)>,
+}
+
+/// While writes keep failing, how often the operator is reminded.
+const REPEAT: Duration = Duration::from_secs(10);
+
+impl Sink {
+    fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out, failing: None }
+    }
+
+    /// Writes one batch of whole records. A batch that fails is dropped and counted: the
+    /// proxy serves on without its log rather than stall. The operator hears once when
+    /// failures begin, every 10 s while they last, and once when they end, not once per
+    /// batch (50 lines a second under load).
+    fn write(&mut self, batch: &[u8]) {
+        match self.out.write_all(batch).and_then(|()| self.out.flush()) {
+            Ok(()) => {
+                if let Some((_, dropped)) = self.failing.take() {
+                    tracing::info!(dropped, "access log writes work again");
+                }
+            }
+            Err(e) => {
+                let records = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+                metrics::counter!("outrider_access_log_dropped_total").increment(records);
+                let now = Instant::now();
+                match &mut self.failing {
+                    None => {
+                        tracing::error!(error = %e, "access log write failed; records are dropped until writes work again");
+                        self.failing = Some((now, records));
+                    }
+                    Some((told, dropped)) => {
+                        *dropped += records;
+                        if now.duration_since(*told) >= REPEAT {
+                            tracing::error!(error = %e, dropped = *dropped, "access log writes still failing");
+                            *told = now;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -48,9 +97,7 @@ impl Shared {
             return;
         }
         if let Ok(mut sink) = self.sink.lock() {
-            if sink.write_all(&batch).and_then(|()| sink.flush()).is_err() {
-                eprintln!("outrider: access log write failed");
-            }
+            sink.write(&batch);
         }
     }
 }
@@ -74,7 +121,7 @@ impl AccessLog {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(64 * 1024)),
             wake: Condvar::new(),
-            sink: Mutex::new(sink),
+            sink: Mutex::new(Sink::new(sink)),
             path,
         });
         // The thread holds only a weak reference: when the last handle goes (a reload that
@@ -128,7 +175,7 @@ impl AccessLog {
         let file = append_to(path)?;
         shared.drain();
         if let Ok(mut sink) = shared.sink.lock() {
-            *sink = Box::new(file);
+            sink.out = Box::new(file);
         }
         Ok(Some(path))
     }

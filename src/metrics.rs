@@ -71,8 +71,13 @@ fn describe() {
         "outrider_detect_timeouts_total",
         "Transparent connections treated as opaque TCP after the detection timeout"
     );
+    metrics::describe_counter!(
+        "outrider_access_log_dropped_total",
+        "Access-log records that could not be written (a full disk, say)"
+    );
     // Touch the counters that a quiet proxy would otherwise not show at all.
     for name in [
+        "outrider_access_log_dropped_total",
         "outrider_dns_lookups_total",
         "outrider_dns_failures_total",
         "outrider_upstream_connect_errors_total",

@@ -440,3 +440,80 @@ async fn sigusr1_and_the_admin_api_reopen_the_access_log_after_rotation() {
     assert!(!fresh.contains("/after-signal"), "{fresh}");
     assert_eq!(up.requests(), 4);
 }
+
+/// A log that cannot be written (a full disk: here the path is made a link to /dev/full)
+/// costs records, counted in `/metrics`, and not the proxy: requests are served, the
+/// operator is told once when the failures begin (not once per batch) and once when they
+/// end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_log_records_counts_them_and_says_so_once() {
+    assert!(
+        std::path::Path::new("/dev/full").exists(),
+        "this test needs /dev/full to play a full disk"
+    );
+    let up = Upstream::start().await;
+    let proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n",
+    );
+    let url = format!("http://127.0.0.1:{}/full", up.port());
+    let log = proxy.log_path.clone();
+    std::fs::remove_file(&log).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    proxy.signal(Signal::SIGUSR1);
+    assert!(
+        proxy.wait_stderr("access log reopened"),
+        "{}",
+        proxy.stderr()
+    );
+
+    // Apart in time, so that they are written in several batches, each of which fails.
+    for _ in 0..5 {
+        let r = outrider::testing::proxy_get(proxy.proxy_addr, &url).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(
+        proxy.wait_stderr("No space left on device"),
+        "{}",
+        proxy.stderr()
+    );
+    let dropped = || async {
+        let (_, text) = outrider::testing::admin_get(proxy.admin_addr, "/metrics").await;
+        outrider::testing::metric_value(&text, "outrider_access_log_dropped_total", &[])
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dropped().await < 5.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dropped().await, 5.0, "{}", proxy.stderr());
+    let told = proxy.stderr().matches("access log write").count();
+    assert_eq!(
+        told,
+        1,
+        "one line per episode, not per batch:\n{}",
+        proxy.stderr()
+    );
+
+    // Room again: records are written, and the end of the episode is reported with its count.
+    std::fs::remove_file(&log).unwrap();
+    proxy.signal(Signal::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.stderr().matches("access log reopened").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", proxy.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://127.0.0.1:{}/room-again", up.port());
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/room-again")) {
+        assert!(Instant::now() < deadline, "{}", proxy.stderr());
+        let r = outrider::testing::proxy_get(proxy.proxy_addr, &url).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        proxy.wait_stderr("access log writes work again"),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(proxy.stderr().contains("dropped=5"), "{}", proxy.stderr());
+}
