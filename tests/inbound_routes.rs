@@ -260,7 +260,7 @@ async fn protocol_upgrades_reach_the_app_and_are_joined() {
 }
 
 #[tokio::test]
-async fn connect_to_the_inbound_listener_is_refused_and_never_reaches_the_app() {
+async fn connect_and_foreign_transfer_codings_are_refused_and_never_reach_the_app() {
     use tokio::io::AsyncWriteExt;
     let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
     let p = TestProxy::start(&inbound_config(api, web, canary, "")).await;
@@ -283,7 +283,17 @@ async fn connect_to_the_inbound_listener_is_refused_and_never_reaches_the_app() 
     assert_eq!(rec["status"], 405, "{rec}");
     assert!(rec["upstream"].is_null(), "the app was dialled: {rec}");
 
-    // Only CONNECT is refused: the same host routes a GET to the web app.
+    // A request body in another coding than chunked cannot be passed on as it is: 501.
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: shop.local\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = outrider::testing::read_head(&mut s).await.to_lowercase();
+    assert!(head.starts_with("http/1.1 501"), "{head}");
+
+    // Only these are refused: the same host routes a GET to the web app.
     let (status, _, body) = send(inbound, "GET", "/", &[("host", "shop.local")]).await;
     assert_eq!(status, 200);
     assert!(body.contains("\"app\":\"web\""), "{body}");

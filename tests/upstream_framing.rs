@@ -62,6 +62,14 @@ fn script(path: &str) -> (Vec<u8>, bool) {
             false,
         ),
         "/not-http" => (b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(), true),
+        // A coding under the chunked framing: passed on without the header that names it,
+        // the client would get gzip bytes as the body.
+        "/gzip-coded" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            true,
+        ),
         "/huge-head" => {
             let filler = "x".repeat(70 * 1024);
             (
@@ -227,6 +235,7 @@ async fn invalid_responses_are_502_with_the_reason_and_the_proxy_keeps_serving()
         ("/not-http", "invalid response"),
         ("/huge-head", "larger than"),
         ("/unasked-upgrade", "switched protocols"),
+        ("/gzip-coded", "transfer coding \"gzip\""),
     ] {
         let r = proxy_get(proxy.proxy_addr(), &format!("http://{}{path}", origin.addr)).await;
         assert_eq!(r.status, 502, "{path}: {r:?}");
@@ -314,4 +323,50 @@ async fn an_upstream_that_refuses_an_upload_early_is_heard() {
     // And the proxy still serves: a refused upload poisons nothing.
     let r = proxy_get(proxy.proxy_addr(), &format!("http://{}/after", origin.addr)).await;
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "/after"));
+}
+
+/// A request body in a coding other than chunked (`gzip, chunked`) is refused with 501, as
+/// Squid and Envoy refuse it: hyper takes off the chunked framing only, and the header goes
+/// with the hop, so the origin would have got gzip bytes with nothing saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_a_transfer_coding_other_than_chunked_is_501() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let raw = outrider::testing::raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "POST http://{}/upload HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n",
+            origin.addr, origin.addr
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw.status, 501, "{raw:?}");
+    assert!(
+        raw.header(outrider::testing::ERROR_HEADER)
+            .unwrap_or_default()
+            .contains("transfer coding \"gzip\""),
+        "{raw:?}"
+    );
+    assert_eq!(
+        origin.conns.load(Ordering::SeqCst),
+        0,
+        "the origin was dialled"
+    );
+    let line = proxy.wait_log(|l| l["path"] == "/upload").await;
+    assert_eq!(line["status"], 501, "{line}");
+
+    // Chunked alone is the framing itself, and goes through.
+    let raw = outrider::testing::raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "POST http://{}/chunked-upload HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n",
+            origin.addr, origin.addr
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw.status, 200, "{raw:?}");
 }

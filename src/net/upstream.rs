@@ -492,6 +492,11 @@ impl Upstreams {
             if headers.remove(header::CONTENT_LENGTH).is_some() {
                 keep_alive = false;
             }
+            if let Some(coding) = foreign_coding(&headers) {
+                return Err(SendError::Failed(format!(
+                    "upstream response uses transfer coding {coding:?}, which the proxy does not decode (only chunked)"
+                )));
+            }
             if last_token_is(&headers, header::TRANSFER_ENCODING, "chunked") {
                 Framing::Chunked(Chunked::Size)
             } else {
@@ -917,6 +922,20 @@ pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Ite
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .filter_map(|t| std::str::from_utf8(t).ok())
+}
+
+/// The first transfer coding other than `chunked` (`gzip` in `gzip, chunked`). Only the
+/// chunked framing is taken off a message on its way through, and `Transfer-Encoding`
+/// stays behind with the hop, so a message with another coding cannot be passed on
+/// faithfully: its next hop would get coded bytes with nothing saying so.
+pub(crate) fn foreign_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"))
+        .map(|t| String::from_utf8_lossy(t).into_owned())
 }
 
 /// Whether a comma-separated header has `token` (case-insensitive) anywhere.

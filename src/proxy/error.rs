@@ -30,6 +30,10 @@ pub enum ProxyError {
     /// The listener does not serve this method (`CONNECT` on the inbound listener).
     #[error("{0}")]
     MethodNotAllowed(&'static str),
+    /// The request uses something the proxy cannot pass on faithfully (a transfer coding
+    /// other than chunked).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The request is addressed to the proxy itself.
     #[error("loop: request addressed to the proxy itself ({0})")]
     Loop(String),
@@ -67,6 +71,7 @@ impl ProxyError {
             }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT

@@ -107,7 +107,7 @@ async fn forward(
     // A connection addressed to the destination (redirected, or inside a CONNECT) keeps its
     // HTTP/2 upstream; an explicit proxy request goes on in HTTP/1.1.
     let version = upstream_version(client_version, conn.original_dst.is_some());
-    strip_request_hop_by_hop(&mut parts.headers, upgrading, version);
+    strip_request_hop_by_hop(&mut parts.headers, upgrading, version)?;
     add_via(&mut parts.headers, parts.version);
     // Host is the checked authority, and only it (RFC 9112 §3.2.2); usually it already is.
     let mut hosts = parts.headers.get_all(header::HOST).iter();

@@ -243,17 +243,28 @@ pub fn upstream_version(client: http::Version, to_destination: bool) -> http::Ve
 /// [`strip_hop_by_hop`] for a request going upstream in `version`: over HTTP/2,
 /// `TE: trailers` stays (the one `TE` HTTP/2 allows, RFC 9113 §8.2.2), because gRPC
 /// servers take it as the sign that every hop between passes trailers on.
+///
+/// A request body in a transfer coding other than chunked is refused with 501 (RFC 9112
+/// §6.1), as Squid and Envoy do: see [`crate::net::upstream::foreign_coding`].
 pub fn strip_request_hop_by_hop(
     headers: &mut HeaderMap,
     keep_upgrade: bool,
     version: http::Version,
-) {
+) -> Result<(), super::error::ProxyError> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if let Some(coding) = crate::net::upstream::foreign_coding(headers) {
+            return Err(super::error::ProxyError::NotImplemented(format!(
+                "request transfer coding {coding:?} is not supported: only chunked"
+            )));
+        }
+    }
     let te_trailers = version == http::Version::HTTP_2
         && crate::net::upstream::has_token(headers, header::TE, "trailers");
     strip_hop_by_hop(headers, keep_upgrade);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    Ok(())
 }
 
 /// Whether a request asks to switch protocols (WebSocket and the like). An offer of

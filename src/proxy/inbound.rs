@@ -400,7 +400,7 @@ async fn to_app(
     // The caller addressed the app: HTTP/2 stays HTTP/2 (gRPC apps speak nothing else).
     let client_version = parts.version;
     let version = upstream_version(client_version, true);
-    strip_request_hop_by_hop(&mut parts.headers, upgrading, version);
+    strip_request_hop_by_hop(&mut parts.headers, upgrading, version)?;
     add_forwarding(
         &mut parts.headers,
         conn,
