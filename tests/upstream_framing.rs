@@ -370,3 +370,23 @@ async fn a_request_in_a_transfer_coding_other_than_chunked_is_501() {
     .await;
     assert_eq!(raw.status, 200, "{raw:?}");
 }
+
+/// `http://host?q=1` has an empty path, which goes upstream as `/` (RFC 9112 §3.2.1): a
+/// request line `GET ?q=1` is one that servers refuse or misread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_path_goes_upstream_as_a_slash() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let raw = outrider::testing::raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "GET http://{}?q=1 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            origin.addr, origin.addr
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(raw.status, 200, "{raw:?}");
+    // The scripted origin answers with the request target it read.
+    assert!(raw.all.ends_with("\r\n\r\n/?q=1"), "{raw:?}");
+}

@@ -211,8 +211,11 @@ impl Store {
 /// port dropped, path and query kept. `None` for a URI without scheme or host.
 pub fn primary_key(uri: &Uri) -> Option<String> {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    let pq = if pq.is_empty() { "/" } else { pq };
-    let mut key = origin_with_room(uri, pq.len())?;
+    let mut key = origin_with_room(uri, pq.len() + 1)?;
+    // An empty path is "/": `http://a.test?q=1` and `http://a.test/?q=1` are one URL.
+    if !pq.starts_with('/') {
+        key.push('/');
+    }
     key.push_str(pq);
     Some(key)
 }
@@ -263,6 +266,11 @@ mod tests {
         assert_eq!(
             key("http://example.com:8080/").as_deref(),
             Some("http://example.com:8080/")
+        );
+        assert_eq!(
+            key("http://example.com?b=1").as_deref(),
+            Some("http://example.com/?b=1"),
+            "an empty path is /"
         );
         assert_eq!(key("/relative"), None);
     }

@@ -582,6 +582,11 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFram
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
+    // An empty path goes as "/" (RFC 9112 §3.2.1): `http://a.test?q=1` has a query alone,
+    // and `GET ?q=1` is no request line a server has to understand.
+    if target.is_empty() || target.starts_with('?') {
+        out.push(b'/');
+    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !parts.headers.contains_key(header::HOST) {
