@@ -62,6 +62,11 @@ fn script(path: &str) -> (Vec<u8>, bool) {
             false,
         ),
         "/not-http" => (b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(), true),
+        "/status-520" => (
+            b"HTTP/1.1 520 Web Server Returned an Unknown Error\r\nContent-Length: 2\r\n\r\nok"
+                .to_vec(),
+            false,
+        ),
         // A coding under the chunked framing: passed on without the header that names it,
         // the client would get gzip bytes as the body.
         "/gzip-coded" => (
@@ -389,4 +394,26 @@ async fn an_empty_path_goes_upstream_as_a_slash() {
     assert_eq!(raw.status, 200, "{raw:?}");
     // The scripted origin answers with the request target it read.
     assert!(raw.all.ends_with("\r\n\r\n/?q=1"), "{raw:?}");
+}
+
+/// A status code without a standard reason phrase keeps the upstream's: without it the
+/// client read `520 <none>`, which is what hyper writes when it knows no phrase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonstandard_status_keeps_its_reason_phrase() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(config()).await;
+    let raw = outrider::testing::raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "GET http://{}/status-520 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            origin.addr, origin.addr
+        )
+        .as_bytes(),
+    )
+    .await;
+    let status_line = raw.head.lines().next().unwrap_or_default();
+    assert_eq!(
+        status_line, "HTTP/1.1 520 Web Server Returned an Unknown Error",
+        "{raw:?}"
+    );
 }

@@ -461,6 +461,9 @@ impl Upstreams {
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
+        if let Some(reason) = head.reason {
+            resp.extensions_mut().insert(reason);
+        }
         let mut headers = head.headers;
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
             if !asked_upgrade {
@@ -808,6 +811,9 @@ struct Head {
     status: StatusCode,
     version: http::Version,
     headers: HeaderMap,
+    /// The upstream's reason phrase, kept for a status code without a standard one (`520
+    /// Web Server Returned an Unknown Error`): hyper would write `<none>` in its place.
+    reason: Option<hyper::ext::ReasonPhrase>,
 }
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
@@ -867,7 +873,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
     // parser's header slots are zeroed up front: for 128 possible headers that was 8 KiB
     // of memset per response, a tenth of the proxy's instructions per request.
     let mut spans: SmallVec<[(u32, u32, u32, u32); 24]> = SmallVec::new();
-    let (len, code, minor) = {
+    let (len, code, minor, reason) = {
         let mut slots =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -889,7 +895,15 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
                 h.value.len() as u32,
             )
         }));
-        (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1))
+        let code = resp.code.unwrap_or(0);
+        let reason = match StatusCode::from_u16(code).map(|s| s.canonical_reason()) {
+            Ok(None) => resp
+                .reason
+                .filter(|r| !r.is_empty())
+                .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok()),
+            _ => None,
+        };
+        (len, code, resp.version.unwrap_or(1), reason)
     };
     let status = StatusCode::from_u16(code)
         .map_err(|_| format!("upstream sent an invalid status code {code}"))?;
@@ -913,6 +927,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         status,
         version,
         headers,
+        reason,
     }))
 }
 
