@@ -26,8 +26,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// A client's request body for the upstream hop, counting bytes from the client into
-/// `counter`. A body that is already over (most requests have none) is not boxed.
-pub fn request_body<B>(incoming: B, counter: std::sync::Arc<crate::access_log::Bytes>) -> Body
+/// `counter`, and failing with [`BodyIdle`] when none of it arrives for `idle` (see
+/// [`IdleLimited`]). A body that is already over (most requests have none) is not boxed.
+pub fn request_body<B>(
+    incoming: B,
+    counter: std::sync::Arc<crate::access_log::Bytes>,
+    idle: Option<std::time::Duration>,
+) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + std::fmt::Display,
@@ -35,7 +40,119 @@ where
     if incoming.is_end_stream() {
         return empty();
     }
-    boxed(Counted::new(incoming, counter, false, None))
+    match idle {
+        Some(limit) => boxed(Counted::new(
+            IdleLimited::new(incoming, limit),
+            counter,
+            false,
+            None,
+        )),
+        None => boxed(Counted::new(incoming, counter, false, None)),
+    }
+}
+
+/// The pause limit for a client's request body: `idle` for HTTP/1, none for HTTP/2. An
+/// HTTP/1 body ties up a connection each way until it ends, and the upstream answers only
+/// once it has; an HTTP/2 stream is held in check by flow control and the connection's
+/// stream limit, and a gRPC streaming call may rightly pause for longer than any idle
+/// timeout.
+pub fn body_idle_limit(
+    version: http::Version,
+    idle: std::time::Duration,
+) -> Option<std::time::Duration> {
+    (version != http::Version::HTTP_2).then_some(idle)
+}
+
+/// A request body that stopped arriving: no byte of it for this long.
+#[derive(Debug, thiserror::Error)]
+#[error("no byte of the request body arrived for {0:?}")]
+pub struct BodyIdle(pub std::time::Duration);
+
+/// Whether `e`, or an error it wraps, is a [`BodyIdle`].
+pub fn is_body_idle(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if e.is::<BodyIdle>() {
+            return true;
+        }
+        at = e.source();
+    }
+    false
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body that fails with [`BodyIdle`] once none of it has arrived for
+    /// `limit`. Without it, a client that sent a head and part of a body, then nothing (a
+    /// slow-body attack, or a client that hung), held its connection and a connection to
+    /// the upstream for as long as it liked: the idle timeout covers a connection between
+    /// requests, and the response timeout starts when the body has ended. nginx's
+    /// `client_body_timeout` is the same guard.
+    pub struct IdleLimited<B> {
+        #[pin]
+        inner: B,
+        limit: std::time::Duration,
+        // Armed the first time the body waits (a body that arrives with its head never
+        // needs one), and pushed back after the body has moved on since.
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        moved: bool,
+    }
+}
+
+impl<B> IdleLimited<B> {
+    /// Wraps `inner`, failing it after `limit` without a byte.
+    pub fn new(inner: B, limit: std::time::Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: None,
+            moved: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleLimited<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.moved = true;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let limit = *this.limit;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if std::mem::take(this.moved) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle(limit))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Boxes any body whose error converts into [`BoxError`].

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::service::service_fn;
@@ -23,7 +24,8 @@ const DRIP: Duration = Duration::from_secs(4);
 /// the 30 s default (so a key that did nothing would fail them).
 const CLOSED_WITHIN: Duration = Duration::from_secs(15);
 
-/// An HTTP/1 and HTTP/2 app: `/` answers `ok`; `/drip` sends `first`, then `last` after [`DRIP`].
+/// An HTTP/1 and HTTP/2 app: `/` answers `ok`; `/drip` sends `first`, then `last` after
+/// [`DRIP`]; `/upload` reads the whole request body, then answers with its length.
 async fn app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -32,9 +34,22 @@ async fn app() -> SocketAddr {
             let (s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
                 let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/upload" {
+                        // Answers once the whole body is in: with its length.
+                        let n = match req.into_body().collect().await {
+                            Ok(body) => body.to_bytes().len(),
+                            Err(_) => 0,
+                        };
+                        let chunks = futures_util::stream::iter([Ok::<_, Infallible>(
+                            Frame::data(Bytes::from(format!("{n} bytes"))),
+                        )]);
+                        return Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(
+                            chunks.boxed(),
+                        )));
+                    }
                     let drip = req.uri().path() == "/drip";
                     let chunks = futures_stream(drip);
-                    Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(chunks)))
+                    Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(chunks.boxed())))
                 });
                 // Both protocols: the proxy's hop to the app is HTTP/2 when the client's is.
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -190,5 +205,122 @@ async fn http1_a_request_head_that_trickles_in_is_cut_off() {
         "got an answer to a head that never ended: {:?}",
         String::from_utf8_lossy(&closed)
     );
+    p.shutdown().await;
+}
+
+/// Sends `POST /upload` declaring `len` body bytes and the first of them; returns the stream.
+async fn start_upload(inbound: SocketAddr, len: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: {len}\r\n\r\nx");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn http1_a_request_body_that_stops_arriving_is_408() {
+    use tokio::io::AsyncReadExt;
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    // A head and one byte of a 100-byte body, then nothing: before, the client's
+    // connection and the proxy's to the app stayed open for as long as the client liked.
+    let mut s = start_upload(inbound, 100).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(CLOSED_WITHIN, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "a request body that stopped arriving was still open after {CLOSED_WITHIN:?}"
+    );
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 408"), "{text}");
+    assert!(
+        text.contains("x-outrider-error: no byte of the request body arrived for 2s"),
+        "{text}"
+    );
+    let rec = p.wait_log(|r| r["path"] == "/upload").await;
+    assert_eq!(rec["status"], 408, "{rec}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_a_slow_body_that_keeps_moving_is_not_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    // Ten bytes, one every 600 ms: 6 s in all, three times the idle timeout, but never
+    // quiet for as long as it.
+    let mut s = start_upload(inbound, 10).await;
+    for _ in 1..10 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        s.write_all(b"x").await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(CLOSED_WITHIN, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("10 bytes"), "{text}");
+    p.shutdown().await;
+}
+
+/// HTTP/2 request bodies have no pause limit: a gRPC streaming call may pause for longer
+/// than the idle timeout, and flow control and the stream limit hold a stream in check.
+#[tokio::test]
+async fn http2_a_request_body_may_pause_longer_than_the_idle_timeout() {
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let stream = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let body = StreamBody::new(
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) })
+            .boxed(),
+    );
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{inbound}/upload"))
+        .body(body)
+        .unwrap();
+    let send = tokio::spawn(sender.send_request(req));
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+        .await
+        .unwrap();
+    // Half as long again as the idle timeout, with nothing sent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.send(Ok(Frame::data(Bytes::from_static(b"last"))))
+        .await
+        .unwrap();
+    drop(tx);
+    let resp = tokio::time::timeout(CLOSED_WITHIN, send)
+        .await
+        .expect("no answer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.headers());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "10 bytes");
     p.shutdown().await;
 }

@@ -383,7 +383,8 @@ impl Default for AccessLogConfig {
 pub struct ClientsConfig {
     /// How long a client connection may have no request in flight before it is closed
     /// (HTTP/2 with GOAWAY). For HTTP/1 it is also how long a request head may take to
-    /// arrive, which is what stops slowloris clients.
+    /// arrive, which is what stops slowloris clients, and how long a request body may pause
+    /// (no byte of it) before the request is answered 408.
     pub idle_timeout: String,
     /// The largest request head (request line and headers, or an HTTP/2 header list) a
     /// client may send, in bytes; a larger one is answered 431.

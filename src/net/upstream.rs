@@ -73,6 +73,9 @@ pub enum SendError {
     /// No response head within the response timeout.
     #[error("no response within the response timeout")]
     Timeout,
+    /// The client's request body stopped arriving (see [`crate::body::IdleLimited`]).
+    #[error("{0}")]
+    ClientIdle(String),
 }
 
 impl SendError {
@@ -82,6 +85,7 @@ impl SendError {
             SendError::Connect(e) => SendError::Connect(e.copy()),
             SendError::Failed(s) => SendError::Failed(s.clone()),
             SendError::Timeout => SendError::Timeout,
+            SendError::ClientIdle(s) => SendError::ClientIdle(s.clone()),
         }
     }
 }
@@ -439,6 +443,7 @@ impl Upstreams {
                     retried = true;
                 }
                 Err(Exchange::Timeout) => return Err(SendError::Timeout),
+                Err(Exchange::ClientIdle(e)) => return Err(SendError::ClientIdle(e)),
                 Err(e) => return Err(SendError::Failed(e.to_string())),
             }
         }
@@ -648,6 +653,8 @@ enum Exchange {
     Failed(String),
     #[error("no response within the response timeout")]
     Timeout,
+    #[error("{0}")]
+    ClientIdle(String),
 }
 
 /// Reads and discards what is left of a client's upload after the upstream answered early
@@ -751,8 +758,13 @@ async fn write_request<W: AsyncWrite + Unpin>(
     let mut pending = head.to_vec();
     let mut ended = false;
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| Exchange::Failed(format!("the client's request body failed: {e}")))?;
+        let frame = frame.map_err(|e| {
+            if crate::body::is_body_idle(&*e) {
+                Exchange::ClientIdle(e.to_string())
+            } else {
+                Exchange::Failed(format!("the client's request body failed: {e}"))
+            }
+        })?;
         match frame.into_data() {
             Ok(data) => {
                 if !chunked {

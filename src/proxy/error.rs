@@ -34,6 +34,9 @@ pub enum ProxyError {
     /// other than chunked).
     #[error("{0}")]
     NotImplemented(String),
+    /// The client stopped sending its request body.
+    #[error("{0}")]
+    ClientTimeout(String),
     /// The request is addressed to the proxy itself.
     #[error("loop: request addressed to the proxy itself ({0})")]
     Loop(String),
@@ -72,6 +75,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT

@@ -129,7 +129,14 @@ async fn forward(
     }
     parts.version = version;
     let counter = guard.bytes.clone();
-    let upstream_req = Request::from_parts(parts, body::request_body(incoming, counter));
+    let upstream_req = Request::from_parts(
+        parts,
+        body::request_body(
+            incoming,
+            counter,
+            body::body_idle_limit(client_version, state.cfg.clients.idle_timeout),
+        ),
+    );
     let pooled = Pooled {
         upstreams: state.upstreams.clone(),
         addr: admitted.addr,
@@ -202,6 +209,7 @@ impl Pooled {
             Ok(resp) => Ok(resp),
             Err(SendError::Connect(e)) => Err(ProxyError::Connect(e)),
             Err(SendError::Timeout) => Err(ProxyError::ResponseTimeout(self.addr.to_string())),
+            Err(SendError::ClientIdle(detail)) => Err(ProxyError::ClientTimeout(detail)),
             // With TLS 1.3 the client's handshake completes before the server checks
             // the client certificate, so a refusal shows up as a closed connection.
             Err(SendError::Failed(detail)) if self.mesh => Err(ProxyError::Upstream(

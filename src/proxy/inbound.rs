@@ -414,7 +414,14 @@ async fn to_app(
     }
     parts.version = version;
     let counter = guard.bytes.clone();
-    let up = Request::from_parts(parts, body::request_body(incoming, counter));
+    let up = Request::from_parts(
+        parts,
+        body::request_body(
+            incoming,
+            counter,
+            body::body_idle_limit(client_version, state.cfg.clients.idle_timeout),
+        ),
+    );
     let pooled = super::forward::Pooled {
         upstreams: state.upstreams.clone(),
         addr: target,
