@@ -369,7 +369,7 @@ async fn an_explicit_proxy_request_in_http2_goes_on_in_http1() {
 #[tokio::test]
 async fn an_origin_form_request_gets_its_authority_from_host() {
     let app = GrpcApp::start().await;
-    let pool = outrider::net::upstream::Upstreams::new(Duration::from_secs(5), None);
+    let pool = outrider::net::upstream::Upstreams::new(Duration::from_secs(5), None, None);
     let mut req = http::Request::post("/pkg.Svc/Origin")
         .header("host", "named.test")
         .body(outrider::body::full("x"))

@@ -88,6 +88,11 @@ fn script(path: &str) -> (Vec<u8>, bool) {
                 .to_vec(),
             true,
         ),
+        // Part of the body, then nothing, with the connection left open.
+        "/stall-body" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec(),
+            false,
+        ),
         "/cut-body" => (
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec(),
             true,
@@ -415,5 +420,52 @@ async fn a_nonstandard_status_keeps_its_reason_phrase() {
     assert_eq!(
         status_line, "HTTP/1.1 520 Web Server Returned an Unknown Error",
         "{raw:?}"
+    );
+}
+
+/// An upstream that stops mid-body (the connection still open) has its response cut off
+/// after `outbound.timeouts.response_idle`: before, the client's request and both
+/// connections waited for as long as the client did. `0s` turns the limit off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_that_stops_is_cut_off_after_the_idle_limit() {
+    let origin = RawOrigin::start().await;
+    let proxy = TestProxy::start(
+        "outbound:\n  timeouts:\n    response_idle: 1s\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n",
+    )
+    .await;
+    let url = format!("http://{}/stall-body", origin.addr);
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    let req = hyper::Request::get(&url).body(no_body()).unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("a response body that stopped was never cut off");
+    assert!(
+        body.is_err(),
+        "a cut-off body must not look complete: {body:?}"
+    );
+    let line = proxy.wait_log(|l| l["path"] == "/stall-body").await;
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("paused for 1s"),
+        "{line}"
+    );
+
+    // Turned off, the same body is still waiting well after a second.
+    let proxy = TestProxy::start(
+        "outbound:\n  timeouts:\n    response_idle: 0s\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n",
+    )
+    .await;
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    let req = hyper::Request::get(&url).body(no_body()).unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(3), resp.into_body().collect()).await;
+    assert!(
+        body.is_err(),
+        "with response_idle: 0s the body was cut: {body:?}"
     );
 }

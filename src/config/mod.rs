@@ -178,6 +178,9 @@ pub struct TimeoutsConfig {
     pub connect: String,
     /// Time from sending a request to receiving the response head.
     pub response: String,
+    /// How long an HTTP/1.1 response body may pause (no byte) before it is cut off; `0s`:
+    /// no limit.
+    pub response_idle: String,
 }
 
 impl Default for TimeoutsConfig {
@@ -185,6 +188,8 @@ impl Default for TimeoutsConfig {
         Self {
             connect: "5s".into(),
             response: "30s".into(),
+            // Envoy's stream idle timeout.
+            response_idle: "5m".into(),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Compiled {
     pub connect_timeout: Duration,
     /// Upstream response-head timeout.
     pub response_timeout: Duration,
+    /// How long an upstream HTTP/1.1 response body may pause; `None`: no limit.
+    pub response_idle: Option<Duration>,
     /// Protocol-detection timeout for transparent connections.
     pub detect_timeout: Duration,
     /// Ports where the server speaks first.
@@ -91,6 +93,11 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
     let t = &config.outbound.timeouts;
     let connect_timeout = duration("outbound.timeouts.connect", &t.connect)?;
     let response_timeout = duration("outbound.timeouts.response", &t.response)?;
+    let response_idle = Some(duration(
+        "outbound.timeouts.response_idle",
+        &t.response_idle,
+    )?)
+    .filter(|d| !d.is_zero());
     let detect_timeout = duration("outbound.detect.timeout", &config.outbound.detect.timeout)?;
     let server_first_ports = ports(
         "outbound.detect.server_first_ports",
@@ -190,6 +197,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         dns_hosts,
         connect_timeout,
         response_timeout,
+        response_idle,
         detect_timeout,
         server_first_ports,
         inbound_mtls,

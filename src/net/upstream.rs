@@ -110,6 +110,9 @@ pub struct Upstreams {
     /// At most this many idle connections in all ([`MAX_IDLE_TOTAL`]).
     max_idle: usize,
     connect_timeout: Duration,
+    /// How long an HTTP/1.1 response body may pause (no byte) before it is cut off; `None`:
+    /// no limit (see [`UpstreamBody`]).
+    response_idle: Option<Duration>,
     mesh: Option<MeshClient>,
     /// Connections for requests that go on in HTTP/2 (see [`http2`]).
     h2: Arc<http2::H2Pool>,
@@ -286,14 +289,20 @@ impl Conn {
 
 impl Upstreams {
     /// A pool whose connections are dialled with `connect_timeout`, in mTLS where `mesh`
-    /// covers the address. Inside a runtime, a background sweep closes connections idle
+    /// covers the address, and whose HTTP/1.1 response bodies are cut off after pausing for
+    /// `response_idle`. Inside a runtime, a background sweep closes connections idle
     /// longer than the idle timeout; it ends with the pool.
-    pub fn new(connect_timeout: Duration, mesh: Option<MeshClient>) -> Arc<Self> {
-        Self::with_max_idle(connect_timeout, mesh, MAX_IDLE_TOTAL)
+    pub fn new(
+        connect_timeout: Duration,
+        response_idle: Option<Duration>,
+        mesh: Option<MeshClient>,
+    ) -> Arc<Self> {
+        Self::with_max_idle(connect_timeout, response_idle, mesh, MAX_IDLE_TOTAL)
     }
 
     fn with_max_idle(
         connect_timeout: Duration,
+        response_idle: Option<Duration>,
         mesh: Option<MeshClient>,
         max_idle: usize,
     ) -> Arc<Self> {
@@ -301,6 +310,7 @@ impl Upstreams {
             idle: Mutex::new(IdlePool::default()),
             max_idle,
             connect_timeout,
+            response_idle,
             mesh,
             h2: Arc::default(),
         });
@@ -547,6 +557,8 @@ impl Upstreams {
                 keep_alive,
                 pool: Arc::downgrade(self),
                 addr,
+                idle: self.response_idle,
+                waiting: None,
             }),
         };
         *resp.body_mut() = body;
@@ -1144,13 +1156,20 @@ fn trailer(line: &Bytes) -> io::Result<(HeaderName, HeaderValue)> {
 }
 
 /// A response body read straight from its upstream connection, which returns to the pool
-/// when the body has been read whole (and is closed if the body is dropped before).
+/// when the body has been read whole (and is closed if the body is dropped before). A body
+/// that pauses for `idle` is cut off, as nginx's `proxy_read_timeout` and Envoy's stream
+/// idle timeout do: an upstream that hung mid-body held the client's request, and both
+/// connections, for as long as the client waited.
 struct UpstreamBody {
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
     pool: Weak<Upstreams>,
     addr: SocketAddr,
+    idle: Option<Duration>,
+    /// While a read waits: when the pause will have lasted `idle`. One clock read per
+    /// wait, none for a body that is already in the buffer.
+    waiting: Option<tokio::time::Instant>,
 }
 
 impl UpstreamBody {
@@ -1228,7 +1247,27 @@ impl http_body::Body for UpstreamBody {
             }
             conn.buf.reserve(want);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
-            match ready!(read) {
+            let read = match (read, this.idle) {
+                (Poll::Ready(read), _) => {
+                    this.waiting = None;
+                    read
+                }
+                (Poll::Pending, None) => return Poll::Pending,
+                (Poll::Pending, Some(idle)) => {
+                    let at = *this
+                        .waiting
+                        .get_or_insert_with(|| tokio::time::Instant::now() + idle);
+                    if conn.timer.poll_passed(at, cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the upstream's response body paused for {idle:?}: cut off"),
+                    ))));
+                }
+            };
+            match read {
                 Ok(0) => {
                     this.conn = None;
                     if matches!(this.framing, Framing::Eof) {
@@ -1311,7 +1350,7 @@ mod tests {
     /// closed to make room; the pool never holds more than the limit.
     #[tokio::test]
     async fn the_idle_pool_is_bounded_in_all_and_evicts_the_oldest() {
-        let pool = Upstreams::with_max_idle(Duration::from_secs(2), None, 2);
+        let pool = Upstreams::with_max_idle(Duration::from_secs(2), None, None, 2);
         let mut origins = Vec::new();
         for _ in 0..3 {
             origins.push(origin().await);
@@ -1537,7 +1576,7 @@ mod tests {
                 }
             }
         });
-        let pool = Upstreams::new(Duration::from_secs(2), None);
+        let pool = Upstreams::new(Duration::from_secs(2), None, None);
         for (method, length, te) in [
             ("GET", "60", None),
             ("POST", "60", Some("chunked")),

@@ -103,8 +103,11 @@ impl State {
             _ => AccessLog::open(&cfg.access_log)
                 .map_err(|e| format!("access_log.output: cannot open {:?}: {e}", cfg.access_log))?,
         };
-        let upstreams =
-            crate::net::upstream::Upstreams::new(cfg.connect_timeout, mesh_client.clone());
+        let upstreams = crate::net::upstream::Upstreams::new(
+            cfg.connect_timeout,
+            cfg.response_idle,
+            mesh_client.clone(),
+        );
         let cache = match prev {
             Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),
             _ => crate::cache::HttpCache::new(&cfg.cache),
