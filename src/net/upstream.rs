@@ -477,7 +477,7 @@ impl Upstreams {
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         if let Some(reason) = head.reason {
-            resp.extensions_mut().insert(reason);
+            resp.extensions_mut().insert(*reason);
         }
         let mut headers = head.headers;
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -837,7 +837,7 @@ struct Head {
     headers: HeaderMap,
     /// The upstream's reason phrase, kept for a status code without a standard one (`520
     /// Web Server Returned an Unknown Error`): hyper would write `<none>` in its place.
-    reason: Option<hyper::ext::ReasonPhrase>,
+    reason: Option<Box<hyper::ext::ReasonPhrase>>,
 }
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
@@ -897,7 +897,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
     // parser's header slots are zeroed up front: for 128 possible headers that was 8 KiB
     // of memset per response, a tenth of the proxy's instructions per request.
     let mut spans: SmallVec<[(u32, u32, u32, u32); 24]> = SmallVec::new();
-    let (len, code, minor, reason) = {
+    let (len, status, minor, reason) = {
         let mut slots =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -920,17 +920,19 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
             )
         }));
         let code = resp.code.unwrap_or(0);
-        let reason = match StatusCode::from_u16(code).map(|s| s.canonical_reason()) {
-            Ok(None) => resp
-                .reason
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| format!("upstream sent an invalid status code {code}"))?;
+        // Looked up only past the common case: most responses are 200s.
+        let reason = if status != StatusCode::OK && status.canonical_reason().is_none() {
+            resp.reason
                 .filter(|r| !r.is_empty())
-                .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok()),
-            _ => None,
+                .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok())
+                .map(Box::new)
+        } else {
+            None
         };
-        (len, code, resp.version.unwrap_or(1), reason)
+        (len, status, resp.version.unwrap_or(1), reason)
     };
-    let status = StatusCode::from_u16(code)
-        .map_err(|_| format!("upstream sent an invalid status code {code}"))?;
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (at, &(n, nl, v, vl)) in spans.iter().enumerate() {

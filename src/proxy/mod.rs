@@ -197,17 +197,17 @@ pub fn request_record<B>(
     conn: ConnInfo,
     req: &::http::Request<B>,
 ) -> crate::access_log::Record {
-    // What the client asked for, even if it turns out invalid; but never its userinfo,
-    // which is refused and may be a password (logs travel further than requests).
+    // What the client asked for, even if it turns out invalid; but never the userinfo of a
+    // URL (`http://user:password@host/`), which is refused and may be a password: logs
+    // travel further than requests. A Host header is logged as sent: clients put no
+    // credentials there, and looking for them cost every request about 100 instructions.
     let authority = req
         .uri()
         .authority()
-        .map(|a| a.as_str())
-        .map(|a| crate::policy::host::mask_userinfo(a).into_owned())
+        .map(|a| crate::policy::host::mask_userinfo(a.as_str()).into_owned())
         .or_else(|| {
             let host = req.headers().get(::http::header::HOST)?;
-            let host = String::from_utf8_lossy(host.as_bytes());
-            Some(crate::policy::host::mask_userinfo(&host).into_owned())
+            Some(String::from_utf8_lossy(host.as_bytes()).into_owned())
         });
     crate::access_log::Record {
         direction,
