@@ -302,12 +302,17 @@ fn target(
 
 /// Parses `host[:port]` strictly.
 pub fn parse_authority(authority: &str, default_port: u16) -> Result<(Host, u16), ProxyError> {
-    let invalid = |e| ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(e));
-    if authority.contains('@') {
-        return Err(invalid(crate::policy::host::HostError::Userinfo));
-    }
-    let (h, p) =
-        split_authority(authority).ok_or(invalid(crate::policy::host::HostError::BadChar))?;
+    use crate::policy::host::HostError;
+    // `@` is no host character, so userinfo always fails the parse below; only then is it
+    // told apart from other bad characters, so valid authorities are not scanned for it.
+    let invalid = |e| {
+        let e = match e {
+            HostError::BadChar if authority.contains('@') => HostError::Userinfo,
+            e => e,
+        };
+        ProxyError::Denied(crate::policy::egress::Deny::InvalidHost(e))
+    };
+    let (h, p) = split_authority(authority).ok_or_else(|| invalid(HostError::BadChar))?;
     let host = parse_host(h).map_err(invalid)?;
     let port = match p {
         None => default_port,
