@@ -410,3 +410,58 @@ async fn a_grpc_call_crosses_the_mesh_in_http2_with_its_trailers() {
         .iter()
         .any(|l| l["path"] == "/pkg.Admin/Drop" && l["decision"] == "deny"));
 }
+
+/// A caller that stops part-way through the mTLS handshake (here right after its
+/// ClientHello) is cut off after `clients.idle_timeout` and logged; before, it held the
+/// connection for ever.
+#[tokio::test]
+async fn a_handshake_that_stalls_is_cut_off() {
+    let ca = Ca::new().await;
+    let app = app().await;
+    let yaml = format!(
+        "outbound: {{ listen: 127.0.0.1:0 }}\ninbound:\n  listen: 127.0.0.1:0\n  mtls: strict\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\nclients: {{ idle_timeout: 1s }}\n{}",
+        ca.identity_yaml("ns/b/sa/b")
+    );
+    let b = Sidecar::start(&yaml, None).await;
+
+    // A real ClientHello offering the mesh protocol, from a client that then goes quiet.
+    outrider::tls::install_crypto_provider();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"outrider-mesh".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("b.mesh.test").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let mut s = TcpStream::connect(b.handle.inbound_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(&hello).await.unwrap();
+
+    let mut buf = vec![0u8; 16 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        // The server's flight comes first; then the close.
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a caller stalled mid-handshake still held its connection after 15 s"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        b.log_lines().iter().any(|l| l["decision"] == "deny"
+            && l["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("mTLS handshake not finished within 1s")),
+        "{:?}",
+        b.log_lines()
+    );
+}

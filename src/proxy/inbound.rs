@@ -120,7 +120,15 @@ async fn terminate_mtls<I>(
 {
     let state = inputs.state.load_full();
     let acceptor = tokio_rustls::TlsAcceptor::from(mesh.server.clone());
-    let mut tls = match acceptor.accept(io).await {
+    // Bounded like a request head: a caller that stops part-way through the handshake
+    // (after its ClientHello, say) would otherwise hold the connection for ever.
+    let limit = state.cfg.clients.idle_timeout;
+    let Ok(accepted) = tokio::time::timeout(limit, acceptor.accept(io)).await else {
+        let why = format!("mTLS handshake not finished within {limit:?}");
+        refuse(&state, conn, "mtls", &why);
+        return;
+    };
+    let mut tls = match accepted {
         Ok(tls) => tls,
         Err(e) => {
             // Wrong CA, expired, wrong trust domain, no certificate: refused and logged.
