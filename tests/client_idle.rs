@@ -324,3 +324,33 @@ async fn http2_a_request_body_may_pause_longer_than_the_idle_timeout() {
     assert_eq!(body, "10 bytes");
     p.shutdown().await;
 }
+
+/// An HTTP/2 client that sends the connection preface and then nothing (no SETTINGS) is
+/// closed too: the graceful close waited for a handshake that never came.
+#[tokio::test]
+async fn http2_a_client_that_stops_after_the_preface_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(CLOSED_WITHIN, async {
+        // The server's SETTINGS (and later its GOAWAY) come first; then the close.
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an HTTP/2 client silent after its preface was still connected after {CLOSED_WITHIN:?}"
+    );
+    p.shutdown().await;
+}

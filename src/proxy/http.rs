@@ -140,7 +140,12 @@ where
         () = idle.expired(limits.idle_timeout) => {
             tracing::debug!("closing an idle client connection");
             connection.as_mut().graceful_shutdown();
-            connection.await
+            // A graceful close waits on the client: to finish its handshake (a client that
+            // sent the preface and no SETTINGS), or to answer the GOAWAY's PING. One that
+            // never does gets as long again, then the connection is dropped, which closes it.
+            tokio::time::timeout(limits.idle_timeout, connection)
+                .await
+                .unwrap_or(Ok(()))
         }
     }
 }
