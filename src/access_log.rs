@@ -34,7 +34,16 @@ struct Shared {
     sink: Mutex<Sink>,
     /// The file written to, when the output is one: reopened on request (log rotation).
     path: Option<std::path::PathBuf>,
+    /// Queued bytes past which records are dropped rather than queued ([`MAX_PENDING`]).
+    max_pending: usize,
+    /// Records dropped because the queue was full, not yet reported.
+    overflowed: AtomicU64,
 }
+
+/// How much may wait for an output that blocks (a pipe nobody reads, a hung network
+/// mount) before records are dropped and counted: the queue must not grow the proxy
+/// without bound. About 100,000 records.
+const MAX_PENDING: usize = 32 * 1024 * 1024;
 
 /// Where batches go, and whether writing them has been failing.
 struct Sink {
@@ -42,6 +51,8 @@ struct Sink {
     /// While writes fail (a full disk): when the operator was last told, and how many
     /// records have been dropped since the failures began.
     failing: Option<(Instant, u64)>,
+    /// When the operator was last told of records dropped for a full queue.
+    overflow_told: Option<Instant>,
 }
 
 /// While writes keep failing, how often the operator is reminded.
@@ -49,7 +60,31 @@ const REPEAT: Duration = Duration::from_secs(10);
 
 impl Sink {
     fn new(out: Box<dyn Write + Send>) -> Self {
-        Self { out, failing: None }
+        Self {
+            out,
+            failing: None,
+            overflow_told: None,
+        }
+    }
+
+    /// Tells the operator, at most every 10 s, that records were dropped because the output
+    /// could not keep up; `dropped` counts them since the last time.
+    fn overflowed(&mut self, dropped: &AtomicU64) {
+        let now = Instant::now();
+        if self
+            .overflow_told
+            .is_some_and(|told| now.duration_since(told) < REPEAT)
+        {
+            return;
+        }
+        let n = dropped.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            tracing::warn!(
+                dropped = n,
+                "access log output too slow: records were dropped while 32 MiB of them waited"
+            );
+            self.overflow_told = Some(now);
+        }
     }
 
     /// Writes one batch of whole records. A batch that fails is dropped and counted: the
@@ -98,6 +133,24 @@ impl Shared {
         }
         if let Ok(mut sink) = self.sink.lock() {
             sink.write(&batch);
+            if self.overflowed.load(Ordering::Relaxed) > 0 {
+                sink.overflowed(&self.overflowed);
+            }
+        }
+    }
+
+    fn new(
+        sink: Box<dyn Write + Send>,
+        path: Option<std::path::PathBuf>,
+        max_pending: usize,
+    ) -> Self {
+        Self {
+            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
+            wake: Condvar::new(),
+            sink: Mutex::new(Sink::new(sink)),
+            path,
+            max_pending,
+            overflowed: AtomicU64::new(0),
         }
     }
 }
@@ -118,12 +171,12 @@ impl AccessLog {
             "stderr" => (Box::new(std::io::stderr()), None),
             path => (Box::new(append_to(path.as_ref())?), Some(path.into())),
         };
-        let shared = Arc::new(Shared {
-            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
-            wake: Condvar::new(),
-            sink: Mutex::new(Sink::new(sink)),
-            path,
-        });
+        Self::start(Shared::new(sink, path, MAX_PENDING))
+    }
+
+    /// Starts the writer thread for `shared`.
+    fn start(shared: Shared) -> std::io::Result<Self> {
+        let shared = Arc::new(shared);
         // The thread holds only a weak reference: when the last handle goes (a reload that
         // changed the output), it writes what is left and ends.
         let weak = Arc::downgrade(&shared);
@@ -142,6 +195,12 @@ impl AccessLog {
             return;
         };
         let before = pending.len();
+        if before >= shared.max_pending {
+            drop(pending);
+            shared.overflowed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("outrider_access_log_dropped_total").increment(1);
+            return;
+        }
         record.write_json(&mut pending);
         pending.push(b'\n');
         if pending.len() >= WAKE_BYTES && before < WAKE_BYTES {
@@ -530,6 +589,61 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    /// An output that blocks (a pipe nobody reads) does not grow the queue past its bound:
+    /// records beyond it are dropped and counted, and whole records, never parts, reach the
+    /// output once it moves again.
+    #[test]
+    fn a_blocked_output_bounds_the_queue_and_drops_whole_records() {
+        type Gate = Arc<(Mutex<bool>, Condvar)>;
+        struct Blocked(Gate, Arc<Mutex<Vec<u8>>>);
+        impl Write for Blocked {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let (open, cv) = &*self.0;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+                self.1.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = Blocked(gate.clone(), out.clone());
+        let log = AccessLog::start(Shared::new(Box::new(sink), None, 4096)).unwrap();
+        let shared = log.shared.clone().unwrap();
+        let record = |status| Record {
+            status,
+            ..Record::default()
+        };
+        // The writer takes the first record and blocks on the output.
+        log.write(&record(200));
+        while !shared.pending.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for _ in 0..1000 {
+            log.write(&record(201));
+        }
+        let queued = shared.pending.lock().unwrap().len();
+        assert!(queued < 4096 + 512, "the queue grew to {queued} bytes");
+        let dropped = shared.overflowed.load(Ordering::Relaxed);
+        assert!(dropped > 900, "only {dropped} of 1,000 records dropped");
+
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        log.flush();
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, 1 + 1000 - dropped, "{text}");
+        assert_eq!(shared.overflowed.load(Ordering::Relaxed), 0, "reported");
+    }
 
     /// A reopen that cannot open the path loses nothing: the file in use stays in use.
     #[test]
