@@ -73,7 +73,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "outrider_access_log_dropped_total",
-        "Access-log records that could not be written (a full disk, say)"
+        "Access-log records dropped: the output failed (a full disk) or could not keep up"
     );
     // Touch the counters that a quiet proxy would otherwise not show at all.
     for name in [
