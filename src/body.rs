@@ -27,11 +27,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A client's request body for the upstream hop, counting bytes from the client into
 /// `counter`, and failing with [`BodyIdle`] when none of it arrives for `idle` (see
-/// [`IdleLimited`]). A body that is already over (most requests have none) is not boxed.
+/// [`IdleLimited`]; HTTP/1 only, the client's `version` says). A body that is already over
+/// (most requests have none) is not boxed.
 pub fn request_body<B>(
     incoming: B,
     counter: std::sync::Arc<crate::access_log::Bytes>,
-    idle: Option<std::time::Duration>,
+    version: http::Version,
+    idle: std::time::Duration,
 ) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -40,7 +42,7 @@ where
     if incoming.is_end_stream() {
         return empty();
     }
-    match idle {
+    match body_idle_limit(version, idle) {
         Some(limit) => boxed(Counted::new(
             IdleLimited::new(incoming, limit),
             counter,
@@ -56,7 +58,7 @@ where
 /// once it has; an HTTP/2 stream is held in check by flow control and the connection's
 /// stream limit, and a gRPC streaming call may rightly pause for longer than any idle
 /// timeout.
-pub fn body_idle_limit(
+fn body_idle_limit(
     version: http::Version,
     idle: std::time::Duration,
 ) -> Option<std::time::Duration> {

@@ -219,28 +219,18 @@ async fn start_upload(inbound: SocketAddr, len: usize) -> tokio::net::TcpStream 
 
 #[tokio::test]
 async fn http1_a_request_body_that_stops_arriving_is_408() {
-    use tokio::io::AsyncReadExt;
     let app = app().await;
     let p = proxy(app).await;
     let inbound = p.handle().inbound_addr.unwrap();
     // A head and one byte of a 100-byte body, then nothing: before, the client's
     // connection and the proxy's to the app stayed open for as long as the client liked.
     let mut s = start_upload(inbound, 100).await;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(CLOSED_WITHIN, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let got = outrider::testing::read_until_closed(&mut s, CLOSED_WITHIN).await;
     assert!(
-        read.is_ok(),
+        got.is_some(),
         "a request body that stopped arriving was still open after {CLOSED_WITHIN:?}"
     );
+    let got = got.unwrap_or_default();
     let text = String::from_utf8_lossy(&got).to_lowercase();
     assert!(text.starts_with("http/1.1 408"), "{text}");
     assert!(
@@ -329,7 +319,7 @@ async fn http2_a_request_body_may_pause_longer_than_the_idle_timeout() {
 /// closed too: the graceful close waited for a handshake that never came.
 #[tokio::test]
 async fn http2_a_client_that_stops_after_the_preface_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let app = app().await;
     let p = proxy(app).await;
     let inbound = p.handle().inbound_addr.unwrap();
@@ -337,19 +327,10 @@ async fn http2_a_client_that_stops_after_the_preface_is_closed() {
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(CLOSED_WITHIN, async {
-        // The server's SETTINGS (and later its GOAWAY) come first; then the close.
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    // The server's SETTINGS (and later its GOAWAY) come first; then the close.
+    let closed = outrider::testing::read_until_closed(&mut s, CLOSED_WITHIN).await;
     assert!(
-        closed.is_ok(),
+        closed.is_some(),
         "an HTTP/2 client silent after its preface was still connected after {CLOSED_WITHIN:?}"
     );
     p.shutdown().await;

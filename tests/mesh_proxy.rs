@@ -439,19 +439,10 @@ async fn a_handshake_that_stalls_is_cut_off() {
         .unwrap();
     s.write_all(&hello).await.unwrap();
 
-    let mut buf = vec![0u8; 16 * 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        // The server's flight comes first; then the close.
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    // The server's flight comes first; then the close.
+    let closed = outrider::testing::read_until_closed(&mut s, Duration::from_secs(15)).await;
     assert!(
-        closed.is_ok(),
+        closed.is_some(),
         "a caller stalled mid-handshake still held its connection after 15 s"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -134,7 +134,8 @@ async fn forward(
         body::request_body(
             incoming,
             counter,
-            body::body_idle_limit(client_version, state.cfg.clients.idle_timeout),
+            client_version,
+            state.cfg.clients.idle_timeout,
         ),
     );
     let pooled = Pooled {

@@ -427,7 +427,8 @@ async fn to_app(
         body::request_body(
             incoming,
             counter,
-            body::body_idle_limit(client_version, state.cfg.clients.idle_timeout),
+            client_version,
+            state.cfg.clients.idle_timeout,
         ),
     );
     let pooled = super::forward::Pooled {

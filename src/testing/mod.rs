@@ -521,6 +521,24 @@ impl RawResp {
     }
 }
 
+/// Reads from `s` until the peer closes it (or resets it); returns what was read, or
+/// `None` if it was still open after `within`.
+pub async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| got)
+}
+
 /// Reads one response head off `s` as sent, byte by byte so that nothing after it (a
 /// body, or the bytes of a tunnel or upgraded connection) is consumed. Fails the test if
 /// the peer closes first or 5 s pass.
