@@ -1,5 +1,6 @@
 //! Process lifecycle: bind every listener first, then serve; reload on SIGHUP without
-//! dropping connections; on SIGTERM stop accepting and drain up to `shutdown.drain_timeout`.
+//! dropping connections; on SIGTERM stop accepting (outbound after `shutdown.outbound_grace`)
+//! and drain up to `shutdown.drain_timeout`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -177,10 +178,13 @@ impl Server {
             orig_dst,
         } = self;
         let shutdown = handle.shutdown.clone();
+        // The outbound side stops on its own token: it may stay open a while after the
+        // inbound side (`shutdown.outbound_grace`).
+        let outbound_stop = CancellationToken::new();
         let admin_task = tokio::spawn(crate::admin::serve(admin, handle.clone()));
         let mut accept_tasks = Vec::new();
         for l in outbound {
-            let task = accept_outbound(l, inputs.clone(), orig_dst.clone(), shutdown.clone());
+            let task = accept_outbound(l, inputs.clone(), orig_dst.clone(), outbound_stop.clone());
             accept_tasks.push(tokio::spawn(task));
         }
         for l in inbound {
@@ -191,6 +195,17 @@ impl Server {
         tracing::info!(outbound = %handle.outbound_addr, admin = %handle.admin_addr, inbound = ?handle.inbound_addr, "outrider ready");
         shutdown.cancelled().await;
         handle.ready.store(false, Ordering::SeqCst);
+        let grace = inputs.state.load().cfg.outbound_grace;
+        if !grace.is_zero() {
+            // As Istio's sidecar drains only inbound at first: the app in the same pod got
+            // its SIGTERM too, and its own graceful shutdown may still need to call out.
+            tracing::info!(
+                ?grace,
+                "inbound closed; the outbound listener stays open for shutdown.outbound_grace"
+            );
+            tokio::time::sleep(grace).await;
+        }
+        outbound_stop.cancel();
         for t in accept_tasks {
             let _ = t.await;
         }

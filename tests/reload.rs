@@ -517,3 +517,44 @@ async fn a_full_disk_drops_log_records_counts_them_and_says_so_once() {
     );
     assert!(proxy.stderr().contains("dropped=5"), "{}", proxy.stderr());
 }
+
+/// With `shutdown.outbound_grace`, SIGTERM closes the inbound listener at once but the
+/// outbound one only after the grace: the app in the same pod got its SIGTERM too, and its
+/// own graceful shutdown may still call out. Then the proxy drains and exits as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_the_outbound_listener_open_for_the_grace() {
+    let up = Upstream::start().await;
+    let mut proxy = BinProxy::start(
+        BIN,
+        "outbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n\
+         inbound:\n  mtls: disabled\n\
+         shutdown:\n  outbound_grace: 2s\n",
+    );
+    let stderr = proxy.stderr();
+    let inbound: std::net::SocketAddr = stderr
+        .split("inbound=Some(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no inbound address in: {stderr}"));
+    proxy.signal(Signal::SIGTERM);
+    assert!(
+        proxy.wait_stderr("outbound listener stays open"),
+        "{}",
+        proxy.stderr()
+    );
+    let (ready, _) = outrider::testing::admin_get(proxy.admin_addr, "/ready").await;
+    assert_eq!(ready, 503, "/ready during the grace");
+    assert!(
+        tokio::net::TcpStream::connect(inbound).await.is_err(),
+        "the inbound listener accepted a connection after SIGTERM"
+    );
+    // A new outbound connection, after the signal, is still served.
+    let url = format!("http://127.0.0.1:{}/after-sigterm", up.port());
+    let r = outrider::testing::proxy_get(proxy.proxy_addr, &url).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("outrider did not exit after the grace");
+    assert!(status.success(), "{status:?}\n{}", proxy.stderr());
+}

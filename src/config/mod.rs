@@ -416,12 +416,17 @@ impl Default for ClientsConfig {
 pub struct ShutdownConfig {
     /// How long SIGTERM waits for in-flight requests and tunnels.
     pub drain_timeout: String,
+    /// How long after SIGTERM the outbound listener still accepts, while the inbound one is
+    /// already closed: an app stopping at the same moment may still call out during its
+    /// own graceful shutdown. `0s` (the default): both close at once.
+    pub outbound_grace: String,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain_timeout: "10s".into(),
+            outbound_grace: "0s".into(),
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct Compiled {
     pub access_log: String,
     /// SIGTERM drain timeout.
     pub drain_timeout: Duration,
+    /// How long the outbound listener stays open after SIGTERM.
+    pub outbound_grace: Duration,
     /// Inbound authorization.
     pub authz: crate::policy::authz::Authz,
     /// Mesh networks: destinations reached with mTLS.
@@ -104,6 +106,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         &config.outbound.detect.server_first_ports,
     )?;
     let drain_timeout = duration("shutdown.drain_timeout", &config.shutdown.drain_timeout)?;
+    let outbound_grace = duration("shutdown.outbound_grace", &config.shutdown.outbound_grace)?;
     let clients = client_limits(&config.clients)?;
 
     let authz = match &config.inbound {
@@ -205,6 +208,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         app_host,
         access_log: config.access_log.output.clone(),
         drain_timeout,
+        outbound_grace,
         clients,
         cache: config.outbound.cache.clone(),
         authz,
