@@ -490,3 +490,75 @@ async fn the_request_head_limit_is_configurable() {
     let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 48).as_bytes()).await;
     assert_eq!(raw.status, 431, "{}", raw.head);
 }
+
+/// `Max-Forwards` on TRACE and OPTIONS (RFC 9110 §7.6.2, a must for intermediaries): at 0
+/// the proxy answers itself and nothing reaches the upstream (TRACE echoes the request
+/// without its credentials); above 0 the request goes on with one less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_forwards_zero_is_answered_by_the_proxy_and_higher_values_count_down() {
+    let up = Upstream::start().await;
+    let proxy = TestProxy::start(&config()).await;
+    let p = up.port();
+    let trace = raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "TRACE http://127.0.0.1:{p}/t HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nMax-Forwards: 0\r\n\
+             X-Probe: 1\r\nCookie: session=s3cret\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(trace.status, 200, "{trace:?}");
+    assert_eq!(
+        trace.header("content-type").as_deref(),
+        Some("message/http")
+    );
+    assert!(
+        trace
+            .all
+            .contains(&format!("TRACE http://127.0.0.1:{p}/t HTTP/1.1\r\n")),
+        "{trace:?}"
+    );
+    assert!(trace.all.contains("x-probe: 1\r\n"), "{trace:?}");
+    assert!(
+        !trace.all.contains("s3cret"),
+        "a credential was echoed: {trace:?}"
+    );
+
+    let options = raw_exchange(
+        proxy.proxy_addr(),
+        format!(
+            "OPTIONS http://127.0.0.1:{p}/o HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(options.status, 200, "{options:?}");
+    assert!(
+        options
+            .header("allow")
+            .unwrap_or_default()
+            .contains("OPTIONS"),
+        "{options:?}"
+    );
+    assert_eq!(
+        up.requests(),
+        0,
+        "a request with Max-Forwards: 0 was forwarded"
+    );
+
+    // Above 0: forwarded, one less (the upstream echoes the headers it got).
+    let mut client = ProxyClient::connect(proxy.proxy_addr()).await;
+    let req = http::Request::builder()
+        .method("OPTIONS")
+        .uri(format!("http://127.0.0.1:{p}/o"))
+        .header("max-forwards", "3")
+        .body(generated_body(0))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["max-forwards"][0], "2", "{seen}");
+    assert_eq!(up.requests(), 1);
+}

@@ -293,6 +293,18 @@ async fn connect_and_foreign_transfer_codings_are_refused_and_never_reach_the_ap
     let head = outrider::testing::read_head(&mut s).await.to_lowercase();
     assert!(head.starts_with("http/1.1 501"), "{head}");
 
+    // OPTIONS with Max-Forwards: 0 is answered by the sidecar itself (RFC 9110 §7.6.2).
+    let (status, headers, body) = send(
+        inbound,
+        "OPTIONS",
+        "/",
+        &[("host", "shop.local"), ("max-forwards", "0")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(headers.contains_key("allow"), "{headers:?}");
+    assert!(body.is_empty(), "the app answered: {body}");
+
     // Only these are refused: the same host routes a GET to the web app.
     let (status, _, body) = send(inbound, "GET", "/", &[("host", "shop.local")]).await;
     assert_eq!(status, 200);

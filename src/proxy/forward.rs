@@ -99,6 +99,10 @@ async fn forward(
     }
     let admitted = admit(inputs, state, &host, port, conn.original_dst).await?;
     note_admission(guard, &admitted);
+    if let Some(answer) = super::http::max_forwards(&mut req) {
+        guard.record.upstream = None;
+        return Ok((answer, None));
+    }
 
     let client_version = req.version();
     let upgrading = wants_upgrade(req.headers_mut());

@@ -287,6 +287,66 @@ pub fn strip_request_hop_by_hop(
     Ok(())
 }
 
+/// `Max-Forwards` on a TRACE or OPTIONS request (RFC 9110 §7.6.2, a must for every
+/// intermediary): at 0 the proxy answers as the final recipient and forwards nothing;
+/// above it, the request goes on with one less. Other methods, and requests without the
+/// header, are left alone. Returns the proxy's own answer, when it gives one.
+pub fn max_forwards<B>(req: &mut http::Request<B>) -> Option<http::Response<crate::body::Body>> {
+    use http::Method;
+    if req.method() != Method::TRACE && req.method() != Method::OPTIONS {
+        return None;
+    }
+    let max_forwards = HeaderName::from_static("max-forwards");
+    // A value that is not a number is no limit: the request goes on as it came.
+    let left: u32 = req
+        .headers()
+        .get(&max_forwards)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if left > 0 {
+        req.headers_mut()
+            .insert(max_forwards, HeaderValue::from(left - 1));
+        return None;
+    }
+    let resp = if req.method() == Method::TRACE {
+        // The request as received, which is what TRACE is for, minus the fields that carry
+        // credentials (§9.3.8): an echo must not hand them to a script that can read it.
+        let mut echo = format!("TRACE {} {:?}\r\n", req.uri(), req.version()).into_bytes();
+        for (name, value) in req.headers() {
+            if matches!(
+                name.as_str(),
+                "authorization" | "proxy-authorization" | "cookie"
+            ) {
+                continue;
+            }
+            echo.extend_from_slice(name.as_str().as_bytes());
+            echo.extend_from_slice(b": ");
+            echo.extend_from_slice(value.as_bytes());
+            echo.extend_from_slice(b"\r\n");
+        }
+        echo.extend_from_slice(b"\r\n");
+        let mut resp = http::Response::new(crate::body::full(echo));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("message/http"),
+        );
+        resp
+    } else {
+        let mut resp = http::Response::new(crate::body::empty());
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static(
+                "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+            ),
+        );
+        resp
+    };
+    Some(resp)
+}
+
 /// Whether a request asks to switch protocols (WebSocket and the like). An offer of
 /// cleartext HTTP/2 is taken out first (see [`drop_h2c`]), so a request that offers only
 /// that goes on as an ordinary one.

@@ -396,6 +396,10 @@ async fn to_app(
             .check(asked)
             .map_err(ProxyError::Unauthorized)?,
     );
+    if let Some(answer) = super::http::max_forwards(&mut req) {
+        guard.record.upstream = None;
+        return Ok((answer, None));
+    }
 
     let upgrading = wants_upgrade(req.headers_mut());
     let client_upgrade = upgrading.then(|| {
