@@ -26,6 +26,8 @@ const WAKE_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct AccessLog {
     shared: Option<Arc<Shared>>,
+    /// `access_log.strip_query`: paths are written without their query string.
+    strip_query: bool,
 }
 
 struct Shared {
@@ -166,7 +168,12 @@ impl AccessLog {
     /// path (appended to, created if missing).
     pub fn open(output: &str) -> std::io::Result<Self> {
         let (sink, path): (Box<dyn Write + Send>, _) = match output {
-            "off" => return Ok(Self { shared: None }),
+            "off" => {
+                return Ok(Self {
+                    shared: None,
+                    strip_query: false,
+                })
+            }
             "stdout" => (Box::new(std::io::stdout()), None),
             "stderr" => (Box::new(std::io::stderr()), None),
             path => (Box::new(append_to(path.as_ref())?), Some(path.into())),
@@ -185,11 +192,30 @@ impl AccessLog {
             .spawn(move || write_loop(&weak))?;
         Ok(Self {
             shared: Some(shared),
+            strip_query: false,
         })
+    }
+
+    /// The same log, writing paths without their query string when `on` (query strings
+    /// may carry tokens and personal data; Squid's `strip_query_terms` does the same).
+    pub fn stripping_query(mut self, on: bool) -> Self {
+        self.strip_query = on;
+        self
     }
 
     /// Queues one record.
     pub fn write(&self, record: &Record) {
+        if self.strip_query {
+            if let Some(p) = record.path.as_ref().filter(|p| p.query().is_some()) {
+                let mut stripped = record.clone();
+                stripped.path = p.path().parse().ok();
+                return self.write_record(&stripped);
+            }
+        }
+        self.write_record(record);
+    }
+
+    fn write_record(&self, record: &Record) {
         let Some(shared) = &self.shared else { return };
         let Ok(mut pending) = shared.pending.lock() else {
             return;

@@ -349,6 +349,9 @@ pub struct AccessLogConfig {
     /// `stdout`, `stderr`, `off`, or a file path (appended to).
     #[serde(deserialize_with = "log_output")]
     pub output: String,
+    /// Log each `path` without its query string (`?…`), which may carry tokens or
+    /// personal data (Squid's `strip_query_terms`).
+    pub strip_query: bool,
 }
 
 /// Reads `access_log.output`. The parser follows YAML 1.1, where an unquoted `off` is the
@@ -378,6 +381,7 @@ impl Default for AccessLogConfig {
     fn default() -> Self {
         Self {
             output: "stdout".into(),
+            strip_query: false,
         }
     }
 }

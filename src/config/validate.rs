@@ -46,6 +46,8 @@ pub struct Compiled {
     pub app_host: IpAddr,
     /// Access log destination.
     pub access_log: String,
+    /// Whether logged paths lose their query string.
+    pub access_log_strip_query: bool,
     /// SIGTERM drain timeout.
     pub drain_timeout: Duration,
     /// How long the outbound listener stays open after SIGTERM.
@@ -207,6 +209,7 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         routes,
         app_host,
         access_log: config.access_log.output.clone(),
+        access_log_strip_query: config.access_log.strip_query,
         drain_timeout,
         outbound_grace,
         clients,

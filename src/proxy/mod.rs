@@ -102,7 +102,8 @@ impl State {
             Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
             _ => AccessLog::open(&cfg.access_log)
                 .map_err(|e| format!("access_log.output: cannot open {:?}: {e}", cfg.access_log))?,
-        };
+        }
+        .stripping_query(cfg.access_log_strip_query);
         let upstreams = crate::net::upstream::Upstreams::new(
             cfg.connect_timeout,
             cfg.response_idle,
