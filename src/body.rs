@@ -70,18 +70,6 @@ fn body_idle_limit(
 #[error("no byte of the request body arrived for {0:?}")]
 pub struct BodyIdle(pub std::time::Duration);
 
-/// Whether `e`, or an error it wraps, is a [`BodyIdle`].
-pub fn is_body_idle(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut at = Some(e);
-    while let Some(e) = at {
-        if e.is::<BodyIdle>() {
-            return true;
-        }
-        at = e.source();
-    }
-    false
-}
-
 pin_project_lite::pin_project! {
     /// A client's request body that fails with [`BodyIdle`] once none of it has arrived for
     /// `limit`. Without it, a client that sent a head and part of a body, then nothing (a

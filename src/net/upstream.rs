@@ -771,7 +771,7 @@ async fn write_request<W: AsyncWrite + Unpin>(
     let mut ended = false;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            if crate::body::is_body_idle(&*e) {
+            if e.is::<crate::body::BodyIdle>() {
                 Exchange::ClientIdle(e.to_string())
             } else {
                 Exchange::Failed(format!("the client's request body failed: {e}"))
@@ -961,13 +961,17 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
 /// (Split as bytes: through `to_str` and `str::split` this cost several hundred
 /// instructions per response for a `Connection: keep-alive`.)
 pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    byte_tokens(headers, name).filter_map(|t| std::str::from_utf8(t).ok())
+}
+
+/// [`tokens`] as bytes, non-UTF-8 ones included.
+fn byte_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(name)
         .into_iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
-        .filter_map(|t| std::str::from_utf8(t).ok())
 }
 
 /// The first transfer coding other than `chunked` (`gzip` in `gzip, chunked`). Only the
@@ -975,12 +979,9 @@ pub(crate) fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Ite
 /// stays behind with the hop, so a message with another coding cannot be passed on
 /// faithfully: its next hop would get coded bytes with nothing saying so.
 pub(crate) fn foreign_coding(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .find(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"))
+    // As bytes: a coding that is not UTF-8 is not chunked either.
+    byte_tokens(headers, header::TRANSFER_ENCODING)
+        .find(|t| !t.eq_ignore_ascii_case(b"chunked"))
         .map(|t| String::from_utf8_lossy(t).into_owned())
 }
 

@@ -296,11 +296,10 @@ pub fn max_forwards<B>(req: &mut http::Request<B>) -> Option<http::Response<crat
     if req.method() != Method::TRACE && req.method() != Method::OPTIONS {
         return None;
     }
-    let max_forwards = HeaderName::from_static("max-forwards");
     // A value that is not a number is no limit: the request goes on as it came.
     let left: u32 = req
         .headers()
-        .get(&max_forwards)?
+        .get(header::MAX_FORWARDS)?
         .to_str()
         .ok()?
         .trim()
@@ -308,7 +307,7 @@ pub fn max_forwards<B>(req: &mut http::Request<B>) -> Option<http::Response<crat
         .ok()?;
     if left > 0 {
         req.headers_mut()
-            .insert(max_forwards, HeaderValue::from(left - 1));
+            .insert(header::MAX_FORWARDS, HeaderValue::from(left - 1));
         return None;
     }
     let resp = if req.method() == Method::TRACE {
