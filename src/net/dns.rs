@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use hickory_resolver::config::{ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::Name;
 use hickory_resolver::TokioResolver;
 
 /// A lookup that found nothing usable.
@@ -55,11 +56,24 @@ impl Dns {
             return Ok(ips.clone());
         }
         // A fully qualified query so that resolv.conf search domains cannot turn
-        // `api.example.com` into `api.example.com.corp.internal`.
-        let fqdn = format!("{host}.");
+        // `api.example.com` into `api.example.com.corp.internal`. The name is built as ASCII:
+        // `host` has passed `policy::host` (letters, digits, `-`, `_`, lower case), and
+        // hickory's `&str` conversion runs IDNA (UTS 46, STD3) on it, which refuses `_`
+        // inside a label, so `my_svc.internal` failed as "invalid characters" before any
+        // query, where getaddrinfo, curl and every peer proxy resolve it.
+        let fqdn = match Name::from_ascii(format!("{host}.")) {
+            Ok(name) => name,
+            Err(e) => {
+                metrics::counter!("outrider_dns_failures_total").increment(1);
+                return Err(DnsError {
+                    host: host.into(),
+                    reason: brief(&e.to_string()),
+                });
+            }
+        };
         // Boxed: the resolver's future is large, and inline it would enlarge every request's
         // future, including those for IP literals and static names that never get here.
-        match Box::pin(self.resolver.lookup_ip(fqdn.as_str())).await {
+        match Box::pin(self.resolver.lookup_ip(fqdn)).await {
             Ok(found) => {
                 let ips: Vec<IpAddr> = found.iter().collect();
                 if ips.is_empty() {

@@ -1,0 +1,149 @@
+//! Names that `dns.hosts` does not list go to the system resolver (hickory, with resolv.conf
+//! and /etc/hosts). These tests run the real binary in a network namespace whose /etc/hosts
+//! is its own (`ip netns exec` mounts `/etc/netns/<name>/hosts` over it), so a name resolves
+//! through the same path as in production without touching the machine's files or the network.
+//!
+//! Run: `sudo -E cargo test --test netns_dns` (CI runs as root). Without root every test fails
+//! saying so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::panic,
+    reason = "a test reports an unexpected outcome by panicking"
+)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::netns::{Background, NetNs, Resp, PYTHON};
+
+const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
+
+/// `/etc/netns/<ns>/`, which `ip netns exec` mounts over /etc's files; removed on drop.
+struct EtcOverlay(PathBuf);
+
+impl EtcOverlay {
+    fn hosts(ns: &NetNs, text: &str) -> EtcOverlay {
+        let dir = PathBuf::from("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), text).unwrap();
+        EtcOverlay(dir)
+    }
+}
+
+impl Drop for EtcOverlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A namespace with its own /etc/hosts, a static HTTP server on 127.0.0.1:8000 serving
+/// `hello.txt`, and the proxy allowing `*.internal` there (and nothing else).
+struct World {
+    ns: NetNs,
+    _servers: Vec<Background>,
+    _etc: EtcOverlay,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(hosts: &str) -> World {
+        let ns = NetNs::new("ordns");
+        let etc = EtcOverlay::hosts(&ns, hosts);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("www");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("hello.txt"), "hello from the app\n").unwrap();
+        let root_arg = root.to_str().unwrap();
+        let mut web = ns.spawn(
+            PYTHON,
+            &["-u", "-m", "http.server", "8000", "--bind", "127.0.0.1"]
+                .into_iter()
+                .chain(["--directory", root_arg])
+                .collect::<Vec<_>>(),
+        );
+        web.wait_for_line("Serving HTTP", Duration::from_secs(10));
+        let config = dir.path().join("outrider.yaml");
+        let log = dir.path().join("access.log");
+        std::fs::write(
+            &config,
+            format!(
+                "admin: {{ listen: 127.0.0.1:15000 }}\n\
+                 outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    allow:\n\
+                 \x20     - host: \"*.internal\"\n        ports: [8000]\n\
+                 \x20     - cidr: 127.0.0.1/32\n        ports: [8000]\n\
+                 access_log: {{ output: {} }}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let proxy = ns.spawn(OUTRIDER, &["run", "--config", config.to_str().unwrap()]);
+        let w = World {
+            ns,
+            _servers: vec![web, proxy],
+            _etc: etc,
+            _dir: dir,
+        };
+        w.wait_ready();
+        w
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.ns.exec(
+                "curl",
+                &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
+            );
+            if out.status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the proxy did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `curl -i` through the explicit proxy, inside the namespace.
+    fn get(&self, url: &str) -> Resp {
+        Resp::parse(&self.ns.exec(
+            "curl",
+            &[
+                "-s",
+                "-i",
+                "--max-time",
+                "10",
+                "--noproxy",
+                "",
+                "-x",
+                "http://127.0.0.1:15001",
+                url,
+            ],
+        ))
+    }
+}
+
+#[test]
+fn a_name_with_an_underscore_resolves_through_the_system_resolver() {
+    // Underscores are common in internal names (and valid DNS); getaddrinfo, curl and the
+    // peer proxies resolve them. hickory's string conversion ran IDNA and refused them.
+    let w = World::new("127.0.0.1 localhost\n127.0.0.1 my_svc.internal plain.internal\n");
+    let resp = w.get("http://My_Svc.internal:8000/hello.txt");
+    assert_eq!(
+        resp.status,
+        200,
+        "x-outrider-error: {:?}\n{}",
+        resp.header("x-outrider-error"),
+        resp.body
+    );
+    assert_eq!(resp.body, "hello from the app\n");
+    // The same path without an underscore, so that the test shows the resolver works here.
+    let resp = w.get("http://plain.internal:8000/hello.txt");
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    // A name the hosts file does not have is a 502 naming it, not a 200 from somewhere else:
+    // the namespace has no route to any DNS server.
+    let resp = w.get("http://missing_svc.internal:8000/hello.txt");
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    let reason = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(reason.contains("missing_svc.internal"), "{reason:?}");
+}
