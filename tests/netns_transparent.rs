@@ -623,6 +623,83 @@ except (OSError, ssl.SSLError) as e:
     assert_eq!(field(&late, "decision"), "deny", "{late}");
 }
 
+/// rustls's ClientHello for `name`, as the one TLS record a client sends.
+fn client_hello(name: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    assert_eq!(out[0], 0x16, "a handshake record");
+    let len = usize::from(u16::from_be_bytes([out[3], out[4]]));
+    assert_eq!(out.len(), 5 + len, "one record");
+    out
+}
+
+/// The same handshake message split into records at the given offsets into its payload, as
+/// TLS allows (RFC 8446 §5.1) and TLS servers accept.
+fn split_records(record: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let payload = &record[5..];
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &end in cuts.iter().chain([payload.len()].iter()) {
+        out.extend_from_slice(&record[..3]);
+        out.extend_from_slice(&u16::try_from(end - start).unwrap().to_be_bytes());
+        out.extend_from_slice(&payload[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// A ClientHello split across TLS records is put together before its SNI is checked. Read
+/// from its first record alone it had no SNI, so `CONNECT allowed.test:443` carried a TLS
+/// session for denied.test (the server, like every TLS server, joins the records).
+#[test]
+fn a_client_hello_split_across_records_is_checked_on_its_sni() {
+    let w = World::new();
+    // Sends the hex ClientHello into a CONNECT tunnel to allowed.test:443 and says how many
+    // bytes the server's answer had before the tunnel closed (0: the proxy closed it).
+    let send = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", 15001), timeout=10)
+s.sendall(b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+s.sendall(bytes.fromhex(sys.argv[1]))
+try:
+    print("answered %d" % len(s.recv(5)))
+except OSError as e:
+    print("error %r" % e)
+"#;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    // The denied name, split three ways: refused, as the same hello in one
+    // record is (before the fix the server answered it).
+    let denied = split_records(&client_hello("denied.test"), &[2, 60]);
+    assert_eq!(w.py(send, &[&hex(&denied)]), "answered 0");
+    let record = w.wait_log("the split denied hello", |r| {
+        field(r, "method") == "CONNECT" && field(r, "sni") == "denied.test"
+    });
+    assert_eq!(field(&record, "decision"), "deny", "{record}");
+    let reason = field(&record, "reason");
+    assert!(
+        reason.contains("SNI denied.test") && reason.contains("no rule for host denied.test"),
+        "{record}"
+    );
+    // The allowed name, split: the server answers (a split hello is no reason to refuse).
+    let allowed = split_records(&client_hello("allowed.test"), &[1, 40]);
+    assert_eq!(w.py(send, &[&hex(&allowed)]), "answered 5");
+    let record = w.wait_log("the split allowed hello", |r| {
+        field(r, "method") == "CONNECT" && field(r, "sni") == "allowed.test"
+    });
+    assert_eq!(field(&record, "decision"), "allow", "{record}");
+}
+
 /// Plain HTTP inside a CONNECT is served request by request: each Host (HTTP/2:
 /// `:authority`) is checked against the address the CONNECT dialled, as on a redirected
 /// connection, and each request is logged. Spliced as bytes, `CONNECT allowed.test:80`

@@ -41,6 +41,10 @@ pub enum HostError {
     /// Over 253 bytes.
     #[error("host is too long")]
     TooLong,
+    /// The TLS ClientHello that would carry the name cannot be read with certainty (two
+    /// server names, a broken structure, over 16 KiB): what the server acts on is unknown.
+    #[error("unreadable ClientHello: {0}")]
+    UnreadableHello(&'static str),
 }
 
 /// Parses a host as sent by a client: case-insensitive, one trailing dot ignored,

@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use crate::policy::host::{parse_host, Host, HostError};
+
 /// What the first bytes say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Protocol {
@@ -65,7 +67,7 @@ pub async fn detect_until<R: AsyncRead + Unpin>(
         }
         if buf.len() >= MAX_PEEK {
             let p = if buf[0] == 0x16 {
-                Protocol::Tls(Hello::default())
+                Protocol::Tls(Hello::unreadable("a ClientHello over 16 KiB"))
             } else {
                 Protocol::Tcp { timed_out: false }
             };
@@ -96,8 +98,13 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
     if H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
+    // A TLS record: handshake (22), then the version's major byte, 3 in every TLS version.
     if buf[0] == 0x16 {
-        return tls_client_hello(buf).map(Protocol::Tls);
+        match buf.get(1) {
+            None => return None,
+            Some(3) => return tls_client_hello(buf).map(Protocol::Tls),
+            Some(_) => {}
+        }
     }
     // An HTTP/1 method is an upper-case token followed by a space.
     let token_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
@@ -110,84 +117,178 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
     Some(Protocol::Tcp { timed_out: false })
 }
 
-/// Parses a TLS record holding a ClientHello. `None`: need more bytes; `Some(None)`: a
-/// ClientHello without a usable SNI (or not a ClientHello at all).
 /// What a ClientHello says: the SNI, and whether it offers the mesh ALPN.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hello {
-    /// The server name.
+    /// The server name (as sent: bytes that are not UTF-8 come out replaced, and fail the
+    /// host check like any other invalid character).
     pub sni: Option<String>,
     /// Whether ALPN offers `outrider-mesh`: another sidecar calling.
     pub mesh: bool,
+    /// Why the ClientHello cannot be read with certainty, when it cannot: then no server
+    /// name seen here can be trusted to be the one the server acts on, and the egress check
+    /// refuses the connection (Envoy's TLS inspector closes such connections too).
+    pub unreadable: Option<&'static str>,
 }
 
-/// Parses a TLS record holding a ClientHello. `None`: need more bytes; `Some(default)`: a
-/// ClientHello without SNI or ALPN (or not a ClientHello at all).
+impl Hello {
+    fn unreadable(why: &'static str) -> Hello {
+        Hello {
+            unreadable: Some(why),
+            ..Hello::default()
+        }
+    }
+
+    /// The server name as a host to check: `None` without one, `Err` for an invalid name or
+    /// an unreadable ClientHello.
+    pub fn server(&self) -> Option<Result<Host, HostError>> {
+        if let Some(why) = self.unreadable {
+            return Some(Err(HostError::UnreadableHello(why)));
+        }
+        self.sni.as_deref().map(parse_host)
+    }
+}
+
+/// Reads the ClientHello from the TLS records at the start of `buf`. `None`: need more bytes.
+///
+/// The handshake message may span several records (RFC 8446 §5.1), and a client can split it
+/// on purpose so that a parser reading only the first record sees no server name: a way
+/// around an SNI check that TLS servers accept without complaint. So the records are put
+/// together until the message is whole. Every client sends it in one record; that case is
+/// read where it lies, without a copy.
 fn tls_client_hello(buf: &[u8]) -> Option<Hello> {
-    if buf.len() < 5 {
-        return None;
-    }
-    let record_len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if buf.len() < 5 + record_len {
-        return if 5 + record_len > MAX_PEEK {
-            Some(Hello::default())
+    let mut rest = buf;
+    let mut joined: Vec<u8> = Vec::new();
+    loop {
+        if rest.len() < 5 {
+            return need_more(buf);
+        }
+        if rest[0] != 0x16 {
+            return Some(Hello::unreadable(
+                "a record other than handshake inside the ClientHello",
+            ));
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if len == 0 {
+            // RFC 8446 §5.1: handshake records are never empty.
+            return Some(Hello::unreadable("an empty handshake record"));
+        }
+        if rest.len() < 5 + len {
+            return need_more(buf);
+        }
+        let fragment = &rest[5..5 + len];
+        rest = &rest[5 + len..];
+        let message = if joined.is_empty() && fragment.len() >= 4 {
+            fragment
         } else {
-            None
+            joined.extend_from_slice(fragment);
+            &joined[..]
         };
+        if message.len() < 4 {
+            continue;
+        }
+        if message[0] != 1 {
+            // Not a ClientHello, so no TLS client: opaque bytes that begin like TLS.
+            return Some(Hello::default());
+        }
+        let whole = 4
+            + ((usize::from(message[1]) << 16)
+                | (usize::from(message[2]) << 8)
+                | usize::from(message[3]));
+        if whole > MAX_PEEK {
+            return Some(Hello::unreadable("a ClientHello over 16 KiB"));
+        }
+        if message.len() >= whole {
+            return Some(parse_hello(&message[4..whole]));
+        }
+        if !joined.is_empty() {
+            continue;
+        }
+        joined.extend_from_slice(fragment);
     }
-    Some(parse_hello(&buf[5..5 + record_len]).unwrap_or_default())
 }
 
-fn parse_hello(hs: &[u8]) -> Option<Hello> {
-    let mut r = Reader(hs);
-    if r.u8()? != 1 {
-        return None; // not a ClientHello
+/// `None` (read more) while the peek limit allows it.
+fn need_more(buf: &[u8]) -> Option<Hello> {
+    if buf.len() >= MAX_PEEK {
+        Some(Hello::unreadable("a ClientHello over 16 KiB"))
+    } else {
+        None
     }
-    let len = r.u24()?;
-    let body = r.take(len)?;
+}
+
+/// Reads a ClientHello's body (after the handshake header). A structure that does not add
+/// up, or a server name given twice (TLS forbids both; a lenient server might act on either
+/// name), makes it unreadable.
+fn parse_hello(body: &[u8]) -> Hello {
+    const BROKEN: &str = "a ClientHello that does not parse";
     let mut r = Reader(body);
-    r.take(2 + 32)?; // version, random
-    let sid = usize::from(r.u8()?);
-    r.take(sid)?;
-    let suites = usize::from(r.u16()?);
-    r.take(suites)?;
-    let comp = usize::from(r.u8()?);
-    r.take(comp)?;
-    let ext_len = usize::from(r.u16()?);
-    let mut exts = Reader(r.take(ext_len)?);
+    let Some(exts) = (|| {
+        r.take(2 + 32)?; // version, random
+        let sid = usize::from(r.u8()?);
+        r.take(sid)?;
+        let suites = usize::from(r.u16()?);
+        r.take(suites)?;
+        let comp = usize::from(r.u8()?);
+        r.take(comp)?;
+        if r.0.is_empty() {
+            return Some(&[][..]); // no extensions at all (TLS 1.2 allows it)
+        }
+        let ext_len = usize::from(r.u16()?);
+        r.take(ext_len)
+    })() else {
+        return Hello::unreadable(BROKEN);
+    };
+    let mut exts = Reader(exts);
     let mut hello = Hello::default();
+    let mut seen_sni = false;
     while !exts.0.is_empty() {
-        let ty = exts.u16()?;
-        let len = usize::from(exts.u16()?);
-        let data = exts.take(len)?;
+        let Some((ty, data)) = (|| {
+            let ty = exts.u16()?;
+            let len = usize::from(exts.u16()?);
+            Some((ty, exts.take(len)?))
+        })() else {
+            return Hello::unreadable(BROKEN);
+        };
         if ty != 0 && ty != 16 {
             continue;
         }
         // Both server_name and ALPN hold one length-prefixed list.
         let mut s = Reader(data);
-        let list_len = usize::from(s.u16()?);
-        let mut list = Reader(s.take(list_len)?);
-        match ty {
-            0 => {
-                while !list.0.is_empty() {
+        let Some(list) = s.u16().and_then(|n| s.take(usize::from(n))) else {
+            return Hello::unreadable(BROKEN);
+        };
+        let mut list = Reader(list);
+        if ty == 0 {
+            if seen_sni {
+                return Hello::unreadable("two server_name extensions");
+            }
+            seen_sni = true;
+        }
+        while !list.0.is_empty() {
+            if ty == 0 {
+                let Some((name_type, name)) = (|| {
                     let name_type = list.u8()?;
                     let n = usize::from(list.u16()?);
-                    let name = list.take(n)?;
-                    if name_type == 0 {
-                        hello.sni = std::str::from_utf8(name).ok().map(str::to_owned);
+                    Some((name_type, list.take(n)?))
+                })() else {
+                    return Hello::unreadable(BROKEN);
+                };
+                if name_type == 0 {
+                    if hello.sni.is_some() {
+                        return Hello::unreadable("two server names");
                     }
+                    hello.sni = Some(String::from_utf8_lossy(name).into_owned());
                 }
+            } else {
+                let Some(name) = list.u8().and_then(|n| list.take(usize::from(n))) else {
+                    return Hello::unreadable(BROKEN);
+                };
+                hello.mesh |= name == crate::tls::mtls::MESH_ALPN;
             }
-            16 => {
-                while !list.0.is_empty() {
-                    let n = usize::from(list.u8()?);
-                    hello.mesh |= list.take(n)? == crate::tls::mtls::MESH_ALPN;
-                }
-            }
-            _ => {}
         }
     }
-    Some(hello)
+    hello
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -206,10 +307,6 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u24(&mut self) -> Option<usize> {
-        self.take(3)
-            .map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
     }
 }
 
@@ -283,7 +380,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     #[test]
@@ -300,6 +397,144 @@ mod tests {
             Some(Protocol::Tcp { timed_out: false })
         );
         assert_eq!(classify(b"\x16\x03\x01\x00"), None);
+    }
+
+    /// A ClientHello record with the given extensions (type, data).
+    fn hello_record(exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]); // random
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        let mut ext = Vec::new();
+        for (ty, data) in exts {
+            ext.extend_from_slice(&ty.to_be_bytes());
+            ext.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+            ext.extend_from_slice(data);
+        }
+        body.extend_from_slice(&u16::try_from(ext.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(&ext);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        records(&hs, &[])
+    }
+
+    /// `payload` as handshake records, cut at the given offsets.
+    fn records(payload: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain([payload.len()].iter()) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&u16::try_from(end - start).unwrap().to_be_bytes());
+            out.extend_from_slice(&payload[start..end]);
+            start = end;
+        }
+        out
+    }
+
+    /// A server_name extension listing `names` as host names.
+    fn sni_ext(names: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for n in names {
+            list.push(0);
+            list.extend_from_slice(&u16::try_from(n.len()).unwrap().to_be_bytes());
+            list.extend_from_slice(n);
+        }
+        let mut data = u16::try_from(list.len()).unwrap().to_be_bytes().to_vec();
+        data.extend_from_slice(&list);
+        (0, data)
+    }
+
+    fn tls(buf: &[u8]) -> Hello {
+        match classify(buf) {
+            Some(Protocol::Tls(h)) => h,
+            other => panic!("not TLS: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_client_hello_split_across_records_is_read_whole() {
+        let mut alpn = vec![0, 17, 2];
+        alpn.extend_from_slice(b"h2");
+        alpn.push(13);
+        alpn.extend_from_slice(crate::tls::mtls::MESH_ALPN);
+        let one = hello_record(&[sni_ext(&[b"api.test"]), (16, alpn)]);
+        let hello = tls(&one);
+        assert_eq!(hello.sni.as_deref(), Some("api.test"));
+        assert!(hello.mesh);
+        assert_eq!(hello.unreadable, None);
+        let payload = &one[5..];
+        for cuts in [
+            vec![1],
+            vec![3],
+            vec![4, 5],
+            vec![2, 40, 41, 60],
+            vec![payload.len() - 1],
+        ] {
+            let split = records(payload, &cuts);
+            assert_eq!(tls(&split), hello, "cut at {cuts:?}");
+            // Every prefix short of the whole asks for more bytes.
+            for end in 1..split.len() {
+                assert_eq!(
+                    classify(&split[..end]),
+                    None,
+                    "cut at {cuts:?}, {end} bytes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_hello_that_cannot_be_read_with_certainty_is_unreadable() {
+        let unreadable = |buf: &[u8]| {
+            let hello = tls(buf);
+            assert!(
+                matches!(hello.server(), Some(Err(HostError::UnreadableHello(_)))),
+                "{hello:?}"
+            );
+            hello.unreadable.unwrap_or_default()
+        };
+        // Two names, in one list or in two extensions: a lenient server might take either.
+        let two = hello_record(&[sni_ext(&[b"front.test", b"denied.test"])]);
+        assert_eq!(unreadable(&two), "two server names");
+        let twice = hello_record(&[sni_ext(&[b"front.test"]), sni_ext(&[b"denied.test"])]);
+        assert_eq!(unreadable(&twice), "two server_name extensions");
+        // Padded past the peek limit, with the name at the end, in records of 16 KiB.
+        let big = hello_record(&[(21, vec![0; MAX_PEEK]), sni_ext(&[b"denied.test"])]);
+        let big = records(&big[5..], &[16_000]);
+        assert_eq!(unreadable(&big[..MAX_PEEK]), "a ClientHello over 16 KiB");
+        assert_eq!(unreadable(&big), "a ClientHello over 16 KiB");
+        // Another record type between the pieces (an alert, application data).
+        let good = hello_record(&[sni_ext(&[b"api.test"])]);
+        let mut mixed = records(&good[5..], &[10]);
+        mixed[15] = 0x17;
+        assert_eq!(
+            unreadable(&mixed),
+            "a record other than handshake inside the ClientHello"
+        );
+        // A server_name list longer than its extension.
+        let broken = hello_record(&[(0, vec![0, 20, 0, 0, 3, b'a', b'b', b'c'])]);
+        assert_eq!(unreadable(&broken), "a ClientHello that does not parse");
+    }
+
+    #[test]
+    fn odd_but_readable_hellos_keep_their_meaning() {
+        // No SNI at all: checked on the destination address, as before.
+        let none = tls(&hello_record(&[]));
+        assert_eq!((none.server(), none.unreadable), (None, None));
+        // A name that is not UTF-8 fails the host check, not the parse.
+        let bad = tls(&hello_record(&[sni_ext(&[b"api\xff.test"])]));
+        assert_eq!(bad.server(), Some(Err(HostError::BadChar)));
+        // 0x16 followed by anything but TLS's major version 3 is opaque TCP.
+        assert_eq!(
+            classify(b"\x16\x00\x01\x02"),
+            Some(Protocol::Tcp { timed_out: false })
+        );
+        // A handshake message other than a ClientHello: opaque bytes that begin like TLS.
+        let mut server_hello = hello_record(&[]);
+        server_hello[5] = 2;
+        assert_eq!(tls(&server_hello), Hello::default());
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
 use crate::net::connect;
-use crate::policy::host::{parse_host, Host};
+use crate::policy::host::Host;
 
 /// Serves one accepted outbound connection. `original_dst` is `None` for explicit clients
 /// (including those whose original destination is the listener itself).
@@ -153,9 +153,9 @@ async fn tunnel_tcp(
 ) {
     let Some(od) = conn.original_dst else { return };
     let state = inputs.state.load_full();
-    let sni = match &protocol {
-        Protocol::Tls(hello) => hello.sni.clone(),
-        _ => None,
+    let (sni, server) = match &protocol {
+        Protocol::Tls(hello) => (hello.sni.clone(), hello.server()),
+        _ => (None, None),
     };
     let mut guard = LogGuard::start(
         state.log.clone(),
@@ -171,7 +171,7 @@ async fn tunnel_tcp(
         },
     );
     // Without an SNI, the destination address is all there is to check.
-    let host = match sni.as_deref().map(parse_host) {
+    let host = match server {
         Some(Ok(h)) => h,
         Some(Err(e)) => {
             guard.record.decision = "deny";

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::admit::admit;
-use super::detect::{detect_until, Hello, Protocol};
+use super::detect::{detect_until, Protocol};
 use super::error::ProxyError;
 use super::forward::{note_admission, parse_authority};
 use super::{ConnInfo, Inputs};
@@ -187,16 +187,20 @@ async fn check_inside<C: AsyncRead + Unpin>(
                 return None;
             }
         };
-    let sni = match protocol {
+    let (server, sni) = match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let http1 = protocol == Protocol::Http1;
             return Some(Inside::Http { first, http1 });
         }
-        Protocol::Tls(Hello { sni: Some(sni), .. }) => sni,
+        Protocol::Tls(hello) => match hello.server() {
+            Some(server) => (server, hello.sni),
+            None => return Some(Inside::Bytes(first)),
+        },
         _ => return Some(Inside::Bytes(first)),
     };
-    guard.record.sni = Some(sni.clone());
-    let checked = match parse_host(&sni) {
+    guard.record.sni.clone_from(&sni);
+    let sni = sni.as_deref().unwrap_or("(unreadable)");
+    let checked = match server {
         Ok(named) if named == *host => return Some(Inside::Bytes(first)),
         Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled)).await,
         Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
