@@ -401,6 +401,9 @@ pub struct ClientsConfig {
     /// How long a tunnel (`CONNECT`, an upgraded connection, transparent TLS or TCP,
     /// inbound TCP) may pass no byte either way before it is closed.
     pub tunnel_idle_timeout: String,
+    /// How many client connections each listener (outbound, inbound) holds at once; one
+    /// more is closed as soon as it is accepted. 0: no limit.
+    pub max_connections: u64,
 }
 
 impl Default for ClientsConfig {
@@ -410,6 +413,8 @@ impl Default for ClientsConfig {
             max_request_head_bytes: 128 * 1024,
             // Envoy's TCP proxy default.
             tunnel_idle_timeout: "1h".into(),
+            // As Envoy's listeners: no limit unless one is set.
+            max_connections: 0,
         }
     }
 }

@@ -384,6 +384,7 @@ fn client_limits(
         idle_timeout: idle,
         max_head: c.max_request_head_bytes as usize,
         tunnel_idle_timeout: tunnel_idle,
+        max_connections: usize::try_from(c.max_connections).unwrap_or(usize::MAX),
     })
 }
 

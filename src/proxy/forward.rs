@@ -46,6 +46,7 @@ pub async fn handle(
             upstream_side,
             guard,
             recheck,
+            super::slots::Listener::Outbound,
         ));
         return Ok(resp);
     }

@@ -29,6 +29,8 @@ pub struct ClientLimits {
     /// FIN or RST (a host powered off, a NAT entry dropped) would otherwise hold its
     /// tunnel, and the descriptors at both ends, for ever.
     pub tunnel_idle_timeout: Duration,
+    /// Client connections each listener holds at once (0: no limit); see `slots`.
+    pub max_connections: usize,
 }
 
 /// The HTTP/1 + HTTP/2 server settings for client connections, both directions.

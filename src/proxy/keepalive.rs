@@ -295,6 +295,7 @@ mod tests {
 
     fn limits() -> ClientLimits {
         ClientLimits {
+            max_connections: 0,
             idle_timeout: Duration::from_secs(30),
             max_head: 64 * 1024,
             tunnel_idle_timeout: Duration::from_secs(30),

@@ -19,6 +19,7 @@ use super::admit::admit;
 use super::detect::{detect_until, Protocol};
 use super::error::ProxyError;
 use super::forward::{note_admission, parse_authority};
+use super::slots::Listener;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
@@ -76,6 +77,7 @@ pub async fn connect(
             tasks.spawn(async move {
                 // The tunnel outlives the HTTP connection it came from: count it as open.
                 let _gauge = crate::metrics::ConnectionGauge::continued();
+                let _slot = inputs.slots.continued(Listener::Outbound);
                 let mut client = match on_upgrade.await {
                     Ok(upgraded) => upgraded,
                     Err(e) => return guard.fail(format!("client upgrade failed: {e}")),
@@ -343,8 +345,10 @@ pub async fn splice_upgrades(
     upstream: crate::net::upstream::Upgraded,
     mut guard: LogGuard,
     recheck: StillAllowed,
+    listener: Listener,
 ) {
     let _gauge = crate::metrics::ConnectionGauge::continued();
+    let _slot = inputs.slots.continued(listener);
     let Some(upstream) = upstream.take() else {
         guard.fail("protocol upgrade failed: the upstream connection was already taken".into());
         return;
