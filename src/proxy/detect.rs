@@ -518,6 +518,36 @@ mod tests {
         assert_eq!(unreadable(&broken), "a ClientHello that does not parse");
     }
 
+    /// Mutated ClientHellos (bytes changed, lengths broken) never panic the parser, and
+    /// however one is split into records it reads the same as in one record.
+    #[test]
+    fn mutated_hellos_read_the_same_whole_or_split() {
+        let mut alpn = vec![0, 14, 13];
+        alpn.extend_from_slice(crate::tls::mtls::MESH_ALPN);
+        let base = hello_record(&[sni_ext(&[b"api.test"]), (16, alpn), (43, vec![2, 3, 4])]);
+        // xorshift: the same cases on every run.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            usize::try_from(x % n as u64).unwrap()
+        };
+        for _ in 0..20_000 {
+            let mut payload = base[5..].to_vec();
+            for _ in 0..=next(3) {
+                let at = next(payload.len());
+                payload[at] = u8::try_from(next(256)).unwrap();
+            }
+            let whole = classify(&records(&payload, &[]));
+            let mut cuts: Vec<usize> = (0..next(4)).map(|_| 1 + next(payload.len() - 1)).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let split = classify(&records(&payload, &cuts));
+            assert_eq!(split, whole, "{payload:?} cut at {cuts:?}");
+        }
+    }
+
     #[test]
     fn odd_but_readable_hellos_keep_their_meaning() {
         // No SNI at all: checked on the destination address, as before.
