@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -383,4 +385,139 @@ async fn an_origin_form_request_gets_its_authority_from_host() {
     let seen = app.seen();
     assert_eq!(seen[0].authority, "named.test", "{seen:?}");
     assert_eq!(seen[0].host, None, "{seen:?}");
+}
+
+/// How the frame-by-frame app below turns away the streams after the first on a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Turn {
+    /// GOAWAY (NO_ERROR) naming the first stream as the last: what nginx sends once a
+    /// connection has served `keepalive_requests` (1,000 by default), and a server that is
+    /// restarting.
+    GoAway,
+    /// RST_STREAM (REFUSED_STREAM) for each later stream.
+    Refuse,
+}
+
+fn h2_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HTTP/2 app written frame by frame, so that it says exactly which streams it did not
+/// process (the h2 crate's server decides that by what it has read, a race): it answers the
+/// first stream of each connection with `200` and that stream's body, and turns away the
+/// others. Returns its address and how many streams it answered.
+async fn first_stream_only_app(turn: Turn) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let _ = first_stream_only(s, turn, &count).await;
+            });
+        }
+    });
+    (addr, answered)
+}
+
+async fn first_stream_only(
+    mut s: tokio::net::TcpStream,
+    turn: Turn,
+    answered: &AtomicUsize,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+    const REFUSED_STREAM: u32 = 7;
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).await?;
+    s.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await?;
+    let mut body = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await?;
+        let len = usize::from(head[1]) << 8 | usize::from(head[2]) | usize::from(head[0]) << 16;
+        let (ty, flags) = (head[3], head[4]);
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        match (ty, id) {
+            (SETTINGS, _) if flags & 1 == 0 => s.write_all(&h2_frame(SETTINGS, 1, 0, &[])).await?,
+            (HEADERS, id) if id > 1 && turn == Turn::Refuse => {
+                let code = REFUSED_STREAM.to_be_bytes();
+                s.write_all(&h2_frame(RST_STREAM, 0, id, &code)).await?;
+            }
+            (DATA, 1) => body.extend_from_slice(&payload),
+            _ => {}
+        }
+        if id == 1 && (ty == DATA || ty == HEADERS) && flags & END_STREAM != 0 {
+            if turn == Turn::GoAway {
+                // Last stream 1, no error: every stream above it was not processed.
+                let mut away = 1u32.to_be_bytes().to_vec();
+                away.extend_from_slice(&0u32.to_be_bytes());
+                s.write_all(&h2_frame(GOAWAY, 0, 0, &away)).await?;
+            }
+            // `:status: 200` is entry 8 of HPACK's static table: one byte.
+            s.write_all(&h2_frame(HEADERS, END_HEADERS, 1, &[0x88]))
+                .await?;
+            s.write_all(&h2_frame(DATA, END_STREAM, 1, &body)).await?;
+            answered.fetch_add(1, Ordering::SeqCst);
+            if turn == Turn::GoAway {
+                // Closed the way a server does once its last stream is done: a FIN, then
+                // whatever the client still sends is read and dropped (a close with unread
+                // bytes would be a reset, which could overtake the answer).
+                s.shutdown().await?;
+                tokio::io::copy(&mut s, &mut tokio::io::sink()).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A request the server did not process (RFC 9113 §8.7: refused, or above the last stream of
+/// a graceful GOAWAY) is sent again on another connection, body and all, whatever its method:
+/// the client gets the answer, and the app sees each request once. Before, each was a 502,
+/// 7 % of the requests to an nginx origin at its default of 1,000 requests per connection
+/// under 160 concurrent streams.
+#[tokio::test]
+async fn a_request_the_server_did_not_process_is_sent_again() {
+    for turn in [Turn::GoAway, Turn::Refuse] {
+        let (app, answered) = first_stream_only_app(turn).await;
+        let (p, send) = inbound_proxy(app, "").await;
+        let calls = (0..3).map(|i| {
+            let mut send = send.clone();
+            async move {
+                let sent = format!("payload {i}");
+                let req = http::Request::post("http://app.test/echo")
+                    .body(http_body_util::Full::new(Bytes::from(sent.clone())).boxed())
+                    .unwrap();
+                let resp = send.send_request(req).await.unwrap();
+                let status = resp.status();
+                let got = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, sent, String::from_utf8_lossy(&got).into_owned())
+            }
+        });
+        for (status, sent, got) in futures_util::future::join_all(calls).await {
+            assert_eq!(status, 200, "{turn:?}: {got}");
+            assert_eq!(got, sent, "{turn:?}");
+        }
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            3,
+            "{turn:?}: each request once"
+        );
+        p.shutdown().await;
+    }
 }

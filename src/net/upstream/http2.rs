@@ -25,7 +25,7 @@ use http::{header, uri, Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
 use crate::body::{self, Body, BoxError};
@@ -73,12 +73,19 @@ struct ConnState {
     /// everything it sends, are in `limit`. Until then the limit is not known, and hyper
     /// opens one stream at a time and queues the rest (see `dial`).
     answered: AtomicBool,
+    /// Whether the server refused a stream on it or said GOAWAY: no new stream goes on it,
+    /// and it is let go once its streams have ended.
+    retired: AtomicBool,
 }
 
 impl ConnState {
     fn has_room(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
             || self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+
+    fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed)
     }
 }
 
@@ -105,7 +112,8 @@ impl H2Pool {
             return Checkout::Wait(dial());
         };
         let slot = slots.entry(addr).or_default();
-        slot.conns.retain(|c| !c.send.is_closed());
+        slot.conns
+            .retain(|c| !c.send.is_closed() && c.state.usable());
         let pick = if any_open {
             slot.conns
                 .iter_mut()
@@ -148,6 +156,7 @@ impl H2Pool {
             for slot in slots.values_mut() {
                 slot.conns.retain(|c| {
                     !c.send.is_closed()
+                        && c.state.usable()
                         && (c.state.streams.load(Ordering::Relaxed) > 0
                             || now.saturating_duration_since(c.used) < IDLE_TIMEOUT)
                 });
@@ -191,17 +200,11 @@ impl Upstreams {
         }
         parts.headers.remove(header::HOST);
 
-        // Only a body still to come has an end to wait for (none: the clock starts now).
-        let ended = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(Notify::new()));
-        let mut req = Request::from_parts(
-            parts,
-            Ending {
-                inner: body,
-                ended: ended.clone(),
-            },
-        );
+        let (mut req, mut ended, mut replay) = Replay::prepare(parts, body);
         let (mut send, mut stream) = self.h2_connection(addr).await?;
         let mut retried = false;
+        // A burst can meet several connections going away at once: each of them refuses.
+        let mut refusals_left = 3;
         loop {
             let exchange = send.try_send_request(req);
             let answered = within(exchange, ended.as_deref(), timeout).await;
@@ -218,15 +221,28 @@ impl Upstreams {
                 }
                 // A connection that closed (a GOAWAY, say) before this request went out:
                 // it goes once more, on another connection.
-                Some(Err(mut e)) if !retried => match e.take_message() {
-                    Some(unsent) => {
+                Some(Err(mut e)) => match e.take_message() {
+                    Some(unsent) if !retried => {
                         req = unsent;
                         retried = true;
                         (send, stream) = self.h2_connection(addr).await?;
                     }
-                    None => return Err(failed(e.error())),
+                    // Sent, but the server says it did not process it (RFC 9113 §8.7): a
+                    // stream refused, or above the last one a GOAWAY let through (a server
+                    // that closes its connections after so many requests, as nginx does
+                    // after 1,000, or one that is restarting). Safe to send again whatever
+                    // the method; gone from that connection, which takes no more.
+                    None if refusals_left > 0 && unprocessed(e.error()) => {
+                        refusals_left -= 1;
+                        stream.0.retired.store(true, Ordering::Relaxed);
+                        let Some(again) = replay.request().await else {
+                            return Err(failed(e.error()));
+                        };
+                        (req, ended, replay) = again;
+                        (send, stream) = self.h2_connection(addr).await?;
+                    }
+                    _ => return Err(failed(e.error())),
                 },
-                Some(Err(e)) => return Err(failed(e.error())),
             }
         }
     }
@@ -324,6 +340,95 @@ async fn dial(
     Ok((send, state))
 }
 
+/// Whether the request was not processed: hyper never sent it (the connection closed
+/// first, while the request waited in its queue or for a stream to open; hyper's own pool
+/// sends such requests again), or the server refused its stream, or a graceful GOAWAY
+/// (NO_ERROR) stopped below it. A GOAWAY for an error is not taken as such: h2 fails every
+/// stream with it, processed or not.
+fn unprocessed(e: &hyper::Error) -> bool {
+    // "Dispatch gone" has no accessor of its own: over HTTP/2 it is a request still queued
+    // in the connection's task when that task ended (a sent one's answer is awaited by a
+    // task of its own, and fails with the connection's error instead).
+    if e.is_canceled() || (e.is_user() && e.to_string().starts_with("dispatch task is gone")) {
+        return true;
+    }
+    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.is_remote()
+        && match h2.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+            Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+            _ => false,
+        }
+}
+
+/// The most of a request body kept for sending it again: a gRPC unary call or a form fits,
+/// an upload does not, and is not sent again.
+const REPLAY_MAX: usize = 64 * 1024;
+
+/// A request kept for sending again: its head, and its body as hyper hands it back when it
+/// drops it (what was sent of it, and the rest).
+struct Replay {
+    head: Request<()>,
+    handed_back: oneshot::Receiver<(Vec<Frame<Bytes>>, Body)>,
+}
+
+/// A request for hyper, what says when its body has ended, and what it takes to send it again.
+type Prepared = (Request<Ending>, Option<Arc<Notify>>, Replay);
+
+impl Replay {
+    /// The request for hyper, keeping what it takes to send it again.
+    fn prepare(parts: http::request::Parts, body: Body) -> Prepared {
+        let (back, handed_back) = oneshot::channel();
+        let replay = Replay {
+            head: Request::from_parts(parts.clone(), ()),
+            handed_back,
+        };
+        let (req, ended) = Ending::new(parts, body, back);
+        (req, ended, replay)
+    }
+
+    /// The request again, or `None` when its body was too large to keep, or hyper has not let
+    /// go of it within a second (it drops a refused stream's body as soon as it sees the
+    /// refusal).
+    async fn request(self) -> Option<Prepared> {
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(1), self.handed_back);
+        let (sent, rest) = waited.await.ok()?.ok()?;
+        let body = body::boxed(Replayed {
+            sent: sent.into_iter(),
+            rest,
+        });
+        let (parts, ()) = self.head.into_parts();
+        Some(Self::prepare(parts, body))
+    }
+}
+
+/// A body sent again: the frames kept, then whatever had not been read yet.
+struct Replayed {
+    sent: std::vec::IntoIter<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl http_body::Body for Replayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.sent.next() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.sent.len() == 0 && self.rest.is_end_stream()
+    }
+}
+
 /// An HTTP/2 exchange that failed, in words that say what was tried and why: a server that
 /// speaks only HTTP/1.1 fails this way.
 fn failed(e: &hyper::Error) -> SendError {
@@ -380,10 +485,63 @@ impl http_body::Body for Held {
     }
 }
 
-/// A request body that says when it has ended (see [`within`]).
+/// A request body that says when it has ended (see [`within`]), and keeps what it passed on
+/// (up to [`REPLAY_MAX`]) to hand back with the rest when hyper drops it, for a [`Replay`].
 pub(super) struct Ending {
     inner: Body,
     ended: Option<Arc<Notify>>,
+    sent: Vec<Frame<Bytes>>,
+    sent_bytes: usize,
+    back: Option<oneshot::Sender<(Vec<Frame<Bytes>>, Body)>>,
+}
+
+impl Ending {
+    /// The request for hyper, and what says when its body has ended (`None` when it has no
+    /// body still to come: the response clock starts at once).
+    fn new(
+        parts: http::request::Parts,
+        body: Body,
+        back: oneshot::Sender<(Vec<Frame<Bytes>>, Body)>,
+    ) -> (Request<Ending>, Option<Arc<Notify>>) {
+        let ended = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(Notify::new()));
+        let ending = Ending {
+            inner: body,
+            ended: ended.clone(),
+            sent: Vec::new(),
+            sent_bytes: 0,
+            back: Some(back),
+        };
+        (Request::from_parts(parts, ending), ended)
+    }
+
+    /// Keeps a copy of a frame passed on (the data shared, not copied), while the body
+    /// stays within [`REPLAY_MAX`]; past it, nothing is kept and nothing handed back.
+    fn keep(&mut self, frame: &Frame<Bytes>) {
+        if self.back.is_none() {
+            return;
+        }
+        if let Some(data) = frame.data_ref() {
+            self.sent_bytes += data.len();
+            if self.sent_bytes > REPLAY_MAX {
+                self.back = None;
+                self.sent = Vec::new();
+                return;
+            }
+            self.sent.push(Frame::data(data.clone()));
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.sent.push(Frame::trailers(trailers.clone()));
+        }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take() {
+            // Nobody waits once the response has come: then this is dropped unread.
+            let rest = std::mem::replace(&mut self.inner, body::empty());
+            let _ = back.send((std::mem::take(&mut self.sent), rest));
+        }
+    }
 }
 
 impl http_body::Body for Ending {
@@ -395,6 +553,9 @@ impl http_body::Body for Ending {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            self.keep(frame);
+        }
         let over = match &polled {
             Poll::Ready(None | Some(Err(_))) => true,
             Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
