@@ -515,9 +515,16 @@ impl Ending {
     }
 
     /// Keeps a copy of a frame passed on (the data shared, not copied), while the body
-    /// stays within [`REPLAY_MAX`]; past it, nothing is kept and nothing handed back.
+    /// stays within [`REPLAY_MAX`] and the request may still be sent again; past either,
+    /// nothing is kept (what was is let go) and nothing handed back. A client-streaming call
+    /// whose response has begun keeps nothing for the rest of its life.
     fn keep(&mut self, frame: &Frame<Bytes>) {
-        if self.back.is_none() {
+        let Some(back) = &self.back else {
+            return;
+        };
+        if back.is_closed() {
+            self.back = None;
+            self.sent = Vec::new();
             return;
         }
         if let Some(data) = frame.data_ref() {
@@ -576,5 +583,71 @@ impl http_body::Body for Ending {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Two data frames, as a client sends a body in pieces.
+    fn two_pieces(a: &'static str, b: &'static str) -> Body {
+        let frames: [Result<Frame<Bytes>, BoxError>; 2] = [
+            Ok(Frame::data(Bytes::from(a))),
+            Ok(Frame::data(Bytes::from(b))),
+        ];
+        body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    /// Reads `n` frames of the request's body, as hyper does, then drops it.
+    async fn send_part(req: Request<Ending>, n: usize) {
+        let mut body = req.into_body();
+        for _ in 0..n {
+            body.frame().await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_kept_for_a_replay_only_while_one_may_come() {
+        let parts = || {
+            Request::post("http://app.test/")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        // Half sent, then dropped (a refused stream): the piece sent and the rest come back.
+        let (back, handed_back) = oneshot::channel();
+        let (req, _) = Ending::new(parts(), two_pieces("sent ", "rest"), back);
+        send_part(req, 1).await;
+        let (sent, rest) = handed_back.await.unwrap();
+        let mut replayed = body::boxed(Replayed {
+            sent: sent.into_iter(),
+            rest,
+        });
+        let mut all = Vec::new();
+        while let Some(frame) = replayed.frame().await {
+            all.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(all, b"sent rest");
+
+        // The response has come (nobody waits to send it again): nothing is kept.
+        let (back, handed_back) = oneshot::channel();
+        let (mut req, _) = Ending::new(parts(), two_pieces("a", "b"), back);
+        drop(handed_back);
+        req.body_mut().frame().await.unwrap().unwrap();
+        assert!(req.body().sent.is_empty() && req.body().back.is_none());
+
+        // Past the limit: nothing is kept, nothing handed back.
+        let big = Box::leak(vec![b'x'; REPLAY_MAX].into_boxed_slice());
+        let big: &'static str = std::str::from_utf8(big).unwrap();
+        let (back, handed_back) = oneshot::channel();
+        let (req, _) = Ending::new(parts(), two_pieces(big, "y"), back);
+        send_part(req, 2).await;
+        assert!(handed_back.await.is_err());
     }
 }
