@@ -80,9 +80,13 @@ struct App(Child, u16);
 
 impl App {
     fn start() -> App {
+        App::start_script(SERVER)
+    }
+
+    fn start_script(script: &str) -> App {
         python_has_grpc();
         let mut child = Command::new(PYTHON)
-            .args(["-c", SERVER])
+            .args(["-c", script])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -153,5 +157,65 @@ async fn grpc_calls_of_every_kind_go_through_the_inbound_listener() {
     assert!(fail.get("error").is_none(), "{fail}");
     let denied = p.wait_log(|l| l["path"] == "/demo.Admin/Drop").await;
     assert_eq!(denied["decision"], "deny", "{denied}");
+    p.shutdown().await;
+}
+
+/// An app whose server-streaming call sends one message, is silent for `argv[1]` seconds,
+/// then sends another; it applies gRPC's PING policy (at most one PING per 5 minutes while it
+/// sends nothing) with one second chance (`max_ping_strikes` 1, where the default allows two;
+/// 0 would allow any number).
+const SILENT_STREAM_SERVER: &str = r#"
+import grpc, sys, time
+from concurrent import futures
+
+def watch(req, ctx):
+    yield b"first"
+    time.sleep(float(sys.argv[1]))
+    yield b"second"
+
+same = lambda b: b
+handlers = {"Watch": grpc.unary_stream_rpc_method_handler(watch, same, same)}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                     options=[("grpc.http2.max_ping_strikes", 1)])
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A streaming call that stays silent (a watch with nothing to report) is not killed by the
+/// proxy's keepalive: gRPC servers close a connection PINGed more often than every 5 minutes
+/// while they send nothing (GOAWAY "too many pings"), and the proxy PINGed every 10 s, so a
+/// watch through it died after 40 s of quiet (`UNAVAILABLE: Too many pings`; 30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_streaming_call_outlives_the_servers_ping_policy() {
+    let app = App::start_script(&SILENT_STREAM_SERVER.replace("sys.argv[1]", "35"));
+    let p = TestProxy::start(&format!(
+        "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n",
+        app.1
+    ))
+    .await;
+    let caller = r#"
+import json, sys, grpc
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+same = lambda b: b
+try:
+    got = [m.decode() for m in channel.unary_stream("/demo.Echo/Watch", same, same)(b"w", timeout=60)]
+except grpc.RpcError as e:
+    got = [e.code().name, e.details()]
+print(json.dumps(got))
+"#;
+    let out = tokio::process::Command::new(PYTHON)
+        .args(["-c", caller, &p.handle().inbound_addr.unwrap().to_string()])
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("grpc_proxy")
+        .output()
+        .await
+        .unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(got, serde_json::json!(["first", "second"]));
     p.shutdown().await;
 }

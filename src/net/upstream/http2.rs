@@ -30,9 +30,17 @@ use tokio::sync::{oneshot, Notify};
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
 use crate::body::{self, Body, BoxError};
 
-/// How long an upstream HTTP/2 connection may be silent before it is PINGed, and how long
-/// the PING may go unanswered before the connection is closed.
-const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a connection to another sidecar may be silent before it is PINGed, and how long
+/// the PING may go unanswered before the connection is closed. The peer is Outrider, whose
+/// HTTP/2 server answers PINGs at any rate.
+const MESH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The same for every other server: gRPC's. gRPC servers (C core, Go, Java) count a PING that
+/// comes less than 5 minutes after the last one, with no data sent between, as abuse, and
+/// after two such close the connection with GOAWAY `ENHANCE_YOUR_CALM` ("too many pings"):
+/// with a PING every 10 s, a streaming call (a watch) silent for 40 s was killed.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long that PING may go unanswered.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The HTTP/2 connections by address, and the dials under way.
 #[derive(Default)]
@@ -209,7 +217,14 @@ impl Upstreams {
             let exchange = send.try_send_request(req);
             let answered = within(exchange, ended.as_deref(), timeout).await;
             match answered {
-                None => return Err(SendError::Timeout),
+                None => {
+                    // No response head in time: the server may be gone without a word (a
+                    // dead node). The next request goes on another connection, rather than
+                    // wait for this one's PING, which a gRPC server lets come only every
+                    // 5 minutes.
+                    stream.0.retired.store(true, Ordering::Relaxed);
+                    return Err(SendError::Timeout);
+                }
                 Some(Ok(resp)) => {
                     stream.0.answered.store(true, Ordering::Relaxed);
                     return Ok(resp.map(|inner| {
@@ -302,6 +317,11 @@ async fn dial(
     mesh: Option<&super::MeshClient>,
 ) -> Result<(SendRequest<Ending>, Arc<ConnState>), SendError> {
     let io = connect_maybe_mesh(addr, timeout, mesh).await?;
+    let (interval, wait) = if io.is_mesh() {
+        (MESH_KEEPALIVE, MESH_KEEPALIVE)
+    } else {
+        (KEEPALIVE, KEEPALIVE_TIMEOUT)
+    };
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         // The same bound as on an HTTP/1.1 response head.
         .max_header_list_size(MAX_HEAD as u32)
@@ -309,11 +329,12 @@ async fn dial(
         // refused (REFUSED_STREAM), and a refused request cannot be sent again here.
         .initial_max_send_streams(1)
         // A server that vanished without a FIN or RST (a dead node, a dropped NAT entry)
-        // would keep its connection "open", and every request to it would wait out the
-        // response timeout: unanswered PINGs close it, as Linkerd's do.
+        // would keep its connection "open", and a streaming call on it would wait for ever:
+        // unanswered PINGs close it, as Linkerd's do (a call waiting for its response head
+        // has the response timeout, which also retires the connection).
         .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_interval(interval)
+        .keep_alive_timeout(wait)
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
