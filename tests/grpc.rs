@@ -219,3 +219,63 @@ print(json.dumps(got))
     assert_eq!(got, serde_json::json!(["first", "second"]));
     p.shutdown().await;
 }
+
+/// An app whose unary call takes 3 s to answer.
+const SLOW_UNARY_SERVER: &str = r#"
+import grpc, time
+from concurrent import futures
+
+def slow(req, ctx):
+    time.sleep(3)
+    return b"slow:" + req
+
+same = lambda b: b
+handlers = {"Slow": grpc.unary_unary_rpc_method_handler(slow, same, same)}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A gRPC call's own deadline (`grpc-timeout`) is what the proxy waits for its answer, not
+/// `outbound.timeouts.response`: with that at 1 s, a 3-second call whose client allows 10 s
+/// is answered (it was `UNAVAILABLE`, the proxy's 504); one whose client sets no deadline
+/// still gets the configured timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_calls_deadline_is_the_response_timeout() {
+    let app = App::start_script(SLOW_UNARY_SERVER);
+    let p = TestProxy::start(&format!(
+        "outbound:\n  timeouts: {{ response: 1s }}\n\
+         inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n",
+        app.1
+    ))
+    .await;
+    let caller = r#"
+import json, sys, grpc
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+same = lambda b: b
+def outcome(**kw):
+    try:
+        return channel.unary_unary("/demo.Echo/Slow", same, same)(b"x", **kw).decode()
+    except grpc.RpcError as e:
+        return [e.code().name, e.details()]
+print(json.dumps({"deadline": outcome(timeout=10), "none": outcome()}))
+"#;
+    let out = tokio::process::Command::new(PYTHON)
+        .args(["-c", caller, &p.handle().inbound_addr.unwrap().to_string()])
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("grpc_proxy")
+        .output()
+        .await
+        .unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(got["deadline"], "slow:x", "{got}");
+    assert_eq!(got["none"][0], "UNAVAILABLE", "{got}");
+    let timed_out = p.wait_log(|l| l["status"] == 504).await;
+    assert_eq!(timed_out["path"], "/demo.Echo/Slow", "{timed_out}");
+    p.shutdown().await;
+}

@@ -207,6 +207,11 @@ impl Upstreams {
                 .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
         }
         parts.headers.remove(header::HOST);
+        // A gRPC call carries its own deadline: the response waits that long instead of the
+        // configured response timeout, which would cut off a call its client is willing to
+        // wait for (a slow unary call, a long poll). A shorter one ends when the client gives
+        // up anyway. Without a deadline the configured timeout applies.
+        let timeout = grpc_timeout(&parts.headers).unwrap_or(timeout);
 
         let (mut req, mut ended, mut replay) = Replay::prepare(parts, body);
         let (mut send, mut stream) = self.h2_connection(addr).await?;
@@ -359,6 +364,27 @@ async fn dial(
         }
     });
     Ok((send, state))
+}
+
+/// A gRPC call's deadline from its `grpc-timeout` header: up to 8 digits and a unit (`H`,
+/// `M`, `S`, `m`, `u`, `n`); `None` when there is none or it is malformed.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let raw = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = raw.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Whether the request was not processed: hyper never sent it (the connection closed
@@ -630,6 +656,27 @@ mod tests {
         for _ in 0..n {
             body.frame().await.unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn grpc_deadlines_are_read_as_grpc_writes_them() {
+        use std::time::Duration;
+        let t = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", http::HeaderValue::from_str(v).unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(t("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        assert_eq!(t("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(t("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(t("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "123456789S", "10s", "1.5S", "-1S", "10 S", "10"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 
     #[tokio::test]
