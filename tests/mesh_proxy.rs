@@ -456,3 +456,57 @@ async fn a_handshake_that_stalls_is_cut_off() {
         b.log_lines()
     );
 }
+
+/// A pooled mTLS connection to another sidecar is let go a second before that sidecar would
+/// close it (its `clients.idle_timeout`, taken to be this one's), so that a request is never
+/// sent on a connection the peer is closing that instant (lost, and a 502 for a POST). With
+/// idle timeouts of 3 s: a request 2.5 s after the last goes on a new connection to B (B's
+/// log shows another client port); one 0.3 s after reuses the connection.
+#[tokio::test]
+async fn a_pooled_connection_to_a_peer_is_let_go_before_the_peer_closes_it() {
+    let ca = Ca::new().await;
+    let app = app().await;
+    let b = Sidecar::start(
+        &format!(
+            "outbound: {{ listen: 127.0.0.1:0 }}\ninbound:\n  listen: 127.0.0.1:0\n  mtls: strict\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\nclients: {{ idle_timeout: 3s }}\n{}",
+            ca.identity_yaml("ns/b/sa/b")
+        ),
+        None,
+    )
+    .await;
+    let a = Sidecar::start(
+        &format!(
+            "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\nclients: {{ idle_timeout: 3s }}\n{}",
+            ca.identity_yaml("ns/a/sa/web")
+        ),
+        Some(b.handle.inbound_addr.unwrap()),
+    )
+    .await;
+    let get = |path: &'static str| {
+        let outbound = a.handle.outbound_addr;
+        async move {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n");
+            let resp = raw(outbound, &req).await;
+            assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+        }
+    };
+    get("/first").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    get("/soon-after").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    get("/later").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client_of = |path: &str| {
+        b.log_lines()
+            .into_iter()
+            .find(|l| l["path"] == path)
+            .map(|l| l["client"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("no record for {path}"))
+    };
+    assert_eq!(client_of("/first"), client_of("/soon-after"), "reused");
+    assert_ne!(
+        client_of("/soon-after"),
+        client_of("/later"),
+        "a connection idle for 2.5 s was sent on, though the peer closes it at 3 s"
+    );
+}

@@ -47,6 +47,11 @@ const MAX_INTERIM: usize = 16;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Idle connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How much sooner than its server would a pooled connection is let go. A request sent on a
+/// connection the server is closing at that moment is lost (the keep-alive race); one that
+/// cannot be repeated (a POST) is a 502. The server's idle timer starts when it has sent its
+/// response, the pool's when the request went out, so the margin is on top of that.
+const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// Idle connections kept per upstream address.
 const MAX_IDLE_PER_ADDR: usize = 256;
 /// Idle connections kept in all, over every address: an explicit proxy for many hosts
@@ -114,6 +119,10 @@ pub struct Upstreams {
     /// no limit (see [`UpstreamBody`]).
     response_idle: Option<Duration>,
     mesh: Option<MeshClient>,
+    /// How long a pooled connection to another sidecar may wait idle: a second less than
+    /// this sidecar's own `clients.idle_timeout`, which its peers, configured alike, apply
+    /// to it from their side.
+    mesh_idle: Duration,
     /// Connections for requests that go on in HTTP/2 (see [`http2`]).
     h2: Arc<http2::H2Pool>,
 }
@@ -160,6 +169,9 @@ struct Conn {
     buf: BytesMut,
     timer: HeadTimer,
     names: Names,
+    /// How long it may wait idle in the pool and still be used: a little less than its
+    /// server keeps it (see [`idle_limit`]).
+    idle_limit: Duration,
 }
 
 /// The header names of the responses on one connection, as sent and as parsed. An
@@ -300,10 +312,40 @@ impl Upstreams {
         Self::with_max_idle(connect_timeout, response_idle, mesh, MAX_IDLE_TOTAL)
     }
 
+    /// The same, for a sidecar whose `clients.idle_timeout` is `idle_timeout`: its pooled
+    /// connections to other sidecars are let go a second before those would close them.
+    pub fn for_sidecar(
+        connect_timeout: Duration,
+        response_idle: Option<Duration>,
+        mesh: Option<MeshClient>,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        let mesh_idle = idle_timeout
+            .saturating_sub(KEEP_ALIVE_MARGIN)
+            .min(IDLE_TIMEOUT);
+        Self::with_options(
+            connect_timeout,
+            response_idle,
+            mesh,
+            mesh_idle,
+            MAX_IDLE_TOTAL,
+        )
+    }
+
     fn with_max_idle(
         connect_timeout: Duration,
         response_idle: Option<Duration>,
         mesh: Option<MeshClient>,
+        max_idle: usize,
+    ) -> Arc<Self> {
+        Self::with_options(connect_timeout, response_idle, mesh, IDLE_TIMEOUT, max_idle)
+    }
+
+    fn with_options(
+        connect_timeout: Duration,
+        response_idle: Option<Duration>,
+        mesh: Option<MeshClient>,
+        mesh_idle: Duration,
         max_idle: usize,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
@@ -312,6 +354,7 @@ impl Upstreams {
             connect_timeout,
             response_idle,
             mesh,
+            mesh_idle,
             h2: Arc::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -334,7 +377,9 @@ impl Upstreams {
         // Most recently used first: its socket is the least likely to have been closed.
         while let Some(mut entry) = list.pop_back() {
             *total -= 1;
-            if now.saturating_duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.is_usable() {
+            if now.saturating_duration_since(entry.since) < entry.conn.idle_limit
+                && entry.conn.is_usable()
+            {
                 return Some(entry.conn);
             }
         }
@@ -371,11 +416,17 @@ impl Upstreams {
 
     async fn dial(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
         let io = connect_maybe_mesh(addr, self.connect_timeout, self.mesh.as_ref()).await?;
+        let idle_limit = if io.is_mesh() {
+            self.mesh_idle
+        } else {
+            IDLE_TIMEOUT
+        };
         Ok(Conn {
             io,
             buf: BytesMut::new(),
             timer: HeadTimer::new(),
             names: Names::default(),
+            idle_limit,
         })
     }
 
@@ -496,9 +547,13 @@ impl Upstreams {
         }
         // A connection whose request was cut short (an early refusal) is not reused: the
         // upstream would read the rest of it as the next request.
-        let mut keep_alive = request_sent_whole
-            && head.version == http::Version::HTTP_11
-            && !has_token(&headers, header::CONNECTION, "close");
+        let (close, hinted) = connection_says(&headers);
+        let mut keep_alive = request_sent_whole && head.version == http::Version::HTTP_11 && !close;
+        if hinted {
+            if let Some(limit) = keep_alive_timeout(&headers) {
+                conn.idle_limit = conn.idle_limit.min(limit.saturating_sub(KEEP_ALIVE_MARGIN));
+            }
+        }
         let framing = if head_only
             || head.status == StatusCode::NO_CONTENT
             || head.status == StatusCode::NOT_MODIFIED
@@ -583,7 +638,7 @@ async fn sweep_while_alive(pool: Weak<Upstreams>) {
 
 fn sweep(idle: &mut IdlePool, now: Instant) {
     for list in idle.by_addr.values_mut() {
-        list.retain_mut(|e| now.duration_since(e.since) < IDLE_TIMEOUT && e.conn.is_usable());
+        list.retain_mut(|e| now.duration_since(e.since) < e.conn.idle_limit && e.conn.is_usable());
     }
     idle.by_addr.retain(|_, list| !list.is_empty());
     idle.total = idle.by_addr.values().map(VecDeque::len).sum();
@@ -704,6 +759,7 @@ async fn exchange(
         buf,
         timer,
         names,
+        ..
     } = conn;
     if http_body::Body::is_end_stream(body) {
         let at = start + timeout;
@@ -983,6 +1039,35 @@ pub(crate) fn foreign_coding(headers: &HeaderMap) -> Option<String> {
     byte_tokens(headers, header::TRANSFER_ENCODING)
         .find(|t| !t.eq_ignore_ascii_case(b"chunked"))
         .map(|t| String::from_utf8_lossy(t).into_owned())
+}
+
+/// What a response's `Connection` says: `close`, and whether it names `Keep-Alive` (whose
+/// header then says how long the server keeps the connection). One pass over its tokens.
+fn connection_says(headers: &HeaderMap) -> (bool, bool) {
+    let (mut close, mut keep_alive) = (false, false);
+    for t in byte_tokens(headers, header::CONNECTION) {
+        close |= t.eq_ignore_ascii_case(b"close");
+        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+    }
+    (close, keep_alive)
+}
+
+/// The `timeout=N` of a `Keep-Alive` header (`timeout=5, max=100`, as Node and Apache send
+/// it): how many seconds the server keeps an idle connection.
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("keep-alive")
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .find_map(|param| {
+            let (name, value) = param.trim_ascii().split_at_checked(7)?;
+            if !name.eq_ignore_ascii_case(b"timeout") {
+                return None;
+            }
+            let value = value.trim_ascii().strip_prefix(b"=")?.trim_ascii();
+            let secs: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+            Some(Duration::from_secs(secs))
+        })
 }
 
 /// Whether a comma-separated header has `token` (case-insensitive) anywhere.
@@ -1530,6 +1615,30 @@ mod tests {
         drop(io);
         // Small bodies are held back with the head until they end, so neither went out at all.
         assert_eq!(peer.await.unwrap(), b"");
+    }
+
+    #[test]
+    fn keep_alive_hints_are_read_as_servers_write_them() {
+        let hint = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("keep-alive", HeaderValue::from_str(v).unwrap());
+            keep_alive_timeout(&h)
+        };
+        assert_eq!(hint("timeout=5"), Some(Duration::from_secs(5)));
+        assert_eq!(hint("timeout=5, max=100"), Some(Duration::from_secs(5)));
+        assert_eq!(hint("max=100, Timeout = 15"), Some(Duration::from_secs(15)));
+        for no in ["", "max=100", "timeouts=5", "timeout=", "timeout=soon", "timeout=-1"] {
+            assert_eq!(hint(no), None, "{no:?}");
+        }
+        let conn = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_str(v).unwrap());
+            connection_says(&h)
+        };
+        assert_eq!(conn("keep-alive"), (false, true));
+        assert_eq!(conn("Keep-Alive, Upgrade"), (false, true));
+        assert_eq!(conn("close"), (true, false));
+        assert_eq!(connection_says(&HeaderMap::new()), (false, false));
     }
 
     #[test]

@@ -105,10 +105,11 @@ impl State {
                 .map_err(|e| format!("access_log.output: cannot open {:?}: {e}", cfg.access_log))?,
         }
         .stripping_query(cfg.access_log_strip_query);
-        let upstreams = crate::net::upstream::Upstreams::new(
+        let upstreams = crate::net::upstream::Upstreams::for_sidecar(
             cfg.connect_timeout,
             cfg.response_idle,
             mesh_client.clone(),
+            cfg.clients.idle_timeout,
         );
         let cache = match prev {
             Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),
