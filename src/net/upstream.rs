@@ -547,12 +547,11 @@ impl Upstreams {
         }
         // A connection whose request was cut short (an early refusal) is not reused: the
         // upstream would read the rest of it as the next request.
-        let (close, hinted) = connection_says(&headers);
-        let mut keep_alive = request_sent_whole && head.version == http::Version::HTTP_11 && !close;
-        if hinted {
-            if let Some(limit) = keep_alive_timeout(&headers) {
-                conn.idle_limit = conn.idle_limit.min(limit.saturating_sub(KEEP_ALIVE_MARGIN));
-            }
+        let mut keep_alive = request_sent_whole
+            && head.version == http::Version::HTTP_11
+            && !has_token(&headers, header::CONNECTION, "close");
+        if let Some(limit) = head.keep_alive {
+            conn.idle_limit = conn.idle_limit.min(limit.saturating_sub(KEEP_ALIVE_MARGIN));
         }
         let framing = if head_only
             || head.status == StatusCode::NO_CONTENT
@@ -894,6 +893,8 @@ struct Head {
     /// The upstream's reason phrase, kept for a status code without a standard one (`520
     /// Web Server Returned an Unknown Error`): hyper would write `<none>` in its place.
     reason: Option<Box<hyper::ext::ReasonPhrase>>,
+    /// How long the server says it keeps an idle connection (`Keep-Alive: timeout=N`).
+    keep_alive: Option<Duration>,
 }
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
@@ -991,8 +992,18 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
     };
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut keep_alive = None;
     for (at, &(n, nl, v, vl)) in spans.iter().enumerate() {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+        // Read here, where the name goes by anyway: a lookup per response cost more than
+        // the hint is worth to the many servers that send none.
+        if nl == 10
+            && head[n] | 0x20 == b'k'
+            && keep_alive.is_none()
+            && head[n..n + nl].eq_ignore_ascii_case(b"keep-alive")
+        {
+            keep_alive = keep_alive_timeout(&head[v..v + vl]);
+        }
         let name = names
             .get(at, &head[n..n + nl])
             .map_err(|_| "upstream sent an invalid header name".to_string())?;
@@ -1010,6 +1021,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         version,
         headers,
         reason,
+        keep_alive,
     }))
 }
 
@@ -1041,33 +1053,18 @@ pub(crate) fn foreign_coding(headers: &HeaderMap) -> Option<String> {
         .map(|t| String::from_utf8_lossy(t).into_owned())
 }
 
-/// What a response's `Connection` says: `close`, and whether it names `Keep-Alive` (whose
-/// header then says how long the server keeps the connection). One pass over its tokens.
-fn connection_says(headers: &HeaderMap) -> (bool, bool) {
-    let (mut close, mut keep_alive) = (false, false);
-    for t in byte_tokens(headers, header::CONNECTION) {
-        close |= t.eq_ignore_ascii_case(b"close");
-        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-    }
-    (close, keep_alive)
-}
-
-/// The `timeout=N` of a `Keep-Alive` header (`timeout=5, max=100`, as Node and Apache send
-/// it): how many seconds the server keeps an idle connection.
-fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get_all("keep-alive")
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .find_map(|param| {
-            let (name, value) = param.trim_ascii().split_at_checked(7)?;
-            if !name.eq_ignore_ascii_case(b"timeout") {
-                return None;
-            }
-            let value = value.trim_ascii().strip_prefix(b"=")?.trim_ascii();
-            let secs: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
-            Some(Duration::from_secs(secs))
-        })
+/// The `timeout=N` of a `Keep-Alive` header's value (`timeout=5, max=100`, as Node and
+/// Apache send it): how many seconds the server keeps an idle connection.
+fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
+    value.split(|&b| b == b',').find_map(|param| {
+        let (name, value) = param.trim_ascii().split_at_checked(7)?;
+        if !name.eq_ignore_ascii_case(b"timeout") {
+            return None;
+        }
+        let value = value.trim_ascii().strip_prefix(b"=")?.trim_ascii();
+        let secs: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+        Some(Duration::from_secs(secs))
+    })
 }
 
 /// Whether a comma-separated header has `token` (case-insensitive) anywhere.
@@ -1619,26 +1616,35 @@ mod tests {
 
     #[test]
     fn keep_alive_hints_are_read_as_servers_write_them() {
-        let hint = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert("keep-alive", HeaderValue::from_str(v).unwrap());
-            keep_alive_timeout(&h)
-        };
+        let hint = |v: &str| keep_alive_timeout(v.as_bytes());
         assert_eq!(hint("timeout=5"), Some(Duration::from_secs(5)));
         assert_eq!(hint("timeout=5, max=100"), Some(Duration::from_secs(5)));
         assert_eq!(hint("max=100, Timeout = 15"), Some(Duration::from_secs(15)));
-        for no in ["", "max=100", "timeouts=5", "timeout=", "timeout=soon", "timeout=-1"] {
+        for no in [
+            "",
+            "max=100",
+            "timeouts=5",
+            "timeout=",
+            "timeout=soon",
+            "timeout=-1",
+        ] {
             assert_eq!(hint(no), None, "{no:?}");
         }
-        let conn = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONNECTION, HeaderValue::from_str(v).unwrap());
-            connection_says(&h)
-        };
-        assert_eq!(conn("keep-alive"), (false, true));
-        assert_eq!(conn("Keep-Alive, Upgrade"), (false, true));
-        assert_eq!(conn("close"), (true, false));
-        assert_eq!(connection_says(&HeaderMap::new()), (false, false));
+        // As the response head parser finds it, under any case of its name.
+        let mut names = Names::default();
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nKEEP-ALIVE: timeout=7\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let head = parse_head(&mut buf, &mut names).unwrap().unwrap();
+        assert_eq!(head.keep_alive, Some(Duration::from_secs(7)));
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..]);
+        assert_eq!(
+            parse_head(&mut buf, &mut names)
+                .unwrap()
+                .unwrap()
+                .keep_alive,
+            None
+        );
     }
 
     #[test]
