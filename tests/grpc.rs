@@ -14,11 +14,8 @@ use outrider::testing::TestProxy;
 /// The system python3 (Debian's packages are installed for it, not for a pyenv one).
 const PYTHON: &str = "/usr/bin/python3";
 
-/// The app: `demo.Echo` with four methods on raw bytes; prints its port.
+/// The app: `demo.Echo` with four methods on raw bytes (see [`app_script`]).
 const SERVER: &str = r#"
-import grpc
-from concurrent import futures
-
 def unary(req, ctx):
     return b"echo:" + req
 
@@ -32,20 +29,32 @@ def server_stream(req, ctx):
 def fail(req, ctx):
     ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
 
-same = lambda b: b
 handlers = {
     "Unary": grpc.unary_unary_rpc_method_handler(unary, same, same),
     "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, same, same),
     "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, same, same),
     "Fail": grpc.unary_unary_rpc_method_handler(fail, same, same),
 }
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+"#;
+
+/// A gRPC app serving `demo.Echo` on raw bytes: `methods` defines the functions and the
+/// `handlers` dict, `options` the server's channel options. It prints its port.
+fn app_script(methods: &str, options: &str) -> String {
+    format!(
+        r#"
+import grpc, sys, time
+from concurrent import futures
+same = lambda b: b
+{methods}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[{options}])
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(port, flush=True)
 server.wait_for_termination()
-"#;
+"#
+    )
+}
 
 /// The caller: each call's outcome, as JSON (`[code, details]` for an error).
 const CLIENT: &str = r#"
@@ -80,7 +89,7 @@ struct App(Child, u16);
 
 impl App {
     fn start() -> App {
-        App::start_script(SERVER)
+        App::start_script(&app_script(SERVER, ""))
     }
 
     fn start_script(script: &str) -> App {
@@ -111,8 +120,13 @@ impl Drop for App {
 
 /// Runs the caller against `target` and returns its JSON.
 async fn call_all(target: std::net::SocketAddr) -> serde_json::Value {
+    run_caller(CLIENT, target).await
+}
+
+/// Runs a caller script against `target` (its `argv[1]`) and returns the JSON it prints.
+async fn run_caller(script: &str, target: std::net::SocketAddr) -> serde_json::Value {
     let out = tokio::process::Command::new(PYTHON)
-        .args(["-c", CLIENT, &target.to_string()])
+        .args(["-c", script, &target.to_string()])
         .env_remove("http_proxy")
         .env_remove("HTTP_PROXY")
         .env_remove("grpc_proxy")
@@ -160,28 +174,17 @@ async fn grpc_calls_of_every_kind_go_through_the_inbound_listener() {
     p.shutdown().await;
 }
 
-/// An app whose server-streaming call sends one message, is silent for `argv[1]` seconds,
-/// then sends another; it applies gRPC's PING policy (at most one PING per 5 minutes while it
+/// An app whose server-streaming call sends one message, is silent for 35 s, then sends
+/// another; it applies gRPC's PING policy (at most one PING per 5 minutes while it
 /// sends nothing) with one second chance (`max_ping_strikes` 1, where the default allows two;
 /// 0 would allow any number).
-const SILENT_STREAM_SERVER: &str = r#"
-import grpc, sys, time
-from concurrent import futures
-
+const SILENT_STREAM: &str = r#"
 def watch(req, ctx):
     yield b"first"
-    time.sleep(float(sys.argv[1]))
+    time.sleep(35)
     yield b"second"
 
-same = lambda b: b
 handlers = {"Watch": grpc.unary_stream_rpc_method_handler(watch, same, same)}
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                     options=[("grpc.http2.max_ping_strikes", 1)])
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-print(port, flush=True)
-server.wait_for_termination()
 "#;
 
 /// A streaming call that stays silent (a watch with nothing to report) is not killed by the
@@ -190,7 +193,8 @@ server.wait_for_termination()
 /// watch through it died after 40 s of quiet (`UNAVAILABLE: Too many pings`; 30 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_streaming_call_outlives_the_servers_ping_policy() {
-    let app = App::start_script(&SILENT_STREAM_SERVER.replace("sys.argv[1]", "35"));
+    let strict = r#"("grpc.http2.max_ping_strikes", 1)"#;
+    let app = App::start_script(&app_script(SILENT_STREAM, strict));
     let p = TestProxy::start(&format!(
         "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n",
         app.1
@@ -206,37 +210,18 @@ except grpc.RpcError as e:
     got = [e.code().name, e.details()]
 print(json.dumps(got))
 "#;
-    let out = tokio::process::Command::new(PYTHON)
-        .args(["-c", caller, &p.handle().inbound_addr.unwrap().to_string()])
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("grpc_proxy")
-        .output()
-        .await
-        .unwrap();
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let got = run_caller(caller, p.handle().inbound_addr.unwrap()).await;
     assert_eq!(got, serde_json::json!(["first", "second"]));
     p.shutdown().await;
 }
 
 /// An app whose unary call takes 3 s to answer.
-const SLOW_UNARY_SERVER: &str = r#"
-import grpc, time
-from concurrent import futures
-
+const SLOW_UNARY: &str = r#"
 def slow(req, ctx):
     time.sleep(3)
     return b"slow:" + req
 
-same = lambda b: b
 handlers = {"Slow": grpc.unary_unary_rpc_method_handler(slow, same, same)}
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("demo.Echo", handlers),))
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-print(port, flush=True)
-server.wait_for_termination()
 "#;
 
 /// A gRPC call's own deadline (`grpc-timeout`) is what the proxy waits for its answer, not
@@ -245,7 +230,7 @@ server.wait_for_termination()
 /// still gets the configured timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_calls_deadline_is_the_response_timeout() {
-    let app = App::start_script(SLOW_UNARY_SERVER);
+    let app = App::start_script(&app_script(SLOW_UNARY, ""));
     let p = TestProxy::start(&format!(
         "outbound:\n  timeouts: {{ response: 1s }}\n\
          inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: 127.0.0.1:{}\n",
@@ -263,16 +248,7 @@ def outcome(**kw):
         return [e.code().name, e.details()]
 print(json.dumps({"deadline": outcome(timeout=10), "none": outcome()}))
 "#;
-    let out = tokio::process::Command::new(PYTHON)
-        .args(["-c", caller, &p.handle().inbound_addr.unwrap().to_string()])
-        .env_remove("http_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("grpc_proxy")
-        .output()
-        .await
-        .unwrap();
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let got = run_caller(caller, p.handle().inbound_addr.unwrap()).await;
     assert_eq!(got["deadline"], "slow:x", "{got}");
     assert_eq!(got["none"][0], "UNAVAILABLE", "{got}");
     let timed_out = p.wait_log(|l| l["status"] == 504).await;
