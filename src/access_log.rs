@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::episode::{Episode, Tell};
 use crate::net::text::{push_socket, Decimal, IpText, Rfc3339Millis};
 
 /// How long a record may wait in the buffer; short enough that a log tail looks live.
@@ -50,21 +51,20 @@ const MAX_PENDING: usize = 32 * 1024 * 1024;
 /// Where batches go, and whether writing them has been failing.
 struct Sink {
     out: Box<dyn Write + Send>,
-    /// While writes fail (a full disk): when the operator was last told, and how many
-    /// records have been dropped since the failures began.
-    failing: Option<(Instant, u64)>,
+    /// While writes fail (a full disk): the records dropped since the failures began.
+    failing: Episode,
     /// When the operator was last told of records dropped for a full queue.
     overflow_told: Option<Instant>,
 }
 
-/// While writes keep failing, how often the operator is reminded.
+/// How often the operator is reminded of records dropped for a full queue.
 const REPEAT: Duration = Duration::from_secs(10);
 
 impl Sink {
     fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             out,
-            failing: None,
+            failing: Episode::default(),
             overflow_told: None,
         }
     }
@@ -96,26 +96,21 @@ impl Sink {
     fn write(&mut self, batch: &[u8]) {
         match self.out.write_all(batch).and_then(|()| self.out.flush()) {
             Ok(()) => {
-                if let Some((_, dropped)) = self.failing.take() {
+                if let Some(dropped) = self.failing.end() {
                     tracing::info!(dropped, "access log writes work again");
                 }
             }
             Err(e) => {
                 let records = batch.iter().filter(|&&b| b == b'\n').count() as u64;
                 metrics::counter!("outrider_access_log_dropped_total").increment(records);
-                let now = Instant::now();
-                match &mut self.failing {
-                    None => {
-                        tracing::error!(error = %e, "access log write failed; records are dropped until writes work again");
-                        self.failing = Some((now, records));
+                match self.failing.hit(records) {
+                    Tell::Begins => {
+                        tracing::error!(error = %e, "access log write failed; records are dropped until writes work again")
                     }
-                    Some((told, dropped)) => {
-                        *dropped += records;
-                        if now.duration_since(*told) >= REPEAT {
-                            tracing::error!(error = %e, dropped = *dropped, "access log writes still failing");
-                            *told = now;
-                        }
+                    Tell::Lasts(dropped) => {
+                        tracing::error!(error = %e, dropped, "access log writes still failing");
                     }
+                    Tell::Nothing => {}
                 }
             }
         }

@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod episode;
 pub mod metrics;
 pub mod net;
 pub mod policy;

@@ -57,6 +57,10 @@ fn describe() {
     metrics::describe_counter!("outrider_bytes_out_total", "Body bytes sent to clients");
     metrics::describe_gauge!("outrider_connections_open", "Client connections open now");
     metrics::describe_counter!("outrider_connections_total", "Client connections accepted");
+    metrics::describe_counter!(
+        "outrider_connections_overflow_total",
+        "Client connections closed on accept: the listener held clients.max_connections"
+    );
     metrics::describe_counter!("outrider_dns_lookups_total", "Name lookups");
     metrics::describe_counter!("outrider_dns_failures_total", "Name lookups that failed");
     metrics::describe_counter!(

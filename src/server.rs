@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Compiled, Config};
-use crate::proxy::slots::{Listener, Overflow};
+use crate::proxy::slots::Listener;
 use crate::proxy::{self, Inputs, State};
 
 /// How the outbound listener learns a connection's original destination. The default asks
@@ -319,13 +319,8 @@ async fn accept_outbound(
     shutdown: CancellationToken,
 ) {
     let stop = shutdown.clone();
-    let mut overflow = Overflow::new(Listener::Outbound);
-    proxy::accept_loop(listener, stop, |stream, client| {
-        let Some(slot) = inputs.slots.take(Listener::Outbound) else {
-            // Closed on the spot (dropped), before anything is read from it.
-            return overflow.refused(inputs.slots.open(Listener::Outbound));
-        };
-        overflow.accepted();
+    let slots = (&inputs.slots, Listener::Outbound);
+    proxy::accept_loop(listener, stop, slots, |stream, client, slot| {
         // The kernel's answer, except that a connection to the listener itself is explicit.
         let od = match &orig_dst {
             Some(f) => f(&stream),

@@ -47,9 +47,9 @@ const MAX_INTERIM: usize = 16;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Idle connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How much sooner than its server would a pooled connection is let go. A request sent on a
-/// connection the server is closing at that moment is lost (the keep-alive race); one that
-/// cannot be repeated (a POST) is a 502. The server's idle timer starts when it has sent its
+/// How much sooner than its server would, a pooled connection is let go. A request sent on
+/// a connection the server is closing at that moment is lost (the keep-alive race); one
+/// that cannot be repeated (a POST) is a 502. The server's idle timer starts when it has sent its
 /// response, the pool's when the request went out, so the margin is on top of that.
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// Idle connections kept per upstream address.
@@ -170,7 +170,7 @@ struct Conn {
     timer: HeadTimer,
     names: Names,
     /// How long it may wait idle in the pool and still be used: a little less than its
-    /// server keeps it (see [`idle_limit`]).
+    /// server keeps it (see [`KEEP_ALIVE_MARGIN`]).
     idle_limit: Duration,
 }
 

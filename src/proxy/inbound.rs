@@ -22,7 +22,7 @@ use super::http::{
     add_via, append_value, strip_hop_by_hop, strip_request_hop_by_hop, upstream_version,
     wants_upgrade,
 };
-use super::slots::{Listener, Overflow};
+use super::slots::Listener;
 use super::tunnel::splice;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{LogGuard, Record};
@@ -35,13 +35,8 @@ use crate::policy::authz;
 /// Accepts inbound connections until shutdown.
 pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: CancellationToken) {
     let stop = shutdown.clone();
-    let mut overflow = Overflow::new(Listener::Inbound);
-    super::accept_loop(listener, stop, |stream, client| {
-        let Some(slot) = inputs.slots.take(Listener::Inbound) else {
-            // Closed on the spot (dropped), as on the outbound listener (`server.rs`).
-            return overflow.refused(inputs.slots.open(Listener::Inbound));
-        };
-        overflow.accepted();
+    let slots = (&inputs.slots, Listener::Inbound);
+    super::accept_loop(listener, stop, slots, |stream, client, slot| {
         let od = crate::net::orig_dst::original_dst(&stream, client);
         let task = serve(inputs.clone(), stream, client, od, shutdown.clone());
         super::spawn_connection(&inputs, task, slot);

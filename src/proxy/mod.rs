@@ -294,19 +294,20 @@ pub fn log_refused_head(
 }
 
 /// Accepts connections until shutdown, handing each (with its client address in canonical
-/// form) to `serve`; accept errors (EMFILE and the like) back off instead of spinning.
+/// form, and its slot on `listener`) to `serve`. A connection over `clients.max_connections`
+/// is closed at once (see [`slots`]); accept errors (EMFILE and the like) back off instead of
+/// spinning. Either is told to the operator per episode, not per connection.
 pub async fn accept_loop<F>(
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
+    (slots, which): (&slots::Slots, slots::Listener),
     mut serve: F,
 ) where
-    F: FnMut(tokio::net::TcpStream, SocketAddr),
+    F: FnMut(tokio::net::TcpStream, SocketAddr, slots::Slot),
 {
-    // While accepting fails (at the open-file limit it fails every retry), one warning
-    // starts the episode, one every 10 s says it lasts, and one line says it ended: not
-    // twenty lines a second into the operator's log.
-    const REPEAT: std::time::Duration = std::time::Duration::from_secs(10);
-    let mut failing: Option<(tokio::time::Instant, u64)> = None;
+    use crate::episode::{Episode, Tell};
+    let mut failing = Episode::default();
+    let mut overflow = slots::Overflow::new(which);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -314,25 +315,26 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, client)) => {
-                if let Some((_, failures)) = failing.take() {
+                if let Some(failures) = failing.end() {
                     tracing::info!(failures, "accepting connections again");
                 }
-                serve(stream, crate::net::orig_dst::canonical(client));
+                let Some(slot) = slots.take(which) else {
+                    // Closed on the spot (dropped), before anything is read from it.
+                    overflow.refused(slots.open(which));
+                    continue;
+                };
+                overflow.accepted();
+                serve(stream, crate::net::orig_dst::canonical(client), slot);
             }
             Err(e) => {
-                let now = tokio::time::Instant::now();
-                match &mut failing {
-                    None => {
-                        tracing::warn!(error = %e, "accept failed; retrying every 50 ms");
-                        failing = Some((now, 1));
+                match failing.hit(1) {
+                    Tell::Begins => {
+                        tracing::warn!(error = %e, "accept failed; retrying every 50 ms")
                     }
-                    Some((warned, failures)) => {
-                        *failures += 1;
-                        if now.duration_since(*warned) >= REPEAT {
-                            tracing::warn!(error = %e, failures = *failures, "accept still failing");
-                            *warned = now;
-                        }
+                    Tell::Lasts(failures) => {
+                        tracing::warn!(error = %e, failures, "accept still failing");
                     }
+                    Tell::Nothing => {}
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }

@@ -10,7 +10,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+
+use crate::episode::{Episode, Tell};
 
 /// Which listener a client connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,17 +96,13 @@ impl Slots {
     }
 }
 
-/// The warnings of one listener's overflow episodes: one line when connections start being
-/// closed, one every 10 s while it lasts, one with the count when a connection is accepted
-/// again. Not a line per refused connection, which a flood would turn into a second flood.
+/// The warnings of one listener's overflow episodes (see [`crate::episode`]): not a line per
+/// refused connection, which a flood would turn into a second flood.
 pub struct Overflow {
     listener: Listener,
     counter: metrics::Counter,
-    episode: Option<(tokio::time::Instant, u64)>,
+    episode: Episode,
 }
-
-/// How often a lasting overflow is reported again.
-const REPEAT: Duration = Duration::from_secs(10);
 
 impl Overflow {
     /// The reporter for `listener`.
@@ -113,42 +110,30 @@ impl Overflow {
         Self {
             listener,
             counter: metrics::counter!("outrider_connections_overflow_total", "listener" => listener.name()),
-            episode: None,
+            episode: Episode::default(),
         }
     }
 
     /// A connection was closed because the listener was full (`open` connections).
     pub fn refused(&mut self, open: usize) {
         self.counter.increment(1);
-        let now = tokio::time::Instant::now();
         let listener = self.listener.name();
-        match &mut self.episode {
-            None => {
-                tracing::warn!(
-                    listener,
-                    open,
-                    "clients.max_connections reached: new connections are closed until some end"
-                );
-                self.episode = Some((now, 1));
+        match self.episode.hit(1) {
+            Tell::Begins => tracing::warn!(
+                listener,
+                open,
+                "clients.max_connections reached: new connections are closed until some end"
+            ),
+            Tell::Lasts(refused) => {
+                tracing::warn!(listener, open, refused, "still at clients.max_connections");
             }
-            Some((warned, refused)) => {
-                *refused += 1;
-                if now.duration_since(*warned) >= REPEAT {
-                    tracing::warn!(
-                        listener,
-                        open,
-                        refused = *refused,
-                        "still at clients.max_connections"
-                    );
-                    *warned = now;
-                }
-            }
+            Tell::Nothing => {}
         }
     }
 
     /// A connection was accepted: ends an episode, if one was going on.
     pub fn accepted(&mut self) {
-        if let Some((_, refused)) = self.episode.take() {
+        if let Some(refused) = self.episode.end() {
             tracing::info!(
                 listener = self.listener.name(),
                 refused,

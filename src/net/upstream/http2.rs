@@ -215,9 +215,9 @@ impl Upstreams {
 
         let (mut req, mut ended, mut replay) = Replay::prepare(parts, body);
         let (mut send, mut stream) = self.h2_connection(addr).await?;
-        let mut retried = false;
-        // A burst can meet several connections going away at once: each of them refuses.
-        let mut refusals_left = 3;
+        // Sent again at most this often: a burst can meet several connections going away
+        // at once, and each of them turns it away.
+        let mut again_left = 3;
         loop {
             let exchange = send.try_send_request(req);
             let answered = within(exchange, ended.as_deref(), timeout).await;
@@ -239,30 +239,29 @@ impl Upstreams {
                         })
                     }));
                 }
-                // A connection that closed (a GOAWAY, say) before this request went out:
-                // it goes once more, on another connection.
-                Some(Err(mut e)) => match e.take_message() {
-                    Some(unsent) if !retried => {
-                        req = unsent;
-                        retried = true;
-                        (send, stream) = self.h2_connection(addr).await?;
+                // Not processed: safe to send again whatever the method (RFC 9113 §8.7),
+                // on another connection.
+                Some(Err(mut e)) if again_left > 0 => {
+                    again_left -= 1;
+                    match e.take_message() {
+                        // Never sent: the connection closed (a GOAWAY, say) before it went out.
+                        Some(unsent) => req = unsent,
+                        // Sent, but the server says it did not process it: a stream refused,
+                        // or above the last one a GOAWAY let through (a server that closes
+                        // its connections after so many requests, as nginx does after 1,000,
+                        // or one that is restarting). That connection takes no more.
+                        None if unprocessed(e.error()) => {
+                            stream.0.retired.store(true, Ordering::Relaxed);
+                            let Some(again) = replay.request().await else {
+                                return Err(failed(e.error()));
+                            };
+                            (req, ended, replay) = again;
+                        }
+                        None => return Err(failed(e.error())),
                     }
-                    // Sent, but the server says it did not process it (RFC 9113 §8.7): a
-                    // stream refused, or above the last one a GOAWAY let through (a server
-                    // that closes its connections after so many requests, as nginx does
-                    // after 1,000, or one that is restarting). Safe to send again whatever
-                    // the method; gone from that connection, which takes no more.
-                    None if refusals_left > 0 && unprocessed(e.error()) => {
-                        refusals_left -= 1;
-                        stream.0.retired.store(true, Ordering::Relaxed);
-                        let Some(again) = replay.request().await else {
-                            return Err(failed(e.error()));
-                        };
-                        (req, ended, replay) = again;
-                        (send, stream) = self.h2_connection(addr).await?;
-                    }
-                    _ => return Err(failed(e.error())),
-                },
+                    (send, stream) = self.h2_connection(addr).await?;
+                }
+                Some(Err(e)) => return Err(failed(e.error())),
             }
         }
     }
@@ -370,7 +369,9 @@ async fn dial(
 /// `M`, `S`, `m`, `u`, `n`); `None` when there is none or it is malformed.
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
-    let raw = headers.get("grpc-timeout")?.as_bytes();
+    // A constant: looked up by a `&str`, the name would be parsed for every request.
+    const GRPC_TIMEOUT: header::HeaderName = header::HeaderName::from_static("grpc-timeout");
+    let raw = headers.get(GRPC_TIMEOUT)?.as_bytes();
     let (&unit, digits) = raw.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
