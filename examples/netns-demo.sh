@@ -15,7 +15,8 @@
 #   1. the app calling 10.77.250.1:8000 (allowed by a CIDR rule): 200, the server's page;
 #   2. the app calling 10.77.250.1:9000 (no rule allows port 9000): 403 with x-outrider-error;
 #   3. the outside calling the app on 10.77.250.2:8080: captured to 15006, reaches the app;
-# then the sidecar's access log. Exits non-zero if any of the three is not what it should be.
+#   4. the app sending a UDP datagram out (which no proxy could check): refused on the spot;
+# then the sidecar's access log. Exits non-zero if any of the four is not what it should be.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,9 +102,10 @@ mkdir -p "$WORK/app"
 echo "hello from the app in the pod" >"$WORK/app/index.html"
 in_pod_as "$APP_UID" "$PYTHON" -m http.server 8080 --directory "$WORK/app" >/dev/null 2>&1 &
 
-step "iptables/outrider-iptables.sh apply (in the pod)"
-in_pod iptables/outrider-iptables.sh apply
+step "iptables/outrider-iptables.sh apply --block-uncaptured (in the pod)"
+in_pod iptables/outrider-iptables.sh apply --block-uncaptured
 in_pod iptables -t nat -S | grep outrider
+in_pod iptables -t filter -S | grep outrider
 
 step "outrider run --config $CONFIG (as uid 1337, in the pod)"
 in_pod_as 1337 "$OUTRIDER_BIN" run --config "$CONFIG" >"$WORK/outrider.log" 2>&1 &
@@ -141,6 +143,14 @@ step "3. the outside calls the app at http://$POD_IP:8080/ (captured to 15006)"
 response=$(in_outside curl -sS -i --max-time 10 "http://$POD_IP:8080/" 2>&1 || true)
 check "inbound request reaches the app" "$response" "^HTTP/[0-9.]+ 200" "hello from the app in the pod"
 
+step "4. the app sends a UDP datagram to $OUTSIDE_IP:8000 (not TCP: the proxy never sees it)"
+response=$(in_pod_as "$APP_UID" "$PYTHON" -c "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(b'hello', ('$OUTSIDE_IP', 8000))
+print('sent')" 2>&1 || true)
+check "uncaptured traffic refused" "$response" "Operation not permitted"
+
 step "the sidecar's log"
 cat "$WORK/outrider.log"
 
@@ -148,4 +158,4 @@ if [[ $FAILED != 0 ]]; then
     step "some steps did not do what they should (see UNEXPECTED above)"
     exit 1
 fi
-step "all three behave as expected; cleaning up"
+step "all four behave as expected; cleaning up"

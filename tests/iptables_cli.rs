@@ -12,6 +12,7 @@ fn outrider_iptables_print_matches_the_script() {
         "1500",
         "--exclude-outbound-ports",
         "5432",
+        "--block-uncaptured",
     ];
     let via_binary = Command::new(env!("CARGO_BIN_EXE_outrider"))
         .arg("iptables")
@@ -35,6 +36,7 @@ fn outrider_iptables_print_matches_the_script() {
     let text = String::from_utf8_lossy(&via_binary.stdout);
     assert!(text.contains("--uid-owner 1500"), "{text}");
     assert!(text.contains("--dport 5432"), "{text}");
+    assert!(text.contains("-j OUTRIDER_EGRESS"), "{text}");
 
     // A bad flag fails the same way, naming it.
     let bad = Command::new(env!("CARGO_BIN_EXE_outrider"))

@@ -28,6 +28,8 @@ const SCRIPT_ENV: &[&str] = &[
     "OUTRIDER_IPTABLES",
     "OUTRIDER_IP6TABLES",
     "OUTRIDER_NO_IPV6",
+    "OUTRIDER_BLOCK_UNCAPTURED",
+    "OUTRIDER_ALLOW_UDP_PORTS",
 ];
 
 /// One iptables flavour: the IPv4 and IPv6 commands.
@@ -83,7 +85,12 @@ fn script_ok(ns: &NetNs, env: &[(&str, &str)], args: &[&str]) -> String {
 
 /// `<cmd>-save -t nat` without comment lines and packet counters, to compare snapshots.
 fn nat_snapshot(ns: &NetNs, cmd: &str) -> String {
-    ns.exec_ok(&format!("{cmd}-save"), &["-t", "nat"])
+    snapshot(ns, cmd, "nat")
+}
+
+/// `<cmd>-save -t <table>` without comment lines and packet counters.
+fn snapshot(ns: &NetNs, cmd: &str, table: &str) -> String {
+    ns.exec_ok(&format!("{cmd}-save"), &["-t", table])
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| match l.find(" [") {
@@ -312,6 +319,7 @@ fn print_changes_nothing_and_bad_input_is_refused() {
             &["--exclude-outbound-ports", "70000"][..],
             &["--exclude-inbound-cidrs", "10.0.0.0/8,not-a-cidr"][..],
             &["--proxy-uid", "proxy"][..],
+            &["--allow-udp-ports", "53,dns"][..],
             &["--no-such-flag", "1"][..],
         ] {
             let out = script(
@@ -471,5 +479,215 @@ fn captured_traffic_reaches_the_proxy_ports() {
             "app",
             "{f:?}"
         );
+    }
+}
+
+/// Both tables of both families, to show that a refused apply changed nothing.
+fn all_tables(ns: &NetNs, f: Flavour) -> [String; 4] {
+    [
+        snapshot(ns, f.v4, "nat"),
+        snapshot(ns, f.v6, "nat"),
+        snapshot(ns, f.v4, "filter"),
+        snapshot(ns, f.v6, "filter"),
+    ]
+}
+
+/// With `--block-uncaptured`, what the nat rules do not send through the proxy (UDP, ICMP) is
+/// refused at once instead of going to any address the allowlist denies, over IPv4 and IPv6;
+/// DNS, the proxy's own traffic, captured and excluded TCP, and replies on an excluded inbound
+/// port still work. Applying without the flag takes the rejections away again, and remove
+/// restores the filter table exactly, other people's rules included.
+#[test]
+fn block_uncaptured_rejects_what_the_proxy_does_not_capture() {
+    for f in flavours() {
+        let outside = NetNs::new("or-bout");
+        let pod = NetNs::new("or-bpod");
+        let link = netns::link(&outside, &pod);
+        let (server, pod_ip) = (link.a_ip.to_string(), link.b_ip.to_string());
+        let server6 = link.a_ip6.unwrap().to_string();
+        let mut udp = netns::udp_echo_server(&outside, &server, 9999);
+        let mut udp6 = netns::udp_echo_server(&outside, &server6, 9999);
+        let _servers = [
+            netns::udp_echo_server(&outside, &server, 53),
+            netns::udp_echo_server(&outside, &server6, 53),
+            netns::tag_server(&outside, &server, 8000, "server"),
+            netns::tag_server(&outside, &server, 8001, "server"),
+            netns::tag_server(&pod, "127.0.0.1", 15001, "outbound"),
+            netns::tag_server(&pod, "::1", 15001, "outbound6"),
+            netns::tag_server(&pod, "0.0.0.0", 15006, "inbound"),
+            netns::tag_server(&pod, "0.0.0.0", 2222, "sshd"),
+        ];
+        for cmd in [f.v4, f.v6] {
+            pod.exec_ok(cmd, &["-N", "SOMEONE_ELSE"]);
+            pod.exec_ok(cmd, &["-A", "OUTPUT", "-p", "sctp", "-j", "SOMEONE_ELSE"]);
+        }
+        let filter_before = (
+            snapshot(&pod, f.v4, "filter"),
+            snapshot(&pod, f.v6, "filter"),
+        );
+        let app = Some(1000);
+        let flags = [
+            "--iptables-cmd",
+            f.v4,
+            "--exclude-inbound-ports",
+            "2222",
+            "--exclude-outbound-ports",
+            "8001",
+        ];
+
+        // Capture alone leaves UDP and ICMP to go anywhere: what follows is the flag's doing.
+        script_ok(&pod, &[], &[&["apply"], &flags[..]].concat());
+        for host in [&server, &server6] {
+            assert_eq!(
+                netns::udp_probe(&pod, app, host, 9999).as_deref(),
+                Ok("pong")
+            );
+            assert!(netns::icmp_probe(&pod, host).is_ok(), "{f:?}: ping {host}");
+        }
+        let blocking = [&["apply", "--block-uncaptured"], &flags[..]].concat();
+        script_ok(&pod, &[], &blocking);
+        script_ok(&pod, &[], &blocking);
+        for cmd in [f.v4, f.v6] {
+            let jumps = pod.exec_ok(cmd, &["-S", "OUTPUT"]);
+            assert_eq!(
+                jumps.matches("-j OUTRIDER_EGRESS").count(),
+                1,
+                "{cmd}: one jump after applying twice: {jumps}"
+            );
+        }
+        let (_, _) = (udp.lines_so_far(), udp6.lines_so_far());
+
+        // The app's UDP and ICMP, whatever its uid, fail at once and never reach the server.
+        for host in [&server, &server6] {
+            for uid in [app, None] {
+                let err = netns::udp_probe(&pod, uid, host, 9999).unwrap_err();
+                assert!(
+                    err.contains("not permitted"),
+                    "{f:?}: UDP from uid {uid:?} to {host}: {err}"
+                );
+            }
+            let err = netns::icmp_probe(&pod, host).unwrap_err();
+            assert!(err.contains("not permitted"), "{f:?}: ping {host}: {err}");
+        }
+        // DNS goes out; so does the proxy's own UDP, over IPv6 too, whose neighbour discovery
+        // (its cache emptied first) the rules must let through.
+        pod.exec_ok("ip", &["-6", "neigh", "flush", "all"]);
+        for host in [&server6, &server] {
+            assert_eq!(
+                netns::udp_probe(&pod, Some(PROXY_UID), host, 9999).as_deref(),
+                Ok("pong"),
+                "{f:?}: the proxy's UDP to {host}"
+            );
+            assert_eq!(
+                netns::udp_probe(&pod, app, host, 53).as_deref(),
+                Ok("pong"),
+                "{f:?}: DNS to {host}"
+            );
+        }
+        assert_eq!(udp.lines_so_far(), [format!("got {pod_ip}")], "{f:?}");
+        assert_eq!(udp6.lines_so_far().len(), 1, "{f:?}: only the proxy's");
+
+        // TCP: captured as before, the excluded port goes straight out, inbound is captured,
+        // and the excluded inbound port answers its callers (replies of accepted connections).
+        let captured = reply(netns::tcp_probe(&pod, app, &server, 8000));
+        assert_eq!(captured.tag, "outbound", "{f:?}: {captured:?}");
+        let captured = reply(netns::tcp_probe(&pod, app, &server6, 8000));
+        assert_eq!(captured.tag, "outbound6", "{f:?}: {captured:?}");
+        assert_eq!(
+            reply(netns::tcp_probe(&pod, app, &server, 8001)).tag,
+            "server"
+        );
+        assert_eq!(
+            reply(netns::tcp_probe(&outside, None, &pod_ip, 8080)).tag,
+            "inbound"
+        );
+        assert_eq!(
+            reply(netns::tcp_probe(&outside, None, &pod_ip, 2222)).tag,
+            "sshd"
+        );
+
+        // An apply without the flag takes the rejections away; remove restores the table.
+        script_ok(&pod, &[], &[&["apply"], &flags[..]].concat());
+        assert_eq!(
+            netns::udp_probe(&pod, app, &server, 9999).as_deref(),
+            Ok("pong")
+        );
+        assert_eq!(
+            (
+                snapshot(&pod, f.v4, "filter"),
+                snapshot(&pod, f.v6, "filter")
+            ),
+            filter_before,
+            "{f:?}: filter table after an apply without --block-uncaptured"
+        );
+        script_ok(
+            &pod,
+            &[("OUTRIDER_BLOCK_UNCAPTURED", "1")],
+            &[&["apply"], &flags[..]].concat(),
+        );
+        assert!(
+            netns::udp_probe(&pod, app, &server, 9999).is_err(),
+            "{f:?}: from the environment"
+        );
+        script_ok(&pod, &[], &["remove", "--iptables-cmd", f.v4]);
+        assert_eq!(
+            (
+                snapshot(&pod, f.v4, "filter"),
+                snapshot(&pod, f.v6, "filter")
+            ),
+            filter_before,
+            "{f:?}: filter table after remove"
+        );
+        assert!(filter_before.0.contains("SOMEONE_ELSE"));
+    }
+}
+
+/// `--block-uncaptured` must not leave IPv6 unchecked without saying so: when IPv6 rules
+/// cannot be installed on a kernel that has IPv6, apply fails before changing anything, and
+/// goes on only with an explicit `--no-ipv6`.
+#[test]
+fn block_uncaptured_refuses_to_leave_ipv6_unchecked() {
+    for f in flavours() {
+        let ns = NetNs::new("or-b6");
+        let before = all_tables(&ns, f);
+        let no_v6 = [
+            "--iptables-cmd",
+            f.v4,
+            "--ip6tables-cmd",
+            "/nonexistent/ip6tables",
+        ];
+
+        let out = script(
+            &ns,
+            &[],
+            &[&["apply", "--block-uncaptured"], &no_v6[..]].concat(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{f:?}: apply should fail: {stderr}");
+        assert!(
+            stderr.contains("--block-uncaptured") && stderr.contains("--no-ipv6"),
+            "{f:?}: the error names the flag and the way out: {stderr}"
+        );
+        assert_eq!(
+            all_tables(&ns, f),
+            before,
+            "{f:?}: the refused apply changed rules"
+        );
+
+        // Capture alone still goes on with IPv4 and a note, as it always has.
+        let out = script(&ns, &[], &[&["apply"], &no_v6[..]].concat());
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("skipping IPv6"));
+
+        script_ok(
+            &ns,
+            &[],
+            &[&["apply", "--block-uncaptured", "--no-ipv6"], &no_v6[..]].concat(),
+        );
+        assert!(ns
+            .exec_ok(f.v4, &["-S", "OUTPUT"])
+            .contains("-j OUTRIDER_EGRESS"));
+        script_ok(&ns, &[], &["remove", "--iptables-cmd", f.v4, "--no-ipv6"]);
+        assert_eq!(all_tables(&ns, f), before, "{f:?}: after remove");
     }
 }

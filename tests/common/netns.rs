@@ -227,6 +227,11 @@ impl Background {
         }
     }
 
+    /// The stdout lines printed since the last call (or since `ready`), without waiting.
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// The process id (of the program itself: `ip netns exec` and `setpriv` exec into it).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -418,15 +423,7 @@ pub struct TagReply {
 /// tag server's reply, or the client's error message.
 pub fn tcp_probe(ns: &NetNs, uid: Option<u32>, host: &str, port: u16) -> Result<TagReply, String> {
     let port = port.to_string();
-    let args = ["-c", PROBE_PY, host, &port];
-    let out = match uid {
-        Some(uid) => ns.exec_as(uid, PYTHON, &args),
-        None => ns.exec(PYTHON, &args),
-    };
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-    }
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let line = probe(ns, uid, &["-c", PROBE_PY, host, &port])?;
     let mut words = line.split(' ');
     let tag = words.next().unwrap_or_default().to_owned();
     let mut field = |key: &str| {
@@ -439,6 +436,99 @@ pub fn tcp_probe(ns: &NetNs, uid: Option<u32>, host: &str, port: u16) -> Result<
     let orig = field("orig=")?;
     let peer = field("peer=")?;
     Ok(TagReply { tag, orig, peer })
+}
+
+/// A UDP server that answers each datagram with `pong` and prints `got <peer address>`.
+const UDP_ECHO_PY: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    print("got %s" % peer[0], flush=True)
+    s.sendto(b"pong", peer)
+"#;
+
+/// Sends one datagram and prints the answer; exits 1 with the error (a send refused by the
+/// local firewall fails at once with "Operation not permitted") or after 3 s of silence.
+const UDP_PROBE_PY: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+try:
+    s.connect((host, port))
+    s.send(b"ping")
+    sys.stdout.write(s.recv(100).decode())
+except OSError as e:
+    print("udp to %s:%s failed: %s" % (host, port, e), file=sys.stderr)
+    sys.exit(1)
+"#;
+
+/// Starts a [UDP echo server](UDP_ECHO_PY) on `host:port` inside `ns`.
+pub fn udp_echo_server(ns: &NetNs, host: &str, port: u16) -> Background {
+    let mut server = ns.spawn(PYTHON, &["-c", UDP_ECHO_PY, host, &port.to_string()]);
+    server.wait_for_line("ready", Duration::from_secs(10));
+    server
+}
+
+/// Sends a datagram from inside `ns` (as `uid`, or root) to a [`udp_echo_server`]: its
+/// answer, or the client's error.
+pub fn udp_probe(ns: &NetNs, uid: Option<u32>, host: &str, port: u16) -> Result<String, String> {
+    let port = port.to_string();
+    probe(ns, uid, &["-c", UDP_PROBE_PY, host, &port])
+}
+
+/// An ICMP echo request on a raw socket (root only) and its reply; exits 1 with the error.
+const PING_PY: &str = r#"
+import os, socket, struct, sys
+host = sys.argv[1]
+v6 = ":" in host
+# An identifier of its own: conntrack would take a repeated one for the earlier exchange.
+ident = os.getpid() & 0xffff
+def checksum(b):
+    total = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    total = (total >> 16) + (total & 0xffff)
+    return ~(total + (total >> 16)) & 0xffff
+if v6:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    packet = struct.pack("!BBHHH", 128, 0, 0, ident, 1) + b"outrider"  # the kernel sums ICMPv6
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"outrider"
+    packet = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+s.settimeout(3)
+try:
+    s.sendto(packet, (host, 0))
+    while True:
+        data = s.recv(2048)
+        icmp = data if v6 else data[(data[0] & 15) * 4:]
+        if icmp[0] == (129 if v6 else 0):
+            print("echo reply")
+            break
+except OSError as e:
+    print("ping %s failed: %s" % (host, e), file=sys.stderr)
+    sys.exit(1)
+"#;
+
+/// Pings `host` from inside `ns` as root: `Ok` on an echo reply, else the error.
+pub fn icmp_probe(ns: &NetNs, host: &str) -> Result<String, String> {
+    probe(ns, None, &["-c", PING_PY, host])
+}
+
+/// Runs a probe script in `ns`: its stdout when it succeeds, its stderr when it fails.
+fn probe(ns: &NetNs, uid: Option<u32>, args: &[&str]) -> Result<String, String> {
+    let out = match uid {
+        Some(uid) => ns.exec_as(uid, PYTHON, args),
+        None => ns.exec(PYTHON, args),
+    };
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
 }
 
 /// A `curl -i` response: status, headers (names lower-cased), body.
