@@ -384,6 +384,10 @@ fn validation_request(parts: &request::Parts, obj: &StoredResponse) -> Request<B
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = headers;
+    // The name's other addresses, if it has any, serve a revalidation as they serve a miss.
+    if let Some(others) = parts.extensions.get::<crate::net::upstream::Alternates>() {
+        req.extensions_mut().insert(others.clone());
+    }
     req
 }
 

@@ -39,6 +39,14 @@ pub enum ConnectError {
     /// mTLS; nothing is sent in plaintext instead.
     #[error("no workload certificate yet for mTLS to mesh peer {0}")]
     NoCertificate(SocketAddr),
+    /// Each of a name's addresses failed (in the order tried; see [`super::attempts`]).
+    #[error("{}", every_message(.0))]
+    Every(Vec<ConnectError>),
+}
+
+fn every_message(errors: &[ConnectError]) -> String {
+    let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    all.join("; ")
 }
 
 impl ConnectError {
@@ -57,6 +65,24 @@ impl ConnectError {
                 source: io(source),
             },
             ConnectError::NoCertificate(a) => ConnectError::NoCertificate(*a),
+            ConnectError::Every(all) => ConnectError::Every(all.iter().map(Self::copy).collect()),
+        }
+    }
+
+    /// One error for the failures of several attempts: the only one, or all of them.
+    pub fn every(mut errors: Vec<ConnectError>) -> ConnectError {
+        match errors.len() {
+            1 => errors.remove(0),
+            _ => ConnectError::Every(errors),
+        }
+    }
+
+    /// Whether it is a timeout (every attempt timed out): a 504, where others are 502s.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            ConnectError::Timeout(_) => true,
+            ConnectError::Every(all) => !all.is_empty() && all.iter().all(Self::is_timeout),
+            _ => false,
         }
     }
 }

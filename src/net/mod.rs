@@ -1,5 +1,6 @@
 //! Networking: name resolution, upstream connections, listeners and original destinations.
 
+pub mod attempts;
 pub mod connect;
 pub mod dns;
 pub mod orig_dst;

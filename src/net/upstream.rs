@@ -95,6 +95,18 @@ impl SendError {
     }
 }
 
+/// A request's other allowed addresses, in its extensions (a name with several; see
+/// [`crate::net::attempts`]): tried when the one it is sent to cannot be reached. In the
+/// extensions rather than an argument, so that the usual request, which has none, carries
+/// nothing more through its send.
+#[derive(Clone, Debug)]
+pub struct Alternates(pub Vec<SocketAddr>);
+
+/// The address a response came from when it is not the one asked for (the request went to
+/// one of its [`Alternates`]): for the log, and for checks that name the address dialled.
+#[derive(Clone, Copy, Debug)]
+pub struct Dialled(pub SocketAddr);
+
 /// The protocol switch an upstream accepted with `101`: its connection, with any bytes
 /// already read after the response head replayed first. Carried in the response's
 /// extensions (which need `Clone`, hence the shared slot; the first `take` gets it).
@@ -414,8 +426,8 @@ impl Upstreams {
         pool.total += 1;
     }
 
-    async fn dial(&self, addr: SocketAddr) -> Result<Conn, ConnectError> {
-        let io = connect_maybe_mesh(addr, self.connect_timeout, self.mesh.as_ref()).await?;
+    async fn dial(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, ConnectError> {
+        let io = connect_maybe_mesh(addr, timeout, self.mesh.as_ref()).await?;
         let idle_limit = if io.is_mesh() {
             self.mesh_idle
         } else {
@@ -430,9 +442,36 @@ impl Upstreams {
         })
     }
 
+    /// A connection for a request to `addr` or, when it cannot be reached, one of
+    /// `alternates` (see [`crate::net::attempts`]): a pooled one to any of them, in the
+    /// order they are tried, else the first dial to connect. Also returns whether it was
+    /// pooled, and its address.
+    async fn connect_any(
+        &self,
+        addr: SocketAddr,
+        alternates: &[SocketAddr],
+        pooled_ok: bool,
+        now: Instant,
+    ) -> Result<(Conn, bool, SocketAddr), ConnectError> {
+        let order = crate::net::attempts::order(addr, alternates.iter().copied());
+        if pooled_ok {
+            for &a in &order {
+                if let Some(conn) = self.checkout(a, now) {
+                    return Ok((conn, true, a));
+                }
+            }
+        }
+        let (conn, a) =
+            crate::net::attempts::race(&order, self.connect_timeout, |a, left| self.dial(a, left))
+                .await?;
+        Ok((conn, false, a))
+    }
+
     /// Sends `req` to `addr` over HTTP/1.1 (the request URI's path and query form the
     /// request target; without a Host header, its authority, or else `addr`, is sent as
-    /// one). The response body streams from the upstream connection, which goes back to
+    /// one). When `addr` cannot be reached, the request goes to the first of its
+    /// [`Alternates`] that can (only explicit-proxy requests have any, and those are sent
+    /// in HTTP/1.1); the response then carries the address in a [`Dialled`] extension. The response body streams from the upstream connection, which goes back to
     /// the pool once the body has been read whole. The response head must come within
     /// `timeout` of the end of the request body (of the start, without one), so that a
     /// long upload is never cut off while it is still flowing. A request in HTTP/2 goes on
@@ -479,11 +518,26 @@ impl Upstreams {
             } else {
                 self.checkout(addr, start.into_std())
             };
-            let (mut conn, reused) = match pooled {
-                Some(conn) => (conn, true),
+            // `at`: the address connected to when it is another than `addr` (boxed, as the
+            // rare case, so that it adds a pointer to every request's future, not a socket
+            // address).
+            let (mut conn, reused, at) = match pooled {
+                Some(conn) => (conn, true, None),
                 // Boxed: dialing (TCP, and the mTLS handshake to a mesh peer) is rare with a
                 // warm pool, and inline its state would make every request's future larger.
-                None => (Box::pin(self.dial(addr)).await?, false),
+                None => match parts.extensions.get::<Alternates>() {
+                    None => (
+                        Box::pin(self.dial(addr, self.connect_timeout)).await?,
+                        false,
+                        None,
+                    ),
+                    Some(others) => {
+                        let now = start.into_std();
+                        let any = self.connect_any(addr, &others.0, !retried, now);
+                        let (conn, reused, at) = Box::pin(any).await?;
+                        (conn, reused, (at != addr).then(|| Box::new(at)))
+                    }
+                },
             };
             match exchange(&mut conn, &head, &mut body, framing, (start, timeout)).await {
                 Ok((resp, whole)) => {
@@ -496,7 +550,12 @@ impl Upstreams {
                         whole,
                         at: start.into_std(),
                     };
-                    return self.respond(addr, conn, resp, sent);
+                    let Some(at) = at else {
+                        return self.respond(addr, conn, resp, sent);
+                    };
+                    let mut resp = self.respond(*at, conn, resp, sent)?;
+                    resp.extensions_mut().insert(Dialled(*at));
+                    return Ok(resp);
                 }
                 // A pooled connection the upstream closed just as it was reused: nothing
                 // was answered, so a request that can be repeated goes on a fresh one.

@@ -232,18 +232,8 @@ impl EgressPolicy {
         addrs: &[IpAddr],
     ) -> Result<(IpAddr, Arc<str>), Deny> {
         for &addr in addrs {
-            if let Some(cidr) = self.cidr_allows(addr, port) {
-                // Name both rules when a host rule's name needed a CIDR rule for its address.
-                let rule = match host_rule {
-                    Some(h) if !is_public(addr) => format!("{h} + {cidr}").into(),
-                    _ => cidr,
-                };
+            if let Some(rule) = self.addr_allowed(addr, port, host_rule) {
                 return Ok((addr, rule));
-            }
-            if let Some(rule) = host_rule {
-                if is_public(addr) {
-                    return Ok((addr, rule.clone()));
-                }
             }
         }
         match (host_rule, addrs.first()) {
@@ -253,6 +243,23 @@ impl EgressPolicy {
             }),
             _ => Err(Deny::NoRuleForHost(name.to_owned())),
         }
+    }
+
+    /// The rule that lets a name reach `addr` (see [`Self::choose_addr`]), if any.
+    pub fn addr_allowed(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        host_rule: Option<&Arc<str>>,
+    ) -> Option<Arc<str>> {
+        if let Some(cidr) = self.cidr_allows(addr, port) {
+            // Name both rules when a host rule's name needed a CIDR rule for its address.
+            return Some(match host_rule {
+                Some(h) if !is_public(addr) => format!("{h} + {cidr}").into(),
+                _ => cidr,
+            });
+        }
+        host_rule.filter(|_| is_public(addr)).cloned()
     }
 
     /// The first CIDR rule that allows this address and port, described for the log.

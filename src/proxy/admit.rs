@@ -13,8 +13,13 @@ use crate::policy::host::Host;
 /// The outcome of admission: where to connect, and what to log.
 #[derive(Debug, Clone)]
 pub struct Admitted {
-    /// The address to dial, and the only one.
+    /// The address to dial.
     pub addr: SocketAddr,
+    /// For a name with more than one allowed address (explicit proxy and `CONNECT` only: a
+    /// transparent connection goes where it was going), the others, each with the rule that
+    /// allows it, in the resolver's order: tried when `addr` cannot be reached
+    /// ([`crate::net::attempts`]). Usually empty, which allocates nothing.
+    pub alternates: Vec<(SocketAddr, Arc<str>)>,
     /// `allow` or `report`.
     pub decision: &'static str,
     /// The allowing rule.
@@ -53,6 +58,7 @@ pub async fn admit(
             tracing::info!(target: "egress", %deny, "report mode: would deny");
             Admitted {
                 addr,
+                alternates: Vec::new(),
                 decision: "report",
                 rule: None,
                 reason: Some(deny.to_string()),
@@ -63,6 +69,11 @@ pub async fn admit(
     };
     if original_dst.is_none() && inputs.is_own(admitted.addr) {
         return Err(ProxyError::Loop(admitted.addr.to_string()));
+    }
+    let mut admitted = admitted;
+    if !admitted.alternates.is_empty() {
+        // Never a way round the loop check: the proxy's own addresses are not tried either.
+        admitted.alternates.retain(|(a, _)| !inputs.is_own(*a));
     }
     Ok(admitted)
 }
@@ -114,6 +125,7 @@ enum Decided<'a> {
 fn allowed(addr: SocketAddr, rule: Arc<str>) -> Admitted {
     Admitted {
         addr,
+        alternates: Vec::new(),
         decision: "allow",
         rule: Some(rule),
         reason: None,
@@ -184,10 +196,20 @@ fn by_address(
             Ok(allowed(SocketAddr::new(ip, od.port()), rule))
         }
         None => {
-            let (ip, rule) = policy
+            let (ip, first) = policy
                 .choose_addr(name, port, Some(rule), addrs)
                 .map_err(ProxyError::Denied)?;
-            Ok(allowed(SocketAddr::new(ip, port), rule))
+            let mut admitted = allowed(SocketAddr::new(ip, port), first);
+            // The chosen address is the first allowed one; the rest follow it, once each.
+            for (i, &other) in addrs.iter().enumerate() {
+                if other == ip || addrs[..i].contains(&other) {
+                    continue;
+                }
+                if let Some(r) = policy.addr_allowed(other, port, Some(rule)) {
+                    admitted.alternates.push((SocketAddr::new(other, port), r));
+                }
+            }
+            Ok(admitted)
         }
     }
 }

@@ -77,9 +77,8 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Dns(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
-            ProxyError::Connect(ConnectError::Timeout(_)) | ProxyError::ResponseTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::Connect(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Gateway { status, .. } => *status,
         }

@@ -154,6 +154,12 @@ async fn forward(
     };
     let use_cache = state.cfg.cache.enabled && !upgrading;
     let mut upstream_req = upstream_req;
+    if !admitted.alternates.is_empty() {
+        let others = admitted.alternates.iter().map(|(a, _)| *a).collect();
+        upstream_req
+            .extensions_mut()
+            .insert(crate::net::upstream::Alternates(others));
+    }
     // What comes from this address is cached under the request's name only when both the
     // name and its port are the ones dialled; else in the address's own key space, so that
     // a client cannot plant a response for a name (or port) it did not reach.
@@ -174,13 +180,23 @@ async fn forward(
     } else {
         pooled.send_to_origin(upstream_req).await?
     };
+    // The name's first address could not be reached and another answered: that one is
+    // what the log names, with the rule that allows it, and what an upgrade is checked on.
+    let mut dialled = admitted.addr;
+    if let Some(&crate::net::upstream::Dialled(other)) = resp.extensions().get() {
+        dialled = other;
+        guard.record.upstream = Some(other);
+        if let Some((_, rule)) = admitted.alternates.iter().find(|(a, _)| *a == other) {
+            guard.record.rule = Some(rule.clone());
+        }
+    }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let upgrade = match (client_upgrade, switching) {
         (Some(client_side), true) => resp
             .extensions_mut()
             .remove::<crate::net::upstream::Upgraded>()
             .map(|up| {
-                let recheck = super::tunnel::egress_recheck(host, port, admitted.addr);
+                let recheck = super::tunnel::egress_recheck(host, port, dialled);
                 (client_side, up, recheck)
             }),
         _ => None,

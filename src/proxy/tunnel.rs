@@ -23,7 +23,7 @@ use super::slots::Listener;
 use super::{ConnInfo, Inputs};
 use crate::access_log::{Bytes, LogGuard, Record};
 use crate::body::{self, Body};
-use crate::net::connect;
+use crate::net::{attempts, connect};
 use crate::policy::egress::Deny;
 use crate::policy::host::{parse_host, Host};
 
@@ -59,14 +59,26 @@ pub async fn connect(
         let (host, port) = parse_authority(&authority, 0)?;
         let admitted = admit(&inputs, &state, &host, port, conn.original_dst).await?;
         note_admission(&mut guard, &admitted);
-        let upstream = connect::connect_maybe_mesh(
-            admitted.addr,
-            state.cfg.connect_timeout,
-            state.mesh_client.as_ref(),
-        )
+        let (timeout, mesh) = (state.cfg.connect_timeout, state.mesh_client.as_ref());
+        if admitted.alternates.is_empty() {
+            let upstream = connect::connect_maybe_mesh(admitted.addr, timeout, mesh)
+                .await
+                .map_err(ProxyError::Connect)?;
+            return Ok((upstream, host, admitted.addr));
+        }
+        // The name has other allowed addresses: the first to connect is the tunnel's, and
+        // what the log names (with the rule that allows it).
+        let order = attempts::order(admitted.addr, admitted.alternates.iter().map(|(a, _)| *a));
+        let (upstream, dialled) = attempts::race(&order, timeout, |a, left| {
+            connect::connect_maybe_mesh(a, left, mesh)
+        })
         .await
         .map_err(ProxyError::Connect)?;
-        Ok((upstream, host, admitted.addr))
+        if let Some((_, rule)) = admitted.alternates.iter().find(|(a, _)| *a == dialled) {
+            guard.record.upstream = Some(dialled);
+            guard.record.rule = Some(rule.clone());
+        }
+        Ok((upstream, host, dialled))
     }
     .await;
     match result {
