@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use outrider::testing::{admin_get, curl, metric_value, proxy_get, TcpEcho, TestProxy, Upstream};
+use outrider::testing::{
+    admin_get, curl, metric_value, open_tunnel, proxy_get, TcpEcho, TestProxy, Upstream,
+};
 
 /// `multi.test` resolves to `first` (which does not answer as it should), then 127.0.0.1;
 /// each is allowed by a rule of its own.
@@ -57,16 +59,7 @@ async fn a_name_whose_first_address_refuses_is_served_by_the_next() {
 
     // CONNECT to the same name: the tunnel goes to the address that answers.
     let target = format!("multi.test:{}", echo.addr.port());
-    let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr())
-        .await
-        .unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = vec![0u8; 1024];
-    let n = s.read(&mut head).await.unwrap();
-    let head = String::from_utf8_lossy(&head[..n]).into_owned();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut s = open_tunnel(proxy.proxy_addr(), &target).await;
     s.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
     s.read_exact(&mut back).await.unwrap();

@@ -5,7 +5,7 @@
 //! mapped to other addresses must be refused before the proxy connects.
 
 use outrider::testing::{
-    curl, proxy_get, raw_exchange, TcpEcho, TestProxy, Upstream, ERROR_HEADER,
+    curl, open_tunnel, proxy_get, raw_exchange, TcpEcho, TestProxy, Upstream, ERROR_HEADER,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -213,17 +213,8 @@ async fn connect_allowed_and_denied() {
     assert!(c.text().contains("/tunnelled"), "{}", c.text());
 
     // A raw CONNECT to a TCP echo: bytes go both ways.
-    let mut s = tokio::net::TcpStream::connect(proxy.proxy_addr())
-        .await
-        .unwrap();
     let target = format!("echo.test:{}", echo.addr.port());
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = vec![0u8; 1024];
-    let n = s.read(&mut head).await.unwrap();
-    let head = String::from_utf8_lossy(&head[..n]).into_owned();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut s = open_tunnel(proxy.proxy_addr(), &target).await;
     s.write_all(b"ping through the tunnel").await.unwrap();
     let mut back = [0u8; 23];
     s.read_exact(&mut back).await.unwrap();
