@@ -39,16 +39,17 @@ impl Drop for EtcOverlay {
 }
 
 /// A namespace with its own /etc/hosts, a static HTTP server on 127.0.0.1:8000 serving
-/// `hello.txt`, and the proxy allowing `*.internal` there (and nothing else).
+/// `hello.txt`, and the proxy allowing `*.internal` there (and nothing else) in `mode`
+/// (`enforce` or `report`).
 struct World {
     ns: NetNs,
     _servers: Vec<Background>,
     _etc: EtcOverlay,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl World {
-    fn new(hosts: &str) -> World {
+    fn new(hosts: &str, mode: &str) -> World {
         let ns = NetNs::new("ordns");
         let etc = EtcOverlay::hosts(&ns, hosts);
         let dir = tempfile::tempdir().unwrap();
@@ -70,7 +71,7 @@ impl World {
             &config,
             format!(
                 "admin: {{ listen: 127.0.0.1:15000 }}\n\
-                 outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    allow:\n\
+                 outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    mode: {mode}\n    allow:\n\
                  \x20     - host: \"*.internal\"\n        ports: [8000]\n\
                  \x20     - cidr: 127.0.0.1/32\n        ports: [8000]\n\
                  access_log: {{ output: {} }}\n",
@@ -83,7 +84,7 @@ impl World {
             ns,
             _servers: vec![web, proxy],
             _etc: etc,
-            _dir: dir,
+            dir,
         };
         w.wait_ready();
         w
@@ -100,6 +101,25 @@ impl World {
                 return;
             }
             assert!(Instant::now() < deadline, "the proxy did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The access log's last record, once one is written (the log is written behind).
+    fn last_record(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text =
+                std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+            if let Some(record) = text
+                .lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .next()
+            {
+                return record;
+            }
+            assert!(Instant::now() < deadline, "no access-log record");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -127,7 +147,10 @@ impl World {
 fn a_name_with_an_underscore_resolves_through_the_system_resolver() {
     // Underscores are common in internal names (and valid DNS); getaddrinfo, curl and the
     // peer proxies resolve them. hickory's string conversion ran IDNA and refused them.
-    let w = World::new("127.0.0.1 localhost\n127.0.0.1 my_svc.internal plain.internal\n");
+    let w = World::new(
+        "127.0.0.1 localhost\n127.0.0.1 my_svc.internal plain.internal\n",
+        "enforce",
+    );
     let resp = w.get("http://My_Svc.internal:8000/hello.txt");
     assert_eq!(
         resp.status,
@@ -146,4 +169,34 @@ fn a_name_with_an_underscore_resolves_through_the_system_resolver() {
     assert_eq!(resp.status, 502, "{}", resp.body);
     let reason = resp.header("x-outrider-error").unwrap_or_default();
     assert!(reason.contains("missing_svc.internal"), "{reason:?}");
+}
+
+#[test]
+fn a_dual_stack_name_is_reached_over_ipv4_when_ipv6_has_no_route() {
+    // Public names often have an AAAA record where the workload has no IPv6 route (Docker's
+    // default network, most clusters), and the resolver answers AAAA first, as getaddrinfo
+    // does. curl tries the next address; the proxy dialled only the first, and every request
+    // for such a name was a 502 "Network is unreachable". Here the namespace has no route
+    // at all but loopback, so nothing can leave the machine.
+    let hosts = "127.0.0.1 localhost\n\
+                 2001:db8::5 dual.internal dual.other\n127.0.0.1 dual.internal dual.other\n";
+    let w = World::new(hosts, "enforce");
+    let resp = w.get("http://dual.internal:8000/hello.txt");
+    assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
+    assert_eq!(resp.body, "hello from the app\n");
+    let record = w.last_record();
+    assert_eq!(record["upstream"], "127.0.0.1:8000", "{record}");
+    assert_eq!(
+        record["rule"], "allow[0] host *.internal + allow[1] cidr 127.0.0.1/32",
+        "{record}"
+    );
+
+    // Report mode lets a denied name through to where it resolves: the same holds there.
+    drop(w);
+    let w = World::new(hosts, "report");
+    let resp = w.get("http://dual.other:8000/hello.txt");
+    assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
+    let record = w.last_record();
+    assert_eq!(record["decision"], "report", "{record}");
+    assert_eq!(record["upstream"], "127.0.0.1:8000", "{record}");
 }

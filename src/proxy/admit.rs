@@ -17,9 +17,9 @@ pub struct Admitted {
     pub addr: SocketAddr,
     /// For a name with more than one allowed address (explicit proxy and `CONNECT` only: a
     /// transparent connection goes where it was going), the others, each with the rule that
-    /// allows it, in the resolver's order: tried when `addr` cannot be reached
-    /// ([`crate::net::attempts`]). Usually empty, which allocates nothing.
-    pub alternates: Vec<(SocketAddr, Arc<str>)>,
+    /// allows it (none in report mode), in the resolver's order: tried when `addr` cannot
+    /// be reached ([`crate::net::attempts`]). Usually empty, which allocates nothing.
+    pub alternates: Vec<(SocketAddr, Option<Arc<str>>)>,
     /// `allow` or `report`.
     pub decision: &'static str,
     /// The allowing rule.
@@ -51,14 +51,14 @@ pub async fn admit(
                 && !matches!(deny, Deny::InvalidHost(_)) =>
         {
             crate::metrics::record_denial(deny.code(), "report");
-            let addr = match original_dst {
-                Some(od) => od,
-                None => fallback_addr(state, host, port).await?,
+            let (addr, alternates) = match original_dst {
+                Some(od) => (od, Vec::new()),
+                None => fallback_addrs(state, host, port).await?,
             };
             tracing::info!(target: "egress", %deny, "report mode: would deny");
             Admitted {
                 addr,
-                alternates: Vec::new(),
+                alternates,
                 decision: "report",
                 rule: None,
                 reason: Some(deny.to_string()),
@@ -206,7 +206,9 @@ fn by_address(
                     continue;
                 }
                 if let Some(r) = policy.addr_allowed(other, port, Some(rule)) {
-                    admitted.alternates.push((SocketAddr::new(other, port), r));
+                    admitted
+                        .alternates
+                        .push((SocketAddr::new(other, port), Some(r)));
                 }
             }
             Ok(admitted)
@@ -214,16 +216,25 @@ fn by_address(
     }
 }
 
-/// Report mode still has to reach the target: the literal IP, or the first resolved one.
-async fn fallback_addr(state: &State, host: &Host, port: u16) -> Result<SocketAddr, ProxyError> {
+/// Report mode still has to reach the target: the literal IP, or the resolved ones (the
+/// first, then the others to try if it cannot be reached).
+async fn fallback_addrs(
+    state: &State,
+    host: &Host,
+    port: u16,
+) -> Result<(SocketAddr, Vec<(SocketAddr, Option<Arc<str>>)>), ProxyError> {
     match host {
-        Host::Ip(ip) => Ok(SocketAddr::new(*ip, port)),
+        Host::Ip(ip) => Ok((SocketAddr::new(*ip, port), Vec::new())),
         Host::Name(n) => {
             let addrs = state.dns.lookup(n).await.map_err(ProxyError::Dns)?;
-            addrs
-                .first()
-                .map(|ip| SocketAddr::new(*ip, port))
-                .ok_or_else(|| ProxyError::Upstream(n.clone(), "no addresses".into()))
+            let mut all = addrs.iter().map(|ip| SocketAddr::new(*ip, port));
+            let first = all
+                .next()
+                .ok_or_else(|| ProxyError::Upstream(n.clone(), "no addresses".into()))?;
+            Ok((
+                first,
+                all.filter(|a| *a != first).map(|a| (a, None)).collect(),
+            ))
         }
     }
 }

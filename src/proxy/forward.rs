@@ -187,7 +187,7 @@ async fn forward(
         dialled = other;
         guard.record.upstream = Some(other);
         if let Some((_, rule)) = admitted.alternates.iter().find(|(a, _)| *a == other) {
-            guard.record.rule = Some(rule.clone());
+            guard.record.rule = rule.clone();
         }
     }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;

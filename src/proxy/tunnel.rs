@@ -76,7 +76,7 @@ pub async fn connect(
         .map_err(ProxyError::Connect)?;
         if let Some((_, rule)) = admitted.alternates.iter().find(|(a, _)| *a == dialled) {
             guard.record.upstream = Some(dialled);
-            guard.record.rule = Some(rule.clone());
+            guard.record.rule = rule.clone();
         }
         Ok((upstream, host, dialled))
     }
