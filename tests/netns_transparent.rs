@@ -132,7 +132,7 @@ except OSError as e:
 
 /// The whole setup: fields drop in order, so processes go before the namespaces they run in.
 struct World {
-    _procs: Vec<Background>,
+    procs: Vec<Background>,
     sidecar: Background,
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -182,7 +182,7 @@ impl World {
         let config_arg = config.to_str().unwrap().to_owned();
         let sidecar = pod.spawn_as(PROXY_UID, OUTRIDER, &["run", "--config", &config_arg]);
         let world = World {
-            _procs: procs,
+            procs,
             sidecar,
             _dir: dir,
             config,
@@ -1012,6 +1012,67 @@ fn inbound_connections_reach_the_app_through_the_sidecar() {
         "{record}"
     );
     assert_eq!(record["status"], 200, "{record}");
+}
+
+/// An app that listens on the pod's address alone (a server bound to its hostname) is not
+/// on 127.0.0.1, where inbound traffic goes by default; `inbound.app_host: original` sends it
+/// to the address the caller connected to instead, as Istio does since 1.10. An app on
+/// loopback alone then stays out of reach, from outside as it was meant to be, over plain TCP
+/// too.
+#[test]
+fn app_host_original_reaches_an_app_on_the_pod_address_and_not_one_on_loopback() {
+    let mut w = World::new();
+    let pod_ip = w.pod_ip().to_string();
+    w.procs.push(server(
+        &w.pod,
+        Some(APP_UID),
+        &["http", &pod_ip, "8081", "pod-address-app"],
+    ));
+    w.procs.push(server(
+        &w.pod,
+        Some(APP_UID),
+        &["echo", &pod_ip, "8082", "pod-address-echo"],
+    ));
+    let get = |port: u16, path: &str| {
+        let url = format!("http://{pod_ip}:{port}{path}");
+        let mut cmd = w
+            .outside
+            .command("curl", &["-sS", "-i", "--max-time", "10", &url]);
+        without_proxy_env(&mut cmd);
+        Resp::parse(&cmd.output().unwrap())
+    };
+
+    // By default the sidecar looks for it on 127.0.0.1: nothing there.
+    let resp = get(8081, "/before");
+    assert_eq!(resp.status, 502, "{}", resp.body);
+
+    let config = w.config_text().replace(
+        "  mtls: disabled\n",
+        "  mtls: disabled\n  app_host: original\n",
+    );
+    w.reload(&config, |applied| {
+        applied.contains("\"app_host\": \"original\"")
+    });
+
+    let resp = get(8081, "/after");
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(resp.body.starts_with("pod-address-app\n"), "{}", resp.body);
+    let record = w.wait_log("the request to the pod address", |r| {
+        field(r, "path") == "/after"
+    });
+    assert_eq!(
+        field(&record, "upstream"),
+        format!("{pod_ip}:8081"),
+        "{record}"
+    );
+    // Opaque TCP goes the same way.
+    let said = w
+        .outside
+        .exec_ok(PYTHON, &["-c", SAY_HELLO_PY, &pod_ip, "8082"]);
+    assert_eq!(said.trim(), "got:pod-address-echo: hello", "{said}");
+    // The loopback-only app is no longer reachable from outside at all.
+    let resp = get(APP_PORT, "/loopback-only");
+    assert_eq!(resp.status, 502, "{}", resp.body);
 }
 
 /// Another host connecting to the pod on one of the sidecar's own ports (here the outbound

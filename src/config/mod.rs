@@ -225,8 +225,9 @@ pub struct InboundConfig {
     pub routes: Vec<RouteConfig>,
     /// Who may call what; none: all allowed.
     pub authorization: Vec<AuthzRuleConfig>,
-    /// The app's address when no route matches and there is no original destination
-    /// (explicitly addressed connections): default `127.0.0.1`, port from the original destination.
+    /// Where traffic no route takes goes, on its original port: an IP address (default
+    /// `127.0.0.1`), or `original`, the address the caller connected to (the pod's), for an
+    /// app that listens on that address alone.
     pub app_host: String,
 }
 

@@ -42,8 +42,9 @@ pub struct Compiled {
     pub inbound_mtls: MtlsMode,
     /// Inbound routes.
     pub routes: Routes,
-    /// Inbound app host for unrouted traffic.
-    pub app_host: IpAddr,
+    /// Inbound app host for unrouted traffic: an address, or `None` for the address the
+    /// caller connected to (`app_host: original`).
+    pub app_host: Option<IpAddr>,
     /// Access log destination.
     pub access_log: String,
     /// Whether logged paths lose their query string.
@@ -147,17 +148,20 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         Some(i) => (
             i.mtls,
             compile_routes(i)?,
-            i.app_host.parse::<IpAddr>().map_err(|_| {
-                ConfigError::invalid(
-                    "inbound.app_host",
-                    format!("{:?} is not an IP address", i.app_host),
-                )
-            })?,
+            match i.app_host.as_str() {
+                "original" => None,
+                other => Some(other.parse::<IpAddr>().map_err(|_| {
+                    ConfigError::invalid(
+                        "inbound.app_host",
+                        format!("{other:?} is not an IP address or \"original\""),
+                    )
+                })?),
+            },
         ),
         None => (
             MtlsMode::Disabled,
             Routes::default(),
-            IpAddr::from([127, 0, 0, 1]),
+            Some(IpAddr::from([127, 0, 0, 1])),
         ),
     };
     config
@@ -448,6 +452,15 @@ fn compile_routes(inbound: &super::InboundConfig) -> Result<Routes, ConfigError>
 }
 
 impl Compiled {
+    /// Where inbound traffic to `original_dst` goes when no route takes it: `app_host` (or
+    /// the original destination's own address) on the original port.
+    pub fn app_addr(&self, original_dst: SocketAddr) -> SocketAddr {
+        SocketAddr::new(
+            self.app_host.unwrap_or(original_dst.ip()),
+            original_dst.port(),
+        )
+    }
+
     /// Whether egress denials are enforced.
     pub fn enforcing(&self) -> bool {
         self.egress.mode == EgressMode::Enforce

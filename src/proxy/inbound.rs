@@ -238,7 +238,7 @@ async fn pass_through<I>(
             return;
         }
     }
-    let app = SocketAddr::new(state.cfg.app_host, od.port());
+    let app = state.cfg.app_addr(od);
     guard.record.upstream = Some(app);
     if inputs.is_own(app) {
         // Another host connected to the pod on one of the sidecar's own ports: handing
@@ -373,10 +373,7 @@ async fn to_app(
             req.uri().path(),
             req.headers(),
         )
-        .or_else(|| {
-            conn.original_dst
-                .map(|od| SocketAddr::new(state.cfg.app_host, od.port()))
-        })
+        .or_else(|| conn.original_dst.map(|od| state.cfg.app_addr(od)))
         .ok_or(ProxyError::NoRoute)?;
     guard.record.upstream = Some(target);
     // Never one of the sidecar's own listeners (see `pass_through`), whatever the port
