@@ -24,13 +24,47 @@ const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 struct EtcOverlay(PathBuf);
 
 impl EtcOverlay {
-    fn hosts(ns: &NetNs, text: &str) -> EtcOverlay {
+    /// `hosts`, and `resolv.conf` when given (else the machine's shows through).
+    fn new(ns: &NetNs, hosts: &str, resolv: Option<&str>) -> EtcOverlay {
         let dir = PathBuf::from("/etc/netns").join(ns.name());
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("hosts"), text).unwrap();
+        std::fs::write(dir.join("hosts"), hosts).unwrap();
+        if let Some(text) = resolv {
+            std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        }
         EtcOverlay(dir)
     }
 }
+
+/// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4` arguments: their A
+/// record, no AAAA record, `NXDOMAIN` for any other name, and no answer at all for names
+/// starting with `silent.`. Prints `query <name> <type>` for each question.
+const DNS_PY: &str = r#"
+import socket, struct, sys
+zone = dict(arg.split("=") for arg in sys.argv[1:])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(4096)
+    tid, flags = struct.unpack("!HH", data[:4])
+    i, labels = 12, []
+    while data[i]:
+        labels.append(data[i + 1:i + 1 + data[i]].decode())
+        i += 1 + data[i]
+    qtype = struct.unpack("!H", data[i + 1:i + 3])[0]
+    question = data[12:i + 5]
+    name = ".".join(labels).lower()
+    print("query %s %d" % (name, qtype), flush=True)
+    if name.startswith("silent."):
+        continue
+    answer = b""
+    if name in zone and qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(zone[name])
+    rcode = 0 if name in zone else 3
+    head = struct.pack("!HHHHHH", tid, 0x8580 | (flags & 0x0100) | rcode, 1, 1 if answer else 0, 0, 0)
+    s.sendto(head + question + answer, peer)
+"#;
 
 impl Drop for EtcOverlay {
     fn drop(&mut self) {
@@ -44,14 +78,27 @@ impl Drop for EtcOverlay {
 struct World {
     ns: NetNs,
     _servers: Vec<Background>,
+    /// The [DNS server](DNS_PY), when the namespace has one.
+    dns: Option<Background>,
     _etc: EtcOverlay,
     dir: tempfile::TempDir,
 }
 
 impl World {
     fn new(hosts: &str, mode: &str) -> World {
+        Self::with_dns(hosts, None, &[], mode)
+    }
+
+    /// With `dns`: the namespace's resolv.conf and the records of its [DNS server](DNS_PY);
+    /// `allow`: more names to allow (on port 8000, like the rest).
+    fn with_dns(hosts: &str, dns: Option<(&str, &[&str])>, allow: &[&str], mode: &str) -> World {
         let ns = NetNs::new("ordns");
-        let etc = EtcOverlay::hosts(&ns, hosts);
+        let etc = EtcOverlay::new(&ns, hosts, dns.map(|(resolv, _)| resolv));
+        let dns = dns.map(|(_, records)| {
+            let mut server = ns.spawn(PYTHON, &[&["-u", "-c", DNS_PY], records].concat());
+            server.wait_for_line("ready", Duration::from_secs(10));
+            server
+        });
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("www");
         std::fs::create_dir(&root).unwrap();
@@ -73,8 +120,13 @@ impl World {
                 "admin: {{ listen: 127.0.0.1:15000 }}\n\
                  outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    mode: {mode}\n    allow:\n\
                  \x20     - host: \"*.internal\"\n        ports: [8000]\n\
+                 {}\
                  \x20     - cidr: 127.0.0.1/32\n        ports: [8000]\n\
                  access_log: {{ output: {} }}\n",
+                allow
+                    .iter()
+                    .map(|h| format!("      - host: {h}\n        ports: [8000]\n"))
+                    .collect::<String>(),
                 log.display()
             ),
         )
@@ -83,6 +135,7 @@ impl World {
         let w = World {
             ns,
             _servers: vec![web, proxy],
+            dns,
             _etc: etc,
             dir,
         };
@@ -199,4 +252,67 @@ fn a_dual_stack_name_is_reached_over_ipv4_when_ipv6_has_no_route() {
     let record = w.last_record();
     assert_eq!(record["decision"], "report", "{record}");
     assert_eq!(record["upstream"], "127.0.0.1:8000", "{record}");
+}
+
+#[test]
+fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
+    // Kubernetes apps call services by short names (`web`, `api.ns2`) that resolve only under
+    // resolv.conf's search domains. Every name was looked up as written, so through the
+    // explicit proxy each was a 502.
+    let resolv = "nameserver 127.0.0.1\n\
+                  search ns1.svc.cluster.local svc.cluster.local\n\
+                  options timeout:1 attempts:1 ndots:5\n";
+    let records = [
+        "web.ns1.svc.cluster.local=127.0.0.1",
+        "api.ns2.svc.cluster.local=127.0.0.1",
+        "pub.example=127.0.0.1",
+        // Under ndots:5 glibc would take this one; only 127.0.0.1 is allowed.
+        "pub.example.ns1.svc.cluster.local=127.0.0.2",
+    ];
+    let allow = ["web", "api.ns2", "pub.example", "nope", "silent.example"];
+    let mut w = World::with_dns(
+        "127.0.0.1 localhost\n",
+        Some((resolv, &records)),
+        &allow,
+        "enforce",
+    );
+    for url in [
+        "http://web:8000/hello.txt",
+        "http://api.ns2:8000/hello.txt",
+        "http://pub.example:8000/hello.txt",
+    ] {
+        let resp = w.get(url);
+        assert_eq!(
+            resp.status,
+            200,
+            "{url}: {:?}\n{}",
+            resp.header("x-outrider-error"),
+            resp.body
+        );
+        assert_eq!(resp.body, "hello from the app\n", "{url}");
+    }
+    // A name no domain has is a 502 naming it.
+    let resp = w.get("http://nope:8000/hello.txt");
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    assert!(resp
+        .header("x-outrider-error")
+        .unwrap_or_default()
+        .contains("nope"));
+
+    // A lookup that times out is not repeated under each search domain.
+    let dns = w.dns.as_mut().unwrap();
+    dns.lines_so_far();
+    let resp = w.get("http://silent.example:8000/hello.txt");
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    let queries = w.dns.as_mut().unwrap().lines_so_far();
+    assert!(
+        queries
+            .iter()
+            .any(|q| q.starts_with("query silent.example ")),
+        "{queries:?}"
+    );
+    assert!(
+        queries.iter().all(|q| !q.contains("svc.cluster.local")),
+        "searched after a timeout: {queries:?}"
+    );
 }

@@ -1,13 +1,22 @@
 //! Name resolution: `dns.hosts` from config first, then hickory-resolver with the system's
 //! resolv.conf and /etc/hosts. Every lookup and failure is counted.
+//!
+//! resolv.conf's search domains apply as with `ndots:1`, whatever its `ndots` says: a name
+//! without a dot (`web`, a Kubernetes service) is looked up in the search domains first, then
+//! as it is; a name with dots is looked up as it is, and in the search domains only when that
+//! finds no such name (`api.ns2` finds `api.ns2.svc.cluster.local`). A name that exists as
+//! written is never replaced by one under a search domain (Kubernetes' `ndots:5` would look up
+//! `api.example.com.ns.svc.cluster.local` first), and a lookup that fails for another reason
+//! (a timeout) is not repeated under every search domain.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hickory_resolver::config::{ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::Name;
+use hickory_resolver::system_conf::read_system_conf;
 use hickory_resolver::TokioResolver;
 
 /// A lookup that found nothing usable.
@@ -25,19 +34,22 @@ pub struct DnsError {
 pub struct Dns {
     statics: Arc<HashMap<String, Vec<IpAddr>>>,
     resolver: Arc<TokioResolver>,
+    /// resolv.conf's search domains (`search`, or `domain`), in order.
+    search: Arc<[Name]>,
 }
 
 impl Dns {
     /// Builds a resolver from the system config (falling back to hickory's defaults when
     /// there is no readable resolv.conf, as in a bare network namespace).
     pub fn new(statics: HashMap<String, Vec<IpAddr>>) -> Result<Self, DnsError> {
-        let mut builder = TokioResolver::builder_tokio().unwrap_or_else(|e| {
+        let (config, options) = read_system_conf().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no usable system DNS config; using defaults");
-            TokioResolver::builder_with_config(
-                ResolverConfig::default(),
-                TokioRuntimeProvider::default(),
-            )
+            (ResolverConfig::default(), ResolverOpts::default())
         });
+        let search: Arc<[Name]> = config.search().into();
+        let mut builder =
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                .with_options(options);
         builder.options_mut().use_hosts_file = ResolveHosts::Always;
         let resolver = builder.build().map_err(|e| DnsError {
             host: String::new(),
@@ -46,6 +58,7 @@ impl Dns {
         Ok(Self {
             statics: Arc::new(statics),
             resolver: Arc::new(resolver),
+            search,
         })
     }
 
@@ -55,44 +68,54 @@ impl Dns {
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
-        // A fully qualified query so that resolv.conf search domains cannot turn
-        // `api.example.com` into `api.example.com.corp.internal`. The name is built as ASCII:
-        // `host` has passed `policy::host` (letters, digits, `-`, `_`, lower case), and
-        // hickory's `&str` conversion runs IDNA (UTS 46, STD3) on it, which refuses `_`
-        // inside a label, so `my_svc.internal` failed as "invalid characters" before any
-        // query, where getaddrinfo, curl and every peer proxy resolve it.
-        let fqdn = match Name::from_ascii(format!("{host}.")) {
-            Ok(name) => name,
-            Err(e) => {
-                metrics::counter!("outrider_dns_failures_total").increment(1);
-                return Err(DnsError {
-                    host: host.into(),
-                    reason: brief(&e.to_string()),
-                });
+        // The names are built as ASCII: `host` has passed `policy::host` (letters, digits,
+        // `-`, `_`, lower case), and hickory's `&str` conversion runs IDNA (UTS 46, STD3) on
+        // it, which refuses `_` inside a label, so `my_svc.internal` failed as "invalid
+        // characters" before any query, where getaddrinfo, curl and every peer proxy resolve
+        // it. Each is fully qualified, so that hickory adds no search domain of its own.
+        let fail = |reason: String| {
+            metrics::counter!("outrider_dns_failures_total").increment(1);
+            DnsError {
+                host: host.into(),
+                reason,
             }
         };
-        // Boxed: the resolver's future is large, and inline it would enlarge every request's
-        // future, including those for IP literals and static names that never get here.
-        match Box::pin(self.resolver.lookup_ip(fqdn)).await {
-            Ok(found) => {
-                let ips: Vec<IpAddr> = found.iter().collect();
-                if ips.is_empty() {
-                    metrics::counter!("outrider_dns_failures_total").increment(1);
-                    return Err(DnsError {
-                        host: host.into(),
-                        reason: "no addresses".into(),
-                    });
+        let relative = Name::from_ascii(host).map_err(|e| fail(brief(&e.to_string())))?;
+        let mut as_written = relative.clone();
+        as_written.set_fqdn(true);
+        let searched = self.search.iter().filter_map(|domain| {
+            let mut name = relative.clone().append_domain(domain).ok()?;
+            name.set_fqdn(true);
+            Some(name)
+        });
+        let names: Vec<Name> = if host.contains('.') {
+            std::iter::once(as_written).chain(searched).collect()
+        } else {
+            searched.chain(std::iter::once(as_written)).collect()
+        };
+        let mut first_error = None;
+        for name in names {
+            // Boxed: the resolver's future is large, and inline it would enlarge every
+            // request's future, including those for IP literals and static names that never
+            // get here.
+            match Box::pin(self.resolver.lookup_ip(name)).await {
+                Ok(found) => {
+                    let ips: Vec<IpAddr> = found.iter().collect();
+                    if !ips.is_empty() {
+                        return Ok(ips);
+                    }
+                    first_error.get_or_insert_with(|| "no addresses".to_owned());
                 }
-                Ok(ips)
-            }
-            Err(e) => {
-                metrics::counter!("outrider_dns_failures_total").increment(1);
-                Err(DnsError {
-                    host: host.into(),
-                    reason: brief(&e.to_string()),
-                })
+                // No such name (or no address records for it): the next candidate may have one.
+                Err(e) if e.is_no_records_found() => {
+                    first_error.get_or_insert_with(|| brief(&e.to_string()));
+                }
+                Err(e) => return Err(fail(brief(&e.to_string()))),
             }
         }
+        Err(fail(
+            first_error.unwrap_or_else(|| "no addresses".to_owned()),
+        ))
     }
 }
 
