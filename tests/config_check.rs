@@ -306,3 +306,94 @@ fn default_config_prints_the_shipped_example() {
             .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), shipped);
 }
+
+/// `${NAME}` in values comes from the environment: one file for every pod, each sidecar
+/// filling in its own identity and addresses. `check` and `run` both expand it; an unset
+/// variable is refused naming the key and the variable; a whole reference is a number where
+/// the key takes one.
+#[test]
+fn environment_variables_fill_in_values() {
+    let dir = TempDir::new("env");
+    let path = dir.path().join("c.yaml");
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &path,
+        format!(
+            "admin:\n  listen: \"127.0.0.1:${{OUTRIDER_TEST_ADMIN_PORT}}\"\n\
+             outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n\
+             \x20     - host: \"api.${{OUTRIDER_TEST_NS}}.example\"\n\
+             \x20       ports: [\"${{OUTRIDER_TEST_PORT}}\"]\n\
+             clients:\n  max_connections: ${{OUTRIDER_TEST_LIMIT:-700}}\n\
+             access_log:\n  output: {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_port = free.local_addr().unwrap().port();
+    drop(free);
+    let env = [
+        ("OUTRIDER_TEST_ADMIN_PORT", admin_port.to_string()),
+        ("OUTRIDER_TEST_NS", "shop".to_owned()),
+        ("OUTRIDER_TEST_PORT", "8443".to_owned()),
+    ];
+    let with_env = |args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg(&path);
+        cmd.env_remove("OUTRIDER_TEST_LIMIT");
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+
+    let out = with_env(&["check", "--config"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_env(&["check", "--config"])
+        .env_remove("OUTRIDER_TEST_NS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("outbound.egress.allow[0].host")
+            && stderr.contains("OUTRIDER_TEST_NS is not set"),
+        "{stderr}"
+    );
+
+    // The running proxy has the values: its admin port, and /config shows them typed.
+    let mut child = with_env(&["run", "--config"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let config = loop {
+        let got = std::net::TcpStream::connect(("127.0.0.1", admin_port)).and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /config HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        match got {
+            Ok(text) if text.starts_with("HTTP/1.1 200") => break text,
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => {
+                let _ = child.kill();
+                panic!("no /config on the admin port from the environment: {other:?}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(config.contains("\"api.shop.example\""), "{config}");
+    assert!(config.contains("8443"), "{config}");
+    assert!(config.contains("\"max_connections\": 700"), "{config}");
+}

@@ -4,6 +4,7 @@
 //! type error or an unknown key is reported with its key path (`outbound.egress.allw`).
 //! Semantic checks live in `validate.rs`, which compiles the file into what the proxy runs.
 
+mod env;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -442,27 +443,45 @@ impl Default for ShutdownConfig {
 }
 
 impl Config {
-    /// Parses YAML text; key-path errors for unknown keys and wrong types.
+    /// Parses YAML text, with `${NAME}` in values taken from the environment (see
+    /// [`env`]); key-path errors for unknown keys, wrong types and unset variables.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_with(text, &|name| std::env::var(name).ok())
+    }
+
+    fn from_yaml_with(
+        text: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let value: serde_json::Value =
             serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
         // An empty file is an empty config, i.e. all defaults.
-        let value = if value.is_null() {
+        let mut value = if value.is_null() {
             serde_json::Value::Object(Default::default())
         } else {
             value
         };
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::Shape {
-                path: if path == "." {
-                    "(top level)".into()
-                } else {
-                    path
-                },
-                message: e.into_inner().to_string(),
+        let mut typed = env::expand(&mut value, lookup)?;
+        loop {
+            match serde_path_to_error::deserialize(value.clone()) {
+                Ok(config) => return Ok(config),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    // A reference's text where the key takes a number or a boolean.
+                    if typed.retype(&mut value, &path) {
+                        continue;
+                    }
+                    return Err(ConfigError::Shape {
+                        path: if path == "." {
+                            "(top level)".into()
+                        } else {
+                            path
+                        },
+                        message: e.into_inner().to_string(),
+                    });
+                }
             }
-        })
+        }
     }
 
     /// Reads and parses a file.
