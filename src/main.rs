@@ -44,6 +44,17 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Wait until the sidecar's admin `/ready` answers 200 (its certificate fetched, its
+    /// listeners open), then exit 0; exit 1 at the timeout. For a container's postStart hook,
+    /// so that the app starts only once its traffic has somewhere to go.
+    WaitReady {
+        /// The admin listener.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// How long to wait (`60s`, `2m`).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Transparent-capture rules: runs the shipped iptables script (embedded in the binary)
     /// with these arguments, e.g. `outrider iptables apply --proxy-uid 1337`.
     Iptables {
@@ -99,6 +110,7 @@ fn main() -> ExitCode {
             print!("{}", outrider::config::EMBEDDED_DEFAULT);
             ExitCode::SUCCESS
         }
+        Command::WaitReady { admin, timeout } => wait_ready(admin, timeout),
         Command::Run { config } => {
             let compiled = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -172,6 +184,42 @@ fn raise_open_file_limit() {
             "the open-file limit allows only about {} proxied connections",
             soft / 2
         );
+    }
+}
+
+/// Polls `GET /ready` on `admin` every 100 ms until it answers 200 or `timeout` passes.
+fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> ExitCode {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let asked = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                s.write_all(b"GET /ready HTTP/1.1\r\nHost: outrider\r\nConnection: close\r\n\r\n")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer)
+            });
+        let last = match asked {
+            Ok(answer) if answer.starts_with("HTTP/1.1 200") => {
+                println!("outrider at {admin} is ready");
+                return ExitCode::SUCCESS;
+            }
+            Ok(answer) => answer
+                .lines()
+                .next()
+                .unwrap_or("an empty answer")
+                .to_owned(),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            eprintln!(
+                "outrider at {admin} is not ready after {}: {last}",
+                humantime::format_duration(timeout)
+            );
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
