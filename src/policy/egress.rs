@@ -287,7 +287,11 @@ fn canonical(addr: IpAddr) -> IpAddr {
 /// Whether an address is on the public internet: not loopback, private (RFC 1918,
 /// fc00::/7), shared (100.64.0.0/10), link-local (169.254.0.0/16 with the cloud metadata
 /// address, fe80::/10), unspecified, multicast, broadcast, reserved, or an IPv6 form that
-/// embeds an IPv4 address (mapped, compatible, NAT64, 6to4), which could smuggle any of those.
+/// embeds an IPv4 address (mapped, compatible, 6to4, NAT64 local-use prefixes), which could
+/// smuggle any of those. An address under the NAT64 well-known prefix (`64:ff9b::/96`, RFC
+/// 6052) is the IPv4 address in its last 32 bits, and as public as that one: DNS64 gives
+/// every IPv4-only name such an address in an IPv6-only cluster (EKS in IPv6 mode), where
+/// counting them all private refused every such name.
 /// Documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) count as public:
 /// they reach nothing internal, and the namespace tests use them as "internet" hosts.
 pub fn is_public(addr: IpAddr) -> bool {
@@ -316,15 +320,49 @@ pub fn is_public(addr: IpAddr) -> bool {
                 || (s[0] & 0xffc0) == 0xfec0
                 || v6.to_ipv4_mapped().is_some()
                 || (s[0..6] == [0, 0, 0, 0, 0, 0])
-                || (s[0] == 0x64 && s[1] == 0xff9b)
+                || (s[0] == 0x64 && s[1] == 0xff9b && !is_public_nat64(s))
                 || s[0] == 0x2002)
         }
     }
 }
 
+/// `64:ff9b::a.b.c.d` with `a.b.c.d` public; any other `64:ff9b:…` address is not.
+fn is_public_nat64(s: [u16; 8]) -> bool {
+    if s[2..6] != [0, 0, 0, 0] {
+        return false;
+    }
+    let [hi, lo] = [s[6].to_be_bytes(), s[7].to_be_bytes()];
+    is_public(IpAddr::from([hi[0], hi[1], lo[0], lo[1]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nat64_address_is_as_public_as_the_ipv4_address_it_carries() {
+        let public = |a: &str| is_public(a.parse().unwrap_or(IpAddr::from([0u8; 4])));
+        // 93.184.216.34 and 203.0.113.5 (public), then 10.0.0.1, 169.254.169.254, 127.0.0.1.
+        assert!(public("64:ff9b::5db8:d822"));
+        assert!(public("64:ff9b::203.0.113.5"));
+        assert!(!public("64:ff9b::a00:1"));
+        assert!(!public("64:ff9b::169.254.169.254"));
+        assert!(!public("64:ff9b::127.0.0.1"));
+        // The local-use prefix (RFC 8215) may carry the address anywhere: never public.
+        assert!(!public("64:ff9b:1::5db8:d822"));
+        assert!(!public("64:ff9b:0:0:1::5db8:d822"));
+        let p = policy();
+        let label: Arc<str> = "allow[0] host api.example.com".into();
+        let nat64: IpAddr = "64:ff9b::5db8:d822"
+            .parse()
+            .unwrap_or(IpAddr::from([0u8; 4]));
+        assert_eq!(
+            p.choose_addr("api.example.com", 80, Some(&label), &[nat64])
+                .map(|r| r.0),
+            Ok(nat64),
+            "a name DNS64 answered for is reached through NAT64"
+        );
+    }
 
     fn policy() -> EgressPolicy {
         EgressPolicy {
