@@ -471,8 +471,9 @@ impl Upstreams {
     /// request target; without a Host header, its authority, or else `addr`, is sent as
     /// one). When `addr` cannot be reached, the request goes to the first of its
     /// [`Alternates`] that can (only explicit-proxy requests have any, and those are sent
-    /// in HTTP/1.1); the response then carries the address in a [`Dialled`] extension. The response body streams from the upstream connection, which goes back to
-    /// the pool once the body has been read whole. The response head must come within
+    /// in HTTP/1.1); the response then carries the address in a [`Dialled`] extension. The
+    /// response body streams from the upstream connection, which goes back to the pool
+    /// once the body has been read whole. The response head must come within
     /// `timeout` of the end of the request body (of the start, without one), so that a
     /// long upload is never cut off while it is still flowing. A request in HTTP/2 goes on
     /// in HTTP/2 instead (see [`http2`]).
