@@ -1,9 +1,10 @@
 //! Connecting to a name that has several allowed addresses: one attempt after another, the
 //! next one started when the last fails or has had [`ATTEMPT_DELAY`] to itself, the first to
-//! connect wins (RFC 8305 §5, as curl and browsers do). An address that just failed is marked
-//! down for [`DOWN_FOR`] and tried after the others meanwhile (as Squid's ipcache marks bad
-//! addresses), so that one dead member of a round-robin name costs one failed attempt, not
-//! one per request.
+//! connect wins (RFC 8305 §5, as curl and browsers do). An address that just failed, or that
+//! a later attempt beat while it was still trying, is marked down for [`DOWN_FOR`] and tried
+//! after the others meanwhile (as Squid's ipcache marks bad addresses), so that one dead
+//! member of a round-robin name costs one failed attempt (or one delay), not one per new
+//! connection.
 //!
 //! A name with one address never comes here: it is dialled as before, and fails as before.
 
@@ -86,12 +87,15 @@ where
     let mut running = FuturesUnordered::new();
     let mut errors = Vec::new();
     let mut rest = addrs.iter().copied();
+    // The attempts started, in order, and those that ended.
+    let (mut started, mut ended) = (Vec::new(), Vec::new());
     let start = |addr: SocketAddr| {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let dial = attempt(addr, left);
         async move { (addr, dial.await) }
     };
     if let Some(first) = rest.next() {
+        started.push(first);
         running.push(start(first));
     }
     let mut next = rest.next();
@@ -102,13 +106,23 @@ where
             done = running.next() => match done {
                 Some((addr, Ok(conn))) => {
                     mark(addr, false);
+                    // Those that started earlier and are still trying had their chance: a
+                    // dropped SYN looks like this, and would cost every new connection the
+                    // delay again.
+                    for slow in started.iter().take_while(|a| **a != addr) {
+                        if !ended.contains(slow) {
+                            mark(*slow, true);
+                        }
+                    }
                     return Ok((conn, addr));
                 }
                 Some((addr, Err(e))) => {
                     mark(addr, true);
+                    ended.push(addr);
                     errors.push(e);
                     // A failure hands over at once: no reason to wait out the delay.
                     if let Some(addr) = next.take() {
+                        started.push(addr);
                         running.push(start(addr));
                         next = rest.next();
                         stagger.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
@@ -118,6 +132,7 @@ where
             },
             () = &mut stagger, if next.is_some() => {
                 if let Some(addr) = next.take() {
+                    started.push(addr);
                     running.push(start(addr));
                 }
                 next = rest.next();
@@ -183,6 +198,11 @@ mod tests {
         assert_eq!(
             started.elapsed(),
             ATTEMPT_DELAY + Duration::from_millis(100)
+        );
+        assert_eq!(
+            order(a, [b, c]),
+            [b, c, a],
+            "the silent one is tried last meanwhile"
         );
     }
 
