@@ -16,7 +16,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::netns::{Background, NetNs, Resp, PYTHON};
+use common::netns::{self, Background, NetNs, Resp, PROXY_UID, PYTHON};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 
@@ -36,12 +36,14 @@ impl EtcOverlay {
     }
 }
 
-/// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4` arguments: their A
-/// record, no AAAA record, `NXDOMAIN` for any other name, and no answer at all for names
-/// starting with `silent.`. Prints `query <name> <type>` for each question.
+/// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…]` arguments:
+/// an A record (each A query gets the next of a list, as a CDN's rotating answers do), no
+/// AAAA record, `NXDOMAIN` for any other name, and no answer at all for names starting with
+/// `silent.`. Prints `query <name> <type>` for each question.
 const DNS_PY: &str = r#"
 import socket, struct, sys
-zone = dict(arg.split("=") for arg in sys.argv[1:])
+zone = {k: v.split(",") for k, v in (arg.split("=") for arg in sys.argv[1:])}
+asked = {}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", 53))
 print("ready", flush=True)
@@ -60,7 +62,10 @@ while True:
         continue
     answer = b""
     if name in zone and qtype == 1:
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(zone[name])
+        n = asked.get(name, 0)
+        asked[name] = n + 1
+        ip = zone[name][n % len(zone[name])]
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
     rcode = 0 if name in zone else 3
     head = struct.pack("!HHHHHH", tid, 0x8580 | (flags & 0x0100) | rcode, 1, 1 if answer else 0, 0, 0)
     s.sendto(head + question + answer, peer)
@@ -315,4 +320,105 @@ fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
         queries.iter().all(|q| !q.contains("svc.cluster.local")),
         "searched after a timeout: {queries:?}"
     );
+}
+
+/// A transparent connection whose Host the proxy's cached answer lacks, because the app
+/// resolved the name itself and got the next of a rotating record set (as CDNs answer): it
+/// was refused as forged; the proxy asks the DNS server again first. A Host that no answer
+/// gives is still refused.
+#[test]
+fn a_transparent_client_with_a_newer_answer_than_the_cache_is_not_taken_for_forged() {
+    let outside = NetNs::new("ordns-out");
+    let pod = NetNs::new("ordns-pod");
+    let link = netns::link(&outside, &pod);
+    for host in [10, 11, 12] {
+        let ip = format!("203.0.113.{host}/32");
+        outside.exec_ok("ip", &["addr", "add", &ip, "dev", &link.a_if]);
+    }
+    let via = link.a_ip.to_string();
+    pod.exec_ok("ip", &["route", "add", "203.0.113.0/24", "via", &via]);
+    let _etc = EtcOverlay::new(
+        &pod,
+        "127.0.0.1 localhost\n",
+        Some("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+    let (config, log) = (
+        dir.path().join("outrider.yaml"),
+        dir.path().join("access.log"),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "admin: {{ listen: 127.0.0.1:15000 }}\n\
+             outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    allow:\n\
+             \x20     - host: cdn.test\n        ports: [8000]\n\
+             access_log: {{ output: {} }}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut web = outside.spawn(PYTHON, &["-u", "-m", "http.server", "8000"]);
+    web.wait_for_line("Serving HTTP", Duration::from_secs(10));
+    let mut dns = pod.spawn(
+        PYTHON,
+        &["-u", "-c", DNS_PY, "cdn.test=203.0.113.10,203.0.113.11"],
+    );
+    dns.wait_for_line("ready", Duration::from_secs(10));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/outrider-iptables.sh");
+    let mut apply = pod.command(script, &["apply"]);
+    for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTRIDER_")) {
+        apply.env_remove(var);
+    }
+    netns::run_ok(&mut apply);
+    let _proxy = pod.spawn_as(
+        PROXY_UID,
+        OUTRIDER,
+        &["run", "--config", config.to_str().unwrap()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pod
+        .exec(
+            "curl",
+            &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
+        )
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the proxy did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The app got 203.0.113.11 (the DNS server's second answer); the proxy's first lookup
+    // gets 203.0.113.10.
+    let status = |ip: &str| {
+        let resolve = format!("cdn.test:8000:{ip}");
+        let out = pod.exec_as(
+            1000,
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+            ]
+            .into_iter()
+            .chain([
+                "--noproxy",
+                "*",
+                "--resolve",
+                &resolve,
+                "http://cdn.test:8000/",
+            ])
+            .collect::<Vec<_>>(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status("203.0.113.11"), "200", "the app's newer answer");
+    assert_eq!(status("203.0.113.12"), "403", "an address no answer gives");
+    drop(dns);
 }

@@ -34,6 +34,8 @@ pub struct DnsError {
 pub struct Dns {
     statics: Arc<HashMap<String, Vec<IpAddr>>>,
     resolver: Arc<TokioResolver>,
+    /// The same without a cache, for [`Dns::lookup_fresh`].
+    uncached: Arc<TokioResolver>,
     /// resolv.conf's search domains (`search`, or `domain`), in order.
     search: Arc<[Name]>,
 }
@@ -47,23 +49,48 @@ impl Dns {
             (ResolverConfig::default(), ResolverOpts::default())
         });
         let search: Arc<[Name]> = config.search().into();
-        let mut builder =
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-                .with_options(options);
-        builder.options_mut().use_hosts_file = ResolveHosts::Always;
-        let resolver = builder.build().map_err(|e| DnsError {
-            host: String::new(),
-            reason: format!("resolver setup failed: {e}"),
-        })?;
+        let build = |cached: bool| {
+            let mut builder =
+                TokioResolver::builder_with_config(config.clone(), TokioRuntimeProvider::default())
+                    .with_options(options.clone());
+            let opts = builder.options_mut();
+            opts.use_hosts_file = ResolveHosts::Always;
+            if !cached {
+                opts.cache_size = 0;
+                opts.positive_max_ttl = Some(std::time::Duration::ZERO);
+                opts.negative_max_ttl = Some(std::time::Duration::ZERO);
+            }
+            builder.build().map_err(|e| DnsError {
+                host: String::new(),
+                reason: format!("resolver setup failed: {e}"),
+            })
+        };
         Ok(Self {
             statics: Arc::new(statics),
-            resolver: Arc::new(resolver),
+            resolver: Arc::new(build(true)?),
+            uncached: Arc::new(build(false)?),
             search,
         })
     }
 
+    /// [`Dns::lookup`], asking the DNS server again instead of the cache: for a transparent
+    /// connection to an address that the cached answer lacks. The app resolved the name on
+    /// its own, maybe after the record set changed (CDNs rotate theirs every minute or so),
+    /// and the cached answer would call a genuine connection forged.
+    pub async fn lookup_fresh(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        self.lookup_with(&self.uncached, host).await
+    }
+
     /// Resolves a lower-case name to its addresses, in the resolver's order.
     pub async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        self.lookup_with(&self.resolver, host).await
+    }
+
+    async fn lookup_with(
+        &self,
+        resolver: &TokioResolver,
+        host: &str,
+    ) -> Result<Vec<IpAddr>, DnsError> {
         metrics::counter!("outrider_dns_lookups_total").increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
@@ -98,7 +125,7 @@ impl Dns {
             // Boxed: the resolver's future is large, and inline it would enlarge every
             // request's future, including those for IP literals and static names that never
             // get here.
-            match Box::pin(self.resolver.lookup_ip(name)).await {
+            match Box::pin(resolver.lookup_ip(name)).await {
                 Ok(found) => {
                     let ips: Vec<IpAddr> = found.iter().collect();
                     if !ips.is_empty() {

@@ -89,6 +89,17 @@ async fn decide(
         Decided::Done(admitted) => Ok(admitted),
         Decided::ByAddress { name, rule } => {
             let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
+            // A transparent client resolved the name itself, maybe to a newer answer than
+            // the cached one (a CDN's rotating record set): ask the DNS server again before
+            // calling its destination forged. (`by_address` refuses it if still absent.)
+            if let Some(od) = original_dst {
+                let od = od.ip().to_canonical();
+                if !addrs.iter().any(|a| a.to_canonical() == od) {
+                    if let Ok(fresh) = state.dns.lookup_fresh(name).await {
+                        return by_address(policy, name, port, &rule, original_dst, &fresh);
+                    }
+                }
+            }
             by_address(policy, name, port, &rule, original_dst, &addrs)
         }
     }
