@@ -38,8 +38,8 @@ impl EtcOverlay {
 
 /// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…]` arguments:
 /// an A record (each A query gets the next of a list, as a CDN's rotating answers do), no
-/// AAAA record, `NXDOMAIN` for any other name, and no answer at all for names starting with
-/// `silent.`. Prints `query <name> <type>` for each question.
+/// AAAA record, `NXDOMAIN` for any other name, and no answer at all for names whose first
+/// label starts with `silent`. Prints `query <name> <type>` for each question.
 const DNS_PY: &str = r#"
 import socket, struct, sys
 zone = {k: v.split(",") for k, v in (arg.split("=") for arg in sys.argv[1:])}
@@ -58,7 +58,7 @@ while True:
     question = data[12:i + 5]
     name = ".".join(labels).lower()
     print("query %s %d" % (name, qtype), flush=True)
-    if name.startswith("silent."):
+    if name.startswith("silent"):
         continue
     answer = b""
     if name in zone and qtype == 1:
@@ -274,9 +274,16 @@ fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
         // Under ndots:5 glibc would take this one; only 127.0.0.1 is allowed.
         "pub.example.ns1.svc.cluster.local=127.0.0.2",
     ];
-    let allow = ["web", "api.ns2", "pub.example", "nope", "silent.example"];
+    let allow = [
+        "web",
+        "api.ns2",
+        "pub.example",
+        "nope",
+        "silent.example",
+        "silenthost",
+    ];
     let mut w = World::with_dns(
-        "127.0.0.1 localhost\n",
+        "127.0.0.1 localhost\n127.0.0.1 silenthost\n",
         Some((resolv, &records)),
         &allow,
         "enforce",
@@ -319,6 +326,17 @@ fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
     assert!(
         queries.iter().all(|q| !q.contains("svc.cluster.local")),
         "searched after a timeout: {queries:?}"
+    );
+
+    // A name without a dot whose search-domain lookup times out still gets its own, which
+    // /etc/hosts answers.
+    let resp = w.get("http://silenthost:8000/hello.txt");
+    assert_eq!(
+        resp.status,
+        200,
+        "{:?}\n{}",
+        resp.header("x-outrider-error"),
+        resp.body
     );
 }
 

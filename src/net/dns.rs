@@ -7,7 +7,8 @@
 //! finds no such name (`api.ns2` finds `api.ns2.svc.cluster.local`). A name that exists as
 //! written is never replaced by one under a search domain (Kubernetes' `ndots:5` would look up
 //! `api.example.com.ns.svc.cluster.local` first), and a lookup that fails for another reason
-//! (a timeout) is not repeated under every search domain.
+//! (a timeout) is not repeated under every search domain (a name without a dot still gets
+//! its own lookup, which /etc/hosts may answer).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -115,17 +116,20 @@ impl Dns {
             name.set_fqdn(true);
             Some(name)
         });
-        let names: Vec<Name> = if host.contains('.') {
+        let dotted = host.contains('.');
+        let names: Vec<Name> = if dotted {
             std::iter::once(as_written).chain(searched).collect()
         } else {
             searched.chain(std::iter::once(as_written)).collect()
         };
+        let last = names.len().saturating_sub(1);
         let mut first_error = None;
-        for name in names {
+        let mut at = 0;
+        while let Some(name) = names.get(at) {
             // Boxed: the resolver's future is large, and inline it would enlarge every
             // request's future, including those for IP literals and static names that never
             // get here.
-            match Box::pin(resolver.lookup_ip(name)).await {
+            match Box::pin(resolver.lookup_ip(name.clone())).await {
                 Ok(found) => {
                     let ips: Vec<IpAddr> = found.iter().collect();
                     if !ips.is_empty() {
@@ -137,8 +141,17 @@ impl Dns {
                 Err(e) if e.is_no_records_found() => {
                     first_error.get_or_insert_with(|| brief(&e.to_string()));
                 }
+                // Another failure (a timeout) is not tried again under every search domain;
+                // but a name without a dot still gets its own lookup, last, which /etc/hosts
+                // may answer, as getaddrinfo reads the hosts file before any DNS.
+                Err(e) if !dotted && at < last => {
+                    first_error.get_or_insert_with(|| brief(&e.to_string()));
+                    at = last;
+                    continue;
+                }
                 Err(e) => return Err(fail(brief(&e.to_string()))),
             }
+            at += 1;
         }
         Err(fail(
             first_error.unwrap_or_else(|| "no addresses".to_owned()),
