@@ -30,12 +30,15 @@ pub struct DnsError {
     pub reason: String,
 }
 
+/// How long [`Dns::lookup_fresh`] may reuse an answer.
+const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The resolver: static names over a shared hickory resolver.
 #[derive(Clone)]
 pub struct Dns {
     statics: Arc<HashMap<String, Vec<IpAddr>>>,
     resolver: Arc<TokioResolver>,
-    /// The same without a cache, for [`Dns::lookup_fresh`].
+    /// The same with answers kept [`FRESH_FOR`] at most, for [`Dns::lookup_fresh`].
     uncached: Arc<TokioResolver>,
     /// resolv.conf's search domains (`search`, or `domain`), in order.
     search: Arc<[Name]>,
@@ -57,9 +60,11 @@ impl Dns {
             let opts = builder.options_mut();
             opts.use_hosts_file = ResolveHosts::Always;
             if !cached {
-                opts.cache_size = 0;
-                opts.positive_max_ttl = Some(std::time::Duration::ZERO);
-                opts.negative_max_ttl = Some(std::time::Duration::ZERO);
+                // A second at most: fresh enough for a record set that rotates by the minute,
+                // and an app that sends forged Hosts in a loop makes the sidecar ask its DNS
+                // server once a second per name, not once per connection.
+                opts.positive_max_ttl = Some(FRESH_FOR);
+                opts.negative_max_ttl = Some(FRESH_FOR);
             }
             builder.build().map_err(|e| DnsError {
                 host: String::new(),
@@ -74,7 +79,8 @@ impl Dns {
         })
     }
 
-    /// [`Dns::lookup`], asking the DNS server again instead of the cache: for a transparent
+    /// [`Dns::lookup`], asking the DNS server again instead of the cache (at most once a
+    /// second per name): for a transparent
     /// connection to an address that the cached answer lacks. The app resolved the name on
     /// its own, maybe after the record set changed (CDNs rotate theirs every minute or so),
     /// and the cached answer would call a genuine connection forged.
