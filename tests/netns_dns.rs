@@ -328,8 +328,7 @@ fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
         "searched after a timeout: {queries:?}"
     );
 
-    // A name without a dot whose search-domain lookup times out still gets its own, which
-    // /etc/hosts answers.
+    // A name the hosts file lists is answered from it, whatever the DNS server does.
     let resp = w.get("http://silenthost:8000/hello.txt");
     assert_eq!(
         resp.status,
@@ -450,4 +449,27 @@ fn a_transparent_client_with_a_newer_answer_than_the_cache_is_not_taken_for_forg
         .filter(|l| l.starts_with("query cdn.test 1"))
         .count();
     assert!(asked < 10, "{asked} questions for 20 forged connections");
+}
+
+#[test]
+fn a_name_in_etc_hosts_asks_no_dns_server() {
+    // A DNS server that never answers, and a query timeout longer than curl waits: a name
+    // the hosts file lists must not wait for it. (Its AAAA question went to the server, and
+    // every request waited out the timeout.)
+    let resolv = "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n";
+    let mut w = World::with_dns(
+        "127.0.0.1 localhost\n127.0.0.1 silent-file.test\n",
+        Some((resolv, &[])),
+        &["silent-file.test"],
+        "enforce",
+    );
+    for _ in 0..3 {
+        let resp = w.get("http://silent-file.test:8000/hello.txt");
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    let queries = w.dns.as_mut().unwrap().lines_so_far();
+    assert!(
+        queries.iter().all(|q| !q.contains("silent-file")),
+        "{queries:?}"
+    );
 }

@@ -7,8 +7,10 @@
 //! finds no such name (`api.ns2` finds `api.ns2.svc.cluster.local`). A name that exists as
 //! written is never replaced by one under a search domain (Kubernetes' `ndots:5` would look up
 //! `api.example.com.ns.svc.cluster.local` first), and a lookup that fails for another reason
-//! (a timeout) is not repeated under every search domain (a name without a dot still gets
-//! its own lookup, which /etc/hosts may answer).
+//! (a timeout) is not repeated under every search domain.
+//!
+//! /etc/hosts is read here, not by hickory: a name it lists gets its addresses and no DNS
+//! question, as getaddrinfo's `hosts: files dns` does.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +32,31 @@ pub struct DnsError {
     pub reason: String,
 }
 
+/// The hosts file, read when the resolver is built (at start and on each reload).
+const HOSTS_FILE: &str = "/etc/hosts";
+
+/// Each name the hosts file lists (lower case, without a trailing dot) and its addresses, in
+/// the file's order; a missing or unreadable file lists none.
+fn read_hosts_file(path: &str) -> HashMap<String, Vec<IpAddr>> {
+    let mut names: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        let Some(Ok(addr)) = words.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        for name in words {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            let addrs = names.entry(name).or_default();
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+    }
+    names
+}
+
 /// How long [`Dns::lookup_fresh`] may reuse an answer.
 const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -47,7 +74,15 @@ pub struct Dns {
 impl Dns {
     /// Builds a resolver from the system config (falling back to hickory's defaults when
     /// there is no readable resolv.conf, as in a bare network namespace).
-    pub fn new(statics: HashMap<String, Vec<IpAddr>>) -> Result<Self, DnsError> {
+    pub fn new(mut statics: HashMap<String, Vec<IpAddr>>) -> Result<Self, DnsError> {
+        // /etc/hosts answers a name it lists, and DNS is not asked (getaddrinfo's `files dns`).
+        // Left to hickory, the file gave the A record while the AAAA question still went to
+        // the DNS server, and every request for such a name waited for that answer: with no
+        // server that answers, the whole query timeout, each time, since failures are not
+        // cached. `dns.hosts` from the config comes first.
+        for (name, addrs) in read_hosts_file(HOSTS_FILE) {
+            statics.entry(name).or_insert(addrs);
+        }
         let (config, options) = read_system_conf().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no usable system DNS config; using defaults");
             (ResolverConfig::default(), ResolverOpts::default())
@@ -58,7 +93,7 @@ impl Dns {
                 TokioResolver::builder_with_config(config.clone(), TokioRuntimeProvider::default())
                     .with_options(options.clone());
             let opts = builder.options_mut();
-            opts.use_hosts_file = ResolveHosts::Always;
+            opts.use_hosts_file = ResolveHosts::Never;
             if !cached {
                 // A second at most: fresh enough for a record set that rotates by the minute,
                 // and an app that sends forged Hosts in a loop makes the sidecar ask its DNS
@@ -122,20 +157,17 @@ impl Dns {
             name.set_fqdn(true);
             Some(name)
         });
-        let dotted = host.contains('.');
-        let names: Vec<Name> = if dotted {
+        let names: Vec<Name> = if host.contains('.') {
             std::iter::once(as_written).chain(searched).collect()
         } else {
             searched.chain(std::iter::once(as_written)).collect()
         };
-        let last = names.len().saturating_sub(1);
         let mut first_error = None;
-        let mut at = 0;
-        while let Some(name) = names.get(at) {
+        for name in names {
             // Boxed: the resolver's future is large, and inline it would enlarge every
             // request's future, including those for IP literals and static names that never
             // get here.
-            match Box::pin(resolver.lookup_ip(name.clone())).await {
+            match Box::pin(resolver.lookup_ip(name)).await {
                 Ok(found) => {
                     let ips: Vec<IpAddr> = found.iter().collect();
                     if !ips.is_empty() {
@@ -147,17 +179,9 @@ impl Dns {
                 Err(e) if e.is_no_records_found() => {
                     first_error.get_or_insert_with(|| brief(&e.to_string()));
                 }
-                // Another failure (a timeout) is not tried again under every search domain;
-                // but a name without a dot still gets its own lookup, last, which /etc/hosts
-                // may answer, as getaddrinfo reads the hosts file before any DNS.
-                Err(e) if !dotted && at < last => {
-                    first_error.get_or_insert_with(|| brief(&e.to_string()));
-                    at = last;
-                    continue;
-                }
+                // Another failure (a timeout) is not tried again under every search domain.
                 Err(e) => return Err(fail(brief(&e.to_string()))),
             }
-            at += 1;
         }
         Err(fail(
             first_error.unwrap_or_else(|| "no addresses".to_owned()),
@@ -176,4 +200,29 @@ fn brief(message: &str) -> String {
         head
     };
     head.chars().take(120).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_hosts_file_is_read_as_getaddrinfo_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(
+            &path,
+            "# comment\n127.0.0.1\tlocalhost\n::1 localhost ip6-localhost # trailing\n\
+             10.0.0.5 Db.Internal. db\n10.0.0.6 db\nnot-an-address name\n127.0.0.1 localhost\n",
+        )
+        .unwrap();
+        let hosts = read_hosts_file(path.to_str().unwrap());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(hosts["localhost"], [ip("127.0.0.1"), ip("::1")]);
+        assert_eq!(hosts["db.internal"], [ip("10.0.0.5")]);
+        assert_eq!(hosts["db"], [ip("10.0.0.5"), ip("10.0.0.6")]);
+        assert!(!hosts.contains_key("name") && !hosts.contains_key("trailing"));
+        assert!(read_hosts_file("/nonexistent/hosts").is_empty());
+    }
 }
