@@ -164,7 +164,7 @@ fi
 # ruleset FAMILY: print the chains and rules for "4" or "6" in iptables-restore syntax (without the
 # table header, COMMIT, or the jumps from the built-in chains, which apply handles separately).
 ruleset() {
-    local family=$1 item
+    local family=$1
 
     # Outbound: every TCP connection a local process opens, unless it is the proxy's own.
     not_captured "$OUT_CHAIN" "$family"
@@ -172,13 +172,7 @@ ruleset() {
 
     # Inbound: every TCP connection arriving from another host.
     echo "-A $IN_CHAIN -i lo ${TAG[*]} -j RETURN"
-    echo "-A $IN_CHAIN -p tcp -m tcp --dport $ADMIN_PORT ${TAG[*]} -j RETURN"
-    while read -r item; do
-        echo "-A $IN_CHAIN -p tcp -m tcp --dport $item ${TAG[*]} -j RETURN"
-    done < <(split_list ports "$EXCLUDE_INBOUND_PORTS")
-    while read -r item; do
-        family_of "$item" "$family" && echo "-A $IN_CHAIN -s $item ${TAG[*]} -j RETURN"
-    done < <(split_list cidrs "$EXCLUDE_INBOUND_CIDRS")
+    exclusions "$IN_CHAIN" "$family" "$EXCLUDE_INBOUND_PORTS" -s "$EXCLUDE_INBOUND_CIDRS"
     echo "-A $IN_CHAIN -p tcp ${TAG[*]} -j REDIRECT --to-ports $INBOUND_PORT"
 }
 
@@ -186,7 +180,7 @@ ruleset() {
 # proxy's own, loopback, the admin port, and the exclusions. The nat chain lets it go out
 # uncaptured and the filter chain lets it go out at all, so both use the same list.
 not_captured() {
-    local chain=$1 family=$2 loopback item
+    local chain=$1 family=$2 loopback
     if [[ $family == 4 ]]; then loopback=127.0.0.0/8; else loopback=::1/128; fi
     echo "-A $chain -m owner --uid-owner $PROXY_UID ${TAG[*]} -j RETURN"
     echo "-A $chain -o lo ${TAG[*]} -j RETURN"
@@ -194,13 +188,20 @@ not_captured() {
     # shows its first route's interface (the hook's output device is not updated by the nat
     # reroute), but its new destination, the proxy's listener.
     echo "-A $chain -d $loopback ${TAG[*]} -j RETURN"
+    exclusions "$chain" "$family" "$EXCLUDE_OUTBOUND_PORTS" -d "$EXCLUDE_OUTBOUND_CIDRS"
+}
+
+# exclusions CHAIN FAMILY PORTS -s|-d CIDRS: RETURN rules for the admin port, the TCP ports in
+# PORTS, and the CIDRs of FAMILY in CIDRS as sources (-s, inbound) or destinations (-d).
+exclusions() {
+    local chain=$1 family=$2 ports=$3 side=$4 cidrs=$5 item
     echo "-A $chain -p tcp -m tcp --dport $ADMIN_PORT ${TAG[*]} -j RETURN"
     while read -r item; do
         echo "-A $chain -p tcp -m tcp --dport $item ${TAG[*]} -j RETURN"
-    done < <(split_list ports "$EXCLUDE_OUTBOUND_PORTS")
+    done < <(split_list ports "$ports")
     while read -r item; do
-        family_of "$item" "$family" && echo "-A $chain -d $item ${TAG[*]} -j RETURN"
-    done < <(split_list cidrs "$EXCLUDE_OUTBOUND_CIDRS")
+        family_of "$item" "$family" && echo "-A $chain $side $item ${TAG[*]} -j RETURN"
+    done < <(split_list cidrs "$cidrs")
     # The last CIDR may be of the other family: its failed test is not this function's status.
     return 0
 }
