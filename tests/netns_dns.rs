@@ -36,13 +36,19 @@ impl EtcOverlay {
     }
 }
 
-/// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…]` arguments:
-/// an A record (each A query gets the next of a list, as a CDN's rotating answers do), no
-/// AAAA record, `NXDOMAIN` for any other name, and no answer at all for names whose first
-/// label starts with `silent`. Prints `query <name> <type>` for each question.
+/// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…][/ttl]`
+/// arguments: an A record with that TTL (60 s when not given; each A query gets the next of a
+/// list, as a CDN's rotating answers do), no AAAA record (an empty answer without an SOA, as
+/// some servers send, so a resolver cannot cache the absence), `NXDOMAIN` for any other name,
+/// and no answer at all for names whose first label starts with `silent`. Prints
+/// `query <name> <type>` for each question.
 const DNS_PY: &str = r#"
 import socket, struct, sys
-zone = {k: v.split(",") for k, v in (arg.split("=") for arg in sys.argv[1:])}
+zone, ttl = {}, {}
+for arg in sys.argv[1:]:
+    name, value = arg.split("=")
+    addrs, _, seconds = value.partition("/")
+    zone[name], ttl[name] = addrs.split(","), int(seconds or 60)
 asked = {}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", 53))
@@ -65,7 +71,7 @@ while True:
         n = asked.get(name, 0)
         asked[name] = n + 1
         ip = zone[name][n % len(zone[name])]
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, ttl[name], 4) + socket.inet_aton(ip)
     rcode = 0 if name in zone else 3
     head = struct.pack("!HHHHHH", tid, 0x8580 | (flags & 0x0100) | rcode, 1, 1 if answer else 0, 0, 0)
     s.sendto(head + question + answer, peer)
@@ -472,4 +478,55 @@ fn a_name_in_etc_hosts_asks_no_dns_server() {
         queries.iter().all(|q| !q.contains("silent-file")),
         "{queries:?}"
     );
+}
+
+#[test]
+fn a_name_is_asked_for_once_per_ttl_not_once_per_request() {
+    // The proxy keeps a name's addresses for their TTL. Before, each request went through
+    // hickory's cache, which cannot keep an empty AAAA answer that comes without an SOA (as
+    // this server sends it): every request for the name asked the DNS server again.
+    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
+    let records = ["kept.internal=127.0.0.1", "brief.internal=127.0.0.1/2"];
+    let mut w = World::with_dns(
+        "127.0.0.1 localhost\n",
+        Some((resolv, &records)),
+        &[],
+        "enforce",
+    );
+    // `end<N>.internal` does not exist: its question, asked after the others, shows that the
+    // server has printed every question before it.
+    let questions = |w: &mut World, end: &str| -> Vec<String> {
+        let resp = w.get(&format!("http://{end}.internal:8000/hello.txt"));
+        assert_eq!(resp.status, 502, "{}", resp.body);
+        w.dns
+            .as_mut()
+            .unwrap()
+            .lines_until(&format!("query {end}.internal "), Duration::from_secs(10))
+    };
+    for _ in 0..20 {
+        let resp = w.get("http://kept.internal:8000/hello.txt");
+        assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
+        assert_eq!(resp.body, "hello from the app\n");
+    }
+    let asked = questions(&mut w, "end1");
+    let kept: Vec<_> = asked
+        .iter()
+        .filter(|q| q.starts_with("query kept.internal "))
+        .collect();
+    // One A and one AAAA question for twenty requests.
+    assert_eq!(kept.len(), 2, "{asked:?}");
+
+    // An answer is not kept past its TTL: a changed record set is seen when it expires.
+    let brief = |asked: &[String]| {
+        asked
+            .iter()
+            .filter(|q| q.as_str() == "query brief.internal 1")
+            .count()
+    };
+    assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
+    assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
+    assert_eq!(brief(&questions(&mut w, "end2")), 1);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
+    assert_eq!(brief(&questions(&mut w, "end3")), 1);
 }

@@ -204,12 +204,24 @@ impl Background {
     /// Waits until a stdout line contains `needle`; panics after `timeout` or if the process
     /// exits first.
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        self.lines_until(needle, timeout).pop().unwrap_or_default()
+    }
+
+    /// The stdout lines up to and including the first that contains `needle`; panics as
+    /// [`Background::wait_for_line`] does.
+    pub fn lines_until(&mut self, needle: &str, timeout: Duration) -> Vec<String> {
         let deadline = std::time::Instant::now() + timeout;
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     panic!(
                         "{} printed no line with {needle:?} within {timeout:?}",
