@@ -105,6 +105,7 @@ cleanup() {
     done
     if [[ -n $NETNS ]]; then
         ip netns del "$NETNS" 2>/dev/null || true
+        rm -rf "/etc/netns/$NETNS"
     fi
     if [[ ${BENCH_KEEP:-0} == 1 || $FAILED == 1 ]]; then
         log "scratch directory kept: $RUN"
@@ -135,7 +136,7 @@ EOF
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
     P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF \
     P_CA P_MA_ADM P_MA_OUT P_MB_ADM P_MB_OUT P_MB_IN \
-    P_H2O P_H2_ADM P_H2_OUT P_H2_IN P_H2_HAP P_H2_NGX <<<"$(free_ports 34)"
+    P_H2O P_H2_ADM P_H2_OUT P_H2_IN P_H2_HAP P_H2_NGX P_N_ADM P_N_OUT <<<"$(free_ports 36)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -1069,16 +1070,20 @@ h2_peer h2-nginx "nginx grpc_pass" nginx "127.0.0.1:$P_H2_NGX" "$H2_NOTES" -- \
 # count over the keep-alive one is each proxy's cost of a connection (accept, set-up,
 # close).
 if [[ $MODE == smoke ]]; then INSTR_WARM=1 INSTR_DUR=1; else INSTR_WARM=2 INSTR_DUR=6; fi
-# instr_one NAME MODE ADDR WAITURL URLPATH -- CMD...; INSTR_HEADER: a header wrk adds.
+# instr_one NAME MODE ADDR WAITURL URLPATH -- CMD...; INSTR_HEADER: a header wrk adds;
+# INSTR_ORIGIN: the forward target's host:port (default the origin on loopback);
+# INSTR_PREFIX (an array): what valgrind runs under (`ip netns exec NS`).
+INSTR_PREFIX=()
 instr_one() {
     local name=$1 mode=$2 addr=$3 waiturl=$4 upath=$5 abs="" host="" pid cg
+    local origin=${INSTR_ORIGIN:-127.0.0.1:$P_ORIGIN}
     local -a extra=()
     [[ -n ${INSTR_HEADER:-} ]] && extra=(-H "$INSTR_HEADER")
     cg=$RUN/out/instr.$name.cg
     shift 5
     [[ ${1:-} == -- ]] && shift
     log "  instr $name"
-    start "instr-$name" valgrind --tool=callgrind --callgrind-out-file="$cg" "$@"
+    start "instr-$name" "${INSTR_PREFIX[@]}" valgrind --tool=callgrind --callgrind-out-file="$cg" "$@"
     pid=$LAST_PID
     if ! wait_http "$waiturl" 90; then
         fail instr "$name did not come up under valgrind (log: $(tail -n 2 "$RUN/logs/instr-$name.out" | tr '\n' ' '))"
@@ -1086,7 +1091,7 @@ instr_one() {
         return 0
     fi
     if [[ $mode == forward ]]; then
-        abs="http://127.0.0.1:$P_ORIGIN$upath" host="127.0.0.1:$P_ORIGIN"
+        abs="http://$origin$upath" host="$origin"
     fi
     WRK_ABS_URL=$abs WRK_HOST=$host wrk -t1 -c16 -d"${INSTR_WARM}s" --timeout 5s -s "$LUA" "${extra[@]}" \
         "http://$addr$upath" >/dev/null 2>&1 || true
@@ -1118,6 +1123,46 @@ EOF
         fail instr "$name: no instruction count (callgrind dump $cg.1)"
     fi
 }
+# instr_named: the explicit path to a name that the proxy resolves through DNS, as users'
+# requests are, against the same proxy asked for the IP literal, both from the host to
+# the proxy in the network namespace (whose resolv.conf names a stub DNS server there)
+# and on to the origin on the host's end of the veth. Every other path asks for IP
+# literals, which skip resolution.
+instr_named() {
+    if [[ $(id -u) != 0 ]] || ! command -v ip >/dev/null; then
+        fail instr "outrider-explicit-named: needs root and ip (a network namespace with its own resolv.conf)"
+        return 0
+    fi
+    if [[ -z $NETNS ]] && ! setup_netns 2>"$RUN/logs/netns.out"; then
+        fail instr "outrider-explicit-named: network namespace setup failed: $(tr '\n' ' ' <"$RUN/logs/netns.out")"
+        return 0
+    fi
+    mkdir -p "/etc/netns/$NETNS"
+    echo "nameserver 127.0.0.1" >"/etc/netns/$NETNS/resolv.conf"
+    printf '127.0.0.1 localhost\n::1 localhost\n' >"/etc/netns/$NETNS/hosts"
+    start stubdns ip netns exec "$NETNS" python3 -u "$BENCH_DIR/tools/stubdns.py" "origin.bench=$T_HOST"
+    local dns=$LAST_PID i
+    for ((i = 0; i < 50; i++)); do
+        grep -q ready "$RUN/logs/stubdns.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    cat >"$RUN/conf/named.yaml" <<EOF
+admin: { listen: $T_NS:$P_N_ADM }
+outbound:
+  listen: $T_NS:$P_N_OUT
+  egress:
+    mode: enforce
+    allow: [ { host: origin.bench, ports: [$P_ORIGIN] }, { cidr: $T_HOST/32, ports: [$P_ORIGIN] } ]
+access_log: { output: $RUN/logs/outrider-named-access.log }
+EOF
+    INSTR_PREFIX=(ip netns exec "$NETNS")
+    INSTR_ORIGIN="$T_HOST:$P_ORIGIN" instr_one outrider-explicit-veth forward "$T_NS:$P_N_OUT" \
+        "http://$T_NS:$P_N_OUT/" /1k -- "$OUTRIDER" run --config "$RUN/conf/named.yaml"
+    INSTR_ORIGIN="origin.bench:$P_ORIGIN" instr_one outrider-explicit-named forward "$T_NS:$P_N_OUT" \
+        "http://$T_NS:$P_N_OUT/" /1k -- "$OUTRIDER" run --config "$RUN/conf/named.yaml"
+    INSTR_PREFIX=()
+    stop "$dns"
+}
 if want instr; then
     log "path instr (callgrind)"
     sed -e 's/^worker_processes auto;/worker_processes 1;\nmaster_process off;/' \
@@ -1147,6 +1192,7 @@ if want instr; then
             # Cache hits: the warm-up fills the cache, so the counted requests are hits.
             instr_one outrider-cache forward "127.0.0.1:$P_ON_OUT" "http://127.0.0.1:$P_ON_OUT/" /c/1k -- \
                 "$OUTRIDER" run --config "$RUN/conf/cache.yaml"
+            instr_named
         fi
         render "$PEERS/nginx-cache.conf" "$RUN/conf/nginx-cache-instr.conf" PORT="$P_NGC"
         sed -i -e 's/^worker_processes auto;/worker_processes 1;\nmaster_process off;/' "$RUN/conf/nginx-cache-instr.conf"

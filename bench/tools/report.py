@@ -434,12 +434,15 @@ def markdown(res):
                   "User-space instructions each proxy executes per 1 KiB keep-alive request, counted by "
                   "valgrind's callgrind over 16 connections (nginx with one worker, HAProxy with one thread); "
                   "`-cache` rows are cache hits of /c/1k; `-newconn` rows send `Connection: close`, a new "
-                  "connection per request. "
+                  "connection per request; `outrider-explicit-named` asks for a name that the proxy resolves "
+                  "through DNS (a stub server in a network namespace, TTL 300 s), `outrider-explicit-veth` for "
+                  "the IP literal through the same proxy and veth. "
                   "Unlike req/s, this does not move with the machine's background load; it leaves out the "
                   "kernel's share (loopback TCP, about 70 % of each proxy's CPU here and much the same for all).", "",
                   "| proxy | instructions / request | requests counted | outrider’s count × this |", "|---|--:|--:|--:|"]
         order = ["outrider-inbound", "nginx", "haproxy", "outrider-inbound-newconn", "nginx-newconn",
-                 "haproxy-newconn", "outrider-explicit", "outrider-cache", "nginx-cache"]
+                 "haproxy-newconn", "outrider-explicit", "outrider-explicit-veth", "outrider-explicit-named",
+                 "outrider-cache", "nginx-cache"]
         bases = {"nginx-cache": "outrider-cache", "nginx-newconn": "outrider-inbound-newconn",
                  "haproxy-newconn": "outrider-inbound-newconn"}
         for name, v in sorted(ins.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
