@@ -75,12 +75,28 @@ const MAX_ANSWERS: usize = 4096;
 /// Addresses, shared by every request for the name.
 pub type Addrs = Arc<[IpAddr]>;
 
+/// Hashed with foldhash (seeded per map), not std's SipHash: a named request looks its
+/// name up in both maps.
+type Names<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
+/// The lookup and failure counters, resolved on first use rather than looked up in the
+/// registry on every request; a process installs its recorder before any lookup.
+fn counters() -> &'static [metrics::Counter; 2] {
+    static HANDLES: std::sync::OnceLock<[metrics::Counter; 2]> = std::sync::OnceLock::new();
+    HANDLES.get_or_init(|| {
+        [
+            metrics::counter!("outrider_dns_lookups_total"),
+            metrics::counter!("outrider_dns_failures_total"),
+        ]
+    })
+}
+
 /// The resolver: static names over a shared hickory resolver.
 #[derive(Clone)]
 pub struct Dns {
-    statics: Arc<HashMap<String, Addrs>>,
+    statics: Arc<Names<Addrs>>,
     /// Names resolved through DNS, with their addresses and when the answer expires.
-    answers: Arc<RwLock<HashMap<String, (Addrs, Instant)>>>,
+    answers: Arc<RwLock<Names<(Addrs, Instant)>>>,
     resolver: Arc<TokioResolver>,
     /// The same with answers kept [`FRESH_FOR`] at most, for [`Dns::lookup_fresh`].
     uncached: Arc<TokioResolver>,
@@ -143,7 +159,7 @@ impl Dns {
     /// its own, maybe after the record set changed (CDNs rotate theirs every minute or so),
     /// and the cached answer would call a genuine connection forged.
     pub async fn lookup_fresh(&self, host: &str) -> Result<Addrs, DnsError> {
-        metrics::counter!("outrider_dns_lookups_total").increment(1);
+        counters()[0].increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
@@ -152,7 +168,7 @@ impl Dns {
 
     /// Resolves a lower-case name to its addresses, in the resolver's order.
     pub async fn lookup(&self, host: &str) -> Result<Addrs, DnsError> {
-        metrics::counter!("outrider_dns_lookups_total").increment(1);
+        counters()[0].increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
@@ -199,7 +215,7 @@ impl Dns {
         // characters" before any query, where getaddrinfo, curl and every peer proxy resolve
         // it. Each is fully qualified, so that hickory adds no search domain of its own.
         let fail = |reason: String| {
-            metrics::counter!("outrider_dns_failures_total").increment(1);
+            counters()[1].increment(1);
             DnsError {
                 host: host.into(),
                 reason,
