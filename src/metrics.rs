@@ -64,6 +64,10 @@ fn describe() {
     metrics::describe_counter!("outrider_dns_lookups_total", "Name lookups");
     metrics::describe_counter!("outrider_dns_failures_total", "Name lookups that failed");
     metrics::describe_counter!(
+        "outrider_dns_stale_answers_total",
+        "Expired answers used because the DNS server gave none (RFC 8767)"
+    );
+    metrics::describe_counter!(
         "outrider_upstream_connect_errors_total",
         "Upstream connects that failed or timed out"
     );
@@ -84,6 +88,7 @@ fn describe() {
         "outrider_access_log_dropped_total",
         "outrider_dns_lookups_total",
         "outrider_dns_failures_total",
+        "outrider_dns_stale_answers_total",
         "outrider_upstream_connect_errors_total",
     ] {
         metrics::counter!(name).increment(0);

@@ -188,6 +188,29 @@ impl World {
         }
     }
 
+    /// Reloads the proxy (SIGHUP) with one more allowed name, and waits until it applies.
+    fn reload(&self) {
+        let path = self.dir.path().join("outrider.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap().replace(
+            "access_log:",
+            "      - host: reloaded.internal\n        ports: [8000]\naccess_log:",
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let pid = self._servers[1].pid().to_string();
+        netns::run_ok(std::process::Command::new("kill").args(["-HUP", &pid]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .ns
+                .exec("curl", &["-s", "http://127.0.0.1:15000/config"]);
+            if String::from_utf8_lossy(&out.stdout).contains("reloaded.internal") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the reload was not applied");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `curl -i` through the explicit proxy, inside the namespace.
     fn get(&self, url: &str) -> Resp {
         Resp::parse(&self.ns.exec(
@@ -529,4 +552,68 @@ fn a_name_is_asked_for_once_per_ttl_not_once_per_request() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
     assert_eq!(brief(&questions(&mut w, "end3")), 1);
+}
+
+#[test]
+fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
+    // A DNS restart (CoreDNS rolling, a node-local cache bouncing) made every request for a
+    // name whose answer had just expired a 502 until the server was back. Now the expired
+    // answer stands in (RFC 8767), as Envoy's DNS cache keeps its hosts; a name the server
+    // says is gone does not get one.
+    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
+    let records = ["steady.internal=127.0.0.1/1", "gone.internal=127.0.0.1/1"];
+    let mut w = World::with_dns(
+        "127.0.0.1 localhost\n",
+        Some((resolv, &records)),
+        &[],
+        "enforce",
+    );
+    for url in [
+        "http://steady.internal:8000/hello.txt",
+        "http://gone.internal:8000/hello.txt",
+    ] {
+        let resp = w.get(url);
+        assert_eq!(
+            resp.status,
+            200,
+            "{url}: {:?}",
+            resp.header("x-outrider-error")
+        );
+    }
+    // The server goes away, both answers expire, and a reload comes (the answers carry
+    // over).
+    w.dns = None;
+    std::thread::sleep(Duration::from_millis(1500));
+    w.reload();
+    let resp = w.get("http://steady.internal:8000/hello.txt");
+    assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
+    assert_eq!(resp.body, "hello from the app\n");
+    let metrics = w.ns.exec("curl", &["-s", "http://127.0.0.1:15000/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("outrider_dns_stale_answers_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    // The server is back, without either name: a name it says does not exist is a 502.
+    let mut server =
+        w.ns.spawn(PYTHON, &["-u", "-c", DNS_PY, "other.internal=127.0.0.1"]);
+    server.wait_for_line("ready", Duration::from_secs(10));
+    let resp = w.get("http://gone.internal:8000/hello.txt");
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    assert!(resp
+        .header("x-outrider-error")
+        .unwrap_or_default()
+        .contains("gone.internal"));
+    // A stale answer stands for 30 s before the server is asked again: one request in that
+    // time waits for a server that is down, not every one.
+    assert_eq!(w.get("http://steady.internal:8000/hello.txt").status, 200);
+    assert_eq!(w.get("http://end.internal:8000/hello.txt").status, 502);
+    let asked = server.lines_until("query end.internal ", Duration::from_secs(10));
+    assert!(
+        asked.iter().all(|q| !q.contains("steady.internal")),
+        "{asked:?}"
+    );
 }

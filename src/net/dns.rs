@@ -16,12 +16,13 @@
 //! records'), as squid's ipcache keeps them: a request for a name looked up a moment ago
 //! costs a map lookup, not a pass through hickory's query cache (half again the instructions
 //! of the whole request, measured), and a DNS server that sends no SOA with an empty AAAA
-//! answer, which hickory cannot cache, is not asked on every request.
+//! answer, which hickory cannot cache, is not asked on every request. When the DNS server
+//! gives no answer, an answer that expired less than a day ago stands in (RFC 8767).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -37,6 +38,9 @@ pub struct DnsError {
     pub host: String,
     /// Why.
     pub reason: String,
+    /// The DNS server gave no answer (a timeout, a refused or failed query), as against
+    /// one that says the name has no addresses: an expired answer may stand in.
+    unanswered: bool,
 }
 
 /// The hosts file, read when the resolver is built (at start and on each reload).
@@ -65,12 +69,28 @@ fn read_hosts_file(path: &str) -> HashMap<String, Vec<IpAddr>> {
 }
 
 /// How long [`Dns::lookup_fresh`] may reuse an answer.
-const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+const FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// How many names' answers [`Dns::lookup`] keeps; past that, the expired ones are dropped,
 /// and all of them when none has expired (a proxy that asks for more names than this within
 /// their TTLs goes back to hickory's cache for them, no worse than without this one).
 const MAX_ANSWERS: usize = 4096;
+
+/// How long past its TTL an answer may stand in while the DNS server gives none (RFC 8767's
+/// serve-stale, at its recommended lower bound).
+const STALE_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a stale answer is used before the DNS server is asked again (RFC 8767's 30 s):
+/// while it is down, one request in this time waits for its timeout, not every one.
+const STALE_HOLD: Duration = Duration::from_secs(30);
+
+/// A name's answer: its addresses, when it expires, and until when it may stand in for
+/// an answer the DNS server does not give.
+struct Answer {
+    ips: Addrs,
+    until: Instant,
+    stale_until: Instant,
+}
 
 /// Addresses, shared by every request for the name.
 pub type Addrs = Arc<[IpAddr]>;
@@ -81,12 +101,13 @@ type Names<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// The lookup and failure counters, resolved on first use rather than looked up in the
 /// registry on every request; a process installs its recorder before any lookup.
-fn counters() -> &'static [metrics::Counter; 2] {
-    static HANDLES: std::sync::OnceLock<[metrics::Counter; 2]> = std::sync::OnceLock::new();
+fn counters() -> &'static [metrics::Counter; 3] {
+    static HANDLES: std::sync::OnceLock<[metrics::Counter; 3]> = std::sync::OnceLock::new();
     HANDLES.get_or_init(|| {
         [
             metrics::counter!("outrider_dns_lookups_total"),
             metrics::counter!("outrider_dns_failures_total"),
+            metrics::counter!("outrider_dns_stale_answers_total"),
         ]
     })
 }
@@ -96,7 +117,7 @@ fn counters() -> &'static [metrics::Counter; 2] {
 pub struct Dns {
     statics: Arc<Names<Addrs>>,
     /// Names resolved through DNS, with their addresses and when the answer expires.
-    answers: Arc<RwLock<Names<(Addrs, Instant)>>>,
+    answers: Arc<RwLock<Names<Answer>>>,
     resolver: Arc<TokioResolver>,
     /// The same with answers kept [`FRESH_FOR`] at most, for [`Dns::lookup_fresh`].
     uncached: Arc<TokioResolver>,
@@ -106,8 +127,13 @@ pub struct Dns {
 
 impl Dns {
     /// Builds a resolver from the system config (falling back to hickory's defaults when
-    /// there is no readable resolv.conf, as in a bare network namespace).
-    pub fn new(mut statics: HashMap<String, Vec<IpAddr>>) -> Result<Self, DnsError> {
+    /// there is no readable resolv.conf, as in a bare network namespace). `prev`, the
+    /// resolver a reload replaces, hands over the answers it keeps: a reload neither asks
+    /// the DNS server for every name again nor loses the stand-ins for one that is down.
+    pub fn new(
+        mut statics: HashMap<String, Vec<IpAddr>>,
+        prev: Option<&Dns>,
+    ) -> Result<Self, DnsError> {
         // /etc/hosts answers a name it lists, and DNS is not asked (getaddrinfo's `files dns`).
         // Left to hickory, the file gave the A record while the AAAA question still went to
         // the DNS server, and every request for such a name waited for that answer: with no
@@ -137,6 +163,7 @@ impl Dns {
             builder.build().map_err(|e| DnsError {
                 host: String::new(),
                 reason: format!("resolver setup failed: {e}"),
+                unanswered: false,
             })
         };
         Ok(Self {
@@ -146,7 +173,7 @@ impl Dns {
                     .map(|(name, addrs)| (name, addrs.into()))
                     .collect(),
             ),
-            answers: Arc::default(),
+            answers: prev.map(|p| p.answers.clone()).unwrap_or_default(),
             resolver: Arc::new(build(true)?),
             uncached: Arc::new(build(false)?),
             search,
@@ -173,33 +200,67 @@ impl Dns {
             return Ok(ips.clone());
         }
         let now = Instant::now();
+        let mut stale = None;
         if let Ok(answers) = self.answers.read() {
-            if let Some((ips, until)) = answers.get(host) {
-                if *until > now {
-                    return Ok(ips.clone());
+            if let Some(answer) = answers.get(host) {
+                if answer.until > now {
+                    return Ok(answer.ips.clone());
+                }
+                if answer.stale_until > now {
+                    stale = Some((answer.ips.clone(), answer.until, answer.stale_until));
                 }
             }
         }
-        let (ips, until) = self.resolve(&self.resolver, host).await?;
-        if until > now {
-            self.remember(host, &ips, until);
+        match self.resolve(&self.resolver, host).await {
+            Ok((ips, until)) => {
+                if until > now {
+                    self.remember(host, &ips, until, until + STALE_FOR);
+                }
+                Ok(ips)
+            }
+            // The DNS server is down or unreachable (a restart of the cluster's DNS, a
+            // network blip): the last answer stands in, as Envoy's DNS cache keeps its
+            // hosts and RFC 8767 has resolvers do, rather than every request for the name
+            // failing until it is back. The policy still checks each address it gives. A
+            // name the server says is gone gets no stale answer.
+            Err(e) if e.unanswered => match stale {
+                Some((ips, expired, stale_until)) => {
+                    tracing::warn!(
+                        host,
+                        error = %e.reason,
+                        expired_secs_ago = now.saturating_duration_since(expired).as_secs(),
+                        "DNS gave no answer; using the expired one for {}s",
+                        STALE_HOLD.as_secs()
+                    );
+                    counters()[2].increment(1);
+                    self.remember(host, &ips, now + STALE_HOLD, stale_until);
+                    Ok(ips)
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
         }
-        Ok(ips)
     }
 
-    /// Keeps `host`'s answer until `until`, making room when the map is full.
-    fn remember(&self, host: &str, ips: &Addrs, until: Instant) {
+    /// Keeps `host`'s answer until `until` (and as a stale stand-in until `stale_until`),
+    /// making room when the map is full.
+    fn remember(&self, host: &str, ips: &Addrs, until: Instant, stale_until: Instant) {
         let Ok(mut answers) = self.answers.write() else {
             return;
         };
         if answers.len() >= MAX_ANSWERS && !answers.contains_key(host) {
             let now = Instant::now();
-            answers.retain(|_, (_, until)| *until > now);
+            answers.retain(|_, answer| answer.until > now);
             if answers.len() >= MAX_ANSWERS {
                 answers.clear();
             }
         }
-        answers.insert(host.to_owned(), (ips.clone(), until));
+        let answer = Answer {
+            ips: ips.clone(),
+            until,
+            stale_until,
+        };
+        answers.insert(host.to_owned(), answer);
     }
 
     /// Asks `resolver` for `host` (and the search domains' candidates): the addresses, and
@@ -214,14 +275,15 @@ impl Dns {
         // it, which refuses `_` inside a label, so `my_svc.internal` failed as "invalid
         // characters" before any query, where getaddrinfo, curl and every peer proxy resolve
         // it. Each is fully qualified, so that hickory adds no search domain of its own.
-        let fail = |reason: String| {
+        let fail = |reason: String, unanswered: bool| {
             counters()[1].increment(1);
             DnsError {
                 host: host.into(),
                 reason,
+                unanswered,
             }
         };
-        let relative = Name::from_ascii(host).map_err(|e| fail(brief(&e.to_string())))?;
+        let relative = Name::from_ascii(host).map_err(|e| fail(brief(&e.to_string()), false))?;
         let mut as_written = relative.clone();
         as_written.set_fqdn(true);
         let searched = self.search.iter().filter_map(|domain| {
@@ -252,11 +314,12 @@ impl Dns {
                     first_error.get_or_insert_with(|| brief(&e.to_string()));
                 }
                 // Another failure (a timeout) is not tried again under every search domain.
-                Err(e) => return Err(fail(brief(&e.to_string()))),
+                Err(e) => return Err(fail(brief(&e.to_string()), true)),
             }
         }
         Err(fail(
             first_error.unwrap_or_else(|| "no addresses".to_owned()),
+            false,
         ))
     }
 }
@@ -300,22 +363,22 @@ mod tests {
 
     #[test]
     fn kept_answers_stay_bounded_and_expired_ones_go_first() {
-        let dns = Dns::new(HashMap::new()).unwrap();
+        let dns = Dns::new(HashMap::new(), None).unwrap();
         let ips: Addrs = vec!["10.0.0.1".parse().unwrap()].into();
         let now = Instant::now();
-        let later = now + std::time::Duration::from_secs(60);
-        dns.remember("old.test", &ips, now);
+        let later = now + Duration::from_secs(60);
+        dns.remember("old.test", &ips, now, later);
         for n in 1..MAX_ANSWERS {
-            dns.remember(&format!("n{n}.test"), &ips, later);
+            dns.remember(&format!("n{n}.test"), &ips, later, later);
         }
         // Full: the expired answer makes room, the live ones stay.
-        dns.remember("new.test", &ips, later);
+        dns.remember("new.test", &ips, later, later);
         let answers = dns.answers.read().unwrap();
         assert_eq!(answers.len(), MAX_ANSWERS);
         assert!(!answers.contains_key("old.test") && answers.contains_key("n1.test"));
         drop(answers);
         // Full of live answers: they go, and the new one is kept.
-        dns.remember("newer.test", &ips, later);
+        dns.remember("newer.test", &ips, later, later);
         let answers = dns.answers.read().unwrap();
         assert_eq!(answers.len(), 1);
         assert!(answers.contains_key("newer.test"));

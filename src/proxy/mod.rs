@@ -98,7 +98,8 @@ impl State {
             Some(m) => Some(mesh_client(m, &cfg)?),
             None => None,
         };
-        let dns = Dns::new(cfg.dns_hosts.clone()).map_err(|e| e.to_string())?;
+        let dns =
+            Dns::new(cfg.dns_hosts.clone(), prev.map(|p| &p.dns)).map_err(|e| e.to_string())?;
         let log = match prev {
             Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
             _ => AccessLog::open(&cfg.access_log)
