@@ -188,12 +188,13 @@ impl World {
         }
     }
 
-    /// Reloads the proxy (SIGHUP) with one more allowed name, and waits until it applies.
-    fn reload(&self) {
+    /// Reloads the proxy (SIGHUP) with one more allowed name, `name`, and waits until it
+    /// applies.
+    fn reload(&self, name: &str) {
         let path = self.dir.path().join("outrider.yaml");
         let yaml = std::fs::read_to_string(&path).unwrap().replace(
             "access_log:",
-            "      - host: reloaded.internal\n        ports: [8000]\naccess_log:",
+            &format!("      - host: {name}\n        ports: [8000]\naccess_log:"),
         );
         std::fs::write(&path, yaml).unwrap();
         let pid = self._servers[1].pid().to_string();
@@ -203,12 +204,24 @@ impl World {
             let out = self
                 .ns
                 .exec("curl", &["-s", "http://127.0.0.1:15000/config"]);
-            if String::from_utf8_lossy(&out.stdout).contains("reloaded.internal") {
+            if String::from_utf8_lossy(&out.stdout).contains(name) {
                 return;
             }
             assert!(Instant::now() < deadline, "the reload was not applied");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The DNS server's `query <name> <type>` lines since the last call, up to the question
+    /// for `<end>.internal`, a name it does not have, asked now through the proxy: so every
+    /// question asked before it is in.
+    fn questions(&mut self, end: &str) -> Vec<String> {
+        let resp = self.get(&format!("http://{end}.internal:8000/hello.txt"));
+        assert_eq!(resp.status, 502, "{}", resp.body);
+        self.dns
+            .as_mut()
+            .unwrap()
+            .lines_until(&format!("query {end}.internal "), Duration::from_secs(10))
     }
 
     /// `curl -i` through the explicit proxy, inside the namespace.
@@ -516,22 +529,12 @@ fn a_name_is_asked_for_once_per_ttl_not_once_per_request() {
         &[],
         "enforce",
     );
-    // `end<N>.internal` does not exist: its question, asked after the others, shows that the
-    // server has printed every question before it.
-    let questions = |w: &mut World, end: &str| -> Vec<String> {
-        let resp = w.get(&format!("http://{end}.internal:8000/hello.txt"));
-        assert_eq!(resp.status, 502, "{}", resp.body);
-        w.dns
-            .as_mut()
-            .unwrap()
-            .lines_until(&format!("query {end}.internal "), Duration::from_secs(10))
-    };
     for _ in 0..20 {
         let resp = w.get("http://kept.internal:8000/hello.txt");
         assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
         assert_eq!(resp.body, "hello from the app\n");
     }
-    let asked = questions(&mut w, "end1");
+    let asked = w.questions("end1");
     let kept: Vec<_> = asked
         .iter()
         .filter(|q| q.starts_with("query kept.internal "))
@@ -548,10 +551,10 @@ fn a_name_is_asked_for_once_per_ttl_not_once_per_request() {
     };
     assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
     assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
-    assert_eq!(brief(&questions(&mut w, "end2")), 1);
+    assert_eq!(brief(&w.questions("end2")), 1);
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(w.get("http://brief.internal:8000/hello.txt").status, 200);
-    assert_eq!(brief(&questions(&mut w, "end3")), 1);
+    assert_eq!(brief(&w.questions("end3")), 1);
 }
 
 #[test]
@@ -584,7 +587,7 @@ fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
     // over).
     w.dns = None;
     std::thread::sleep(Duration::from_millis(1500));
-    w.reload();
+    w.reload("reloaded.test");
     let resp = w.get("http://steady.internal:8000/hello.txt");
     assert_eq!(resp.status, 200, "{:?}", resp.header("x-outrider-error"));
     assert_eq!(resp.body, "hello from the app\n");
@@ -616,4 +619,64 @@ fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
         asked.iter().all(|q| !q.contains("steady.internal")),
         "{asked:?}"
     );
+}
+
+#[test]
+fn only_the_address_families_the_interfaces_have_are_asked_for() {
+    // As getaddrinfo's AI_ADDRCONFIG: an IPv4-only pod asked for AAAA records too (twice the
+    // DNS questions, a wait on servers that drop them, and a failed connect to each IPv6
+    // address of a dual-stack name). Loopback and link-local addresses do not count.
+    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
+    let records = [
+        "lo.internal=127.0.0.1",
+        "four.internal=127.0.0.1",
+        "dual.internal=127.0.0.1",
+        "six.internal=127.0.0.1",
+    ];
+    let mut w = World::with_dns(
+        "127.0.0.1 localhost\n",
+        Some((resolv, &records)),
+        &[],
+        "enforce",
+    );
+    let types = |asked: &[String], name: &str| -> Vec<String> {
+        let prefix = format!("query {name} ");
+        let mut types: Vec<String> = asked
+            .iter()
+            .filter_map(|q| q.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        types.sort();
+        types
+    };
+    // Only loopback: both, as getaddrinfo does.
+    assert_eq!(w.get("http://lo.internal:8000/hello.txt").status, 200);
+    assert_eq!(types(&w.questions("end1"), "lo.internal"), ["1", "28"]);
+
+    // An IPv4 address (on a veth pair with both ends in the namespace: nothing leaves it),
+    // and a link-local IPv6 one: A only.
+    let net = netns::Subnet::unique();
+    let v4 = format!("{}/24", net.v4(2));
+    w.ns.exec_ok(
+        "ip",
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+    );
+    w.ns.exec_ok("ip", &["addr", "add", &v4, "dev", "d0"]);
+    w.ns.exec_ok("ip", &["addr", "add", "fe80::2/64", "dev", "d0", "nodad"]);
+    w.ns.exec_ok("ip", &["link", "set", "d0", "up"]);
+    w.reload("v4.test");
+    assert_eq!(w.get("http://four.internal:8000/hello.txt").status, 200);
+    assert_eq!(types(&w.questions("end2"), "four.internal"), ["1"]);
+
+    // And an IPv6 address: both.
+    let v6 = format!("{}/64", net.v6(2));
+    w.ns.exec_ok("ip", &["addr", "add", &v6, "dev", "d0", "nodad"]);
+    w.reload("dual.test");
+    assert_eq!(w.get("http://dual.internal:8000/hello.txt").status, 200);
+    assert_eq!(types(&w.questions("end3"), "dual.internal"), ["1", "28"]);
+
+    // IPv6 alone: AAAA only (the server has none for the name, so the request fails).
+    w.ns.exec_ok("ip", &["addr", "del", &v4, "dev", "d0"]);
+    w.reload("v6.test");
+    assert_eq!(w.get("http://six.internal:8000/hello.txt").status, 502);
+    assert_eq!(types(&w.questions("end4"), "six.internal"), ["28"]);
 }

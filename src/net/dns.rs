@@ -18,13 +18,16 @@
 //! of the whole request, measured), and a DNS server that sends no SOA with an empty AAAA
 //! answer, which hickory cannot cache, is not asked on every request. When the DNS server
 //! gives no answer, an answer that expired less than a day ago stands in (RFC 8767).
+//!
+//! Only the address families the interfaces have are asked for, as with getaddrinfo's
+//! `AI_ADDRCONFIG`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::Name;
 use hickory_resolver::system_conf::read_system_conf;
@@ -142,10 +145,26 @@ impl Dns {
         for (name, addrs) in read_hosts_file(HOSTS_FILE) {
             statics.entry(name).or_insert(addrs);
         }
-        let (config, options) = read_system_conf().unwrap_or_else(|e| {
+        let (config, mut options) = read_system_conf().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no usable system DNS config; using defaults");
             (ResolverConfig::default(), ResolverOpts::default())
         });
+        if let Some(only) = one_family(&interface_addresses()) {
+            tracing::info!(
+                "DNS: asking for {} records only: no interface has an {} address",
+                if only == LookupIpStrategy::Ipv4Only {
+                    "A"
+                } else {
+                    "AAAA"
+                },
+                if only == LookupIpStrategy::Ipv4Only {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                },
+            );
+            options.ip_strategy = only;
+        }
         let search: Arc<[Name]> = config.search().into();
         let build = |cached: bool| {
             let mut builder =
@@ -324,6 +343,44 @@ impl Dns {
     }
 }
 
+/// The addresses on this network namespace's interfaces (none when they cannot be listed).
+fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(ifaddrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    ifaddrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// Which one address family to ask DNS for, when the interfaces have addresses of one family
+/// only, as getaddrinfo's `AI_ADDRCONFIG` decides (loopback and IPv6 link-local addresses do
+/// not count): an IPv4-only pod (most clusters, Docker's default network) asks for no AAAA
+/// records, which halves its DNS questions, spares it the wait for a DNS server that drops
+/// them, and spares it a dual-stack name's IPv6 addresses, each of which cost a failed
+/// connect; an IPv6-only pod (DNS64) asks for no A records. With both, or neither (only
+/// loopback), both are asked for.
+fn one_family(addrs: &[IpAddr]) -> Option<LookupIpStrategy> {
+    let counts = |a: &&IpAddr| match a {
+        IpAddr::V4(v4) => !v4.is_loopback(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+    };
+    let v4 = addrs.iter().filter(counts).any(IpAddr::is_ipv4);
+    let v6 = addrs.iter().filter(counts).any(IpAddr::is_ipv6);
+    match (v4, v6) {
+        (true, false) => Some(LookupIpStrategy::Ipv4Only),
+        (false, true) => Some(LookupIpStrategy::Ipv6Only),
+        _ => None,
+    }
+}
+
 /// The resolver's message without the debug dump of the query it may carry: the reason
 /// travels in a response header, and the client needs the gist, not the internals.
 fn brief(message: &str) -> String {
@@ -359,6 +416,21 @@ mod tests {
         assert_eq!(hosts["db"], [ip("10.0.0.5"), ip("10.0.0.6")]);
         assert!(!hosts.contains_key("name") && !hosts.contains_key("trailing"));
         assert!(read_hosts_file("/nonexistent/hosts").is_empty());
+    }
+
+    #[test]
+    fn one_address_family_is_asked_for_when_the_interfaces_have_only_that_one() {
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|a| a.parse().unwrap()).collect() };
+        let lo = ["127.0.0.1", "::1"];
+        assert_eq!(one_family(&ips(&lo)), None);
+        assert_eq!(one_family(&[]), None);
+        let v4 = ["127.0.0.1", "::1", "10.1.2.3", "fe80::1"];
+        assert_eq!(one_family(&ips(&v4)), Some(LookupIpStrategy::Ipv4Only));
+        let v6 = ["127.0.0.1", "::1", "fd00::5", "fe80::1"];
+        assert_eq!(one_family(&ips(&v6)), Some(LookupIpStrategy::Ipv6Only));
+        let both = ["10.1.2.3", "2001:db8::1"];
+        assert_eq!(one_family(&ips(&both)), None);
     }
 
     #[test]
