@@ -393,6 +393,17 @@ async fn invalid_hosts_are_refused() {
         bare.len(),
         "every request the parser refused is logged"
     );
+    // And every refusal, whoever made it, is logged as one: not as `allow` with an error.
+    let lines = proxy.log_lines().await;
+    let refused: Vec<_> = lines
+        .iter()
+        .filter(|l| l["status"] == 400 || l["status"] == 403)
+        .collect();
+    assert!(refused.len() >= raw_cases.len(), "{refused:#?}");
+    for l in refused {
+        assert_eq!(l["decision"], "deny", "{l}");
+        assert!(l["reason"].as_str().is_some_and(|r| !r.is_empty()), "{l}");
+    }
     assert_eq!(up.requests(), 0, "an invalid host reached the upstream");
     // The proxy is still serving.
     let ok = proxy_get(proxy.proxy_addr(), &format!("http://good.test:{p}/")).await;

@@ -84,11 +84,19 @@ impl ProxyError {
         }
     }
 
-    /// Whether this is a policy decision (logged as `deny`) rather than a failure.
+    /// Whether the request was refused (logged as `deny`, with the reason) rather than
+    /// failed on the way: a policy decision, or a request the proxy will not pass on, as
+    /// one that the HTTP parser refuses is logged. (Logged as `allow` with an error, a
+    /// malformed request read as let through.)
     pub fn is_denial(&self) -> bool {
         matches!(
             self,
-            ProxyError::Denied(_) | ProxyError::Loop(_) | ProxyError::Unauthorized(_)
+            ProxyError::Denied(_)
+                | ProxyError::Loop(_)
+                | ProxyError::Unauthorized(_)
+                | ProxyError::BadRequest(_)
+                | ProxyError::MethodNotAllowed(_)
+                | ProxyError::NotImplemented(_)
         )
     }
 

@@ -71,6 +71,9 @@ pub fn record_error(guard: &mut LogGuard, e: &ProxyError) {
         let code = match e {
             ProxyError::Denied(d) => d.code(),
             ProxyError::Loop(_) => "loop",
+            ProxyError::BadRequest(_) => "malformed_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::NotImplemented(_) => "not_implemented",
             _ => "unauthorized",
         };
         crate::metrics::record_denial(code, "deny");
