@@ -1,4 +1,5 @@
-//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`.
+//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`, and
+//! `POST /shutdown` from loopback.
 
 use std::convert::Infallible;
 
@@ -14,13 +15,14 @@ use crate::server::ServerHandle;
 /// Serves admin requests until the task is aborted.
 pub async fn serve(listener: TcpListener, handle: ServerHandle) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let local = peer.ip().to_canonical().is_loopback();
         let h = handle.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| route(h.clone(), req));
+            let svc = service_fn(move |req| route(h.clone(), req, local));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -42,7 +44,12 @@ fn text(
     r
 }
 
-async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// `local`: the caller is on loopback (in the pod), not elsewhere on the network.
+async fn route(
+    handle: ServerHandle,
+    req: Request<Incoming>,
+    local: bool,
+) -> Result<Response<Body>, Infallible> {
     let plain = "text/plain; charset=utf-8";
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, plain, "live\n"),
@@ -85,6 +92,23 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
             let n = handle.purge_cache(url.as_deref());
             text(StatusCode::OK, plain, format!("purged {n}\n"))
         }
+        // A Job's app calls this when it is done, so that the pod completes: a sidecar that
+        // is not a native one (Kubernetes before 1.29) would otherwise run on and keep the
+        // Job from finishing, as Istio's `/quitquitquit` and Linkerd's `/shutdown` are for.
+        // The same drain as SIGTERM. From loopback only: with the admin port open to the
+        // network for the kubelet's probes, another pod must not be able to stop this one.
+        // Traffic does not escape the policy once the proxy is gone: the capture rules
+        // still send it to the closed port.
+        (&Method::POST, "/shutdown") if local => {
+            tracing::info!("POST /shutdown: draining");
+            handle.shutdown();
+            text(StatusCode::OK, plain, "shutting down\n")
+        }
+        (&Method::POST, "/shutdown") => text(
+            StatusCode::FORBIDDEN,
+            plain,
+            "POST /shutdown is accepted from loopback only\n",
+        ),
         (&Method::POST, "/reopen_logs") => match handle.reopen_logs() {
             Ok(done) => text(StatusCode::OK, plain, format!("{done}\n")),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, format!("{e}\n")),
@@ -92,7 +116,7 @@ async fn route(handle: ServerHandle, req: Request<Incoming>) -> Result<Response<
         _ => text(
             StatusCode::NOT_FOUND,
             plain,
-            "not found: try /live, /ready, /metrics, /config, POST /cache/purge, POST /reopen_logs\n",
+            "not found: try /live, /ready, /metrics, /config, POST /cache/purge, POST /reopen_logs, POST /shutdown\n",
         ),
     })
 }

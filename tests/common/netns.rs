@@ -239,6 +239,20 @@ impl Background {
         }
     }
 
+    /// The exit status, once the process has exited on its own within `timeout`.
+    pub fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The stdout lines printed since the last call (or since `ready`), without waiting.
     pub fn lines_so_far(&mut self) -> Vec<String> {
         self.lines.try_iter().collect()
