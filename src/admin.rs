@@ -1,5 +1,5 @@
-//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`, and
-//! `POST /shutdown` from loopback.
+//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`, and the
+//! `POST`s, from loopback only: `/cache/purge`, `/reopen_logs`, `/shutdown`.
 
 use std::convert::Infallible;
 
@@ -52,6 +52,15 @@ async fn route(
 ) -> Result<Response<Body>, Infallible> {
     let plain = "text/plain; charset=utf-8";
     Ok(match (req.method(), req.uri().path()) {
+        // What changes the proxy's state (stopping it, emptying its cache, reopening its
+        // log) is for the pod's own processes: with the admin port open to the network for
+        // the kubelet's probes, another pod must not be able to stop this one or empty its
+        // cache. Reading (`/ready`, `/metrics`) stays open, for probes and scrapers.
+        (&Method::POST, path) if !local => text(
+            StatusCode::FORBIDDEN,
+            plain,
+            format!("POST {path} is accepted from loopback only\n"),
+        ),
         (&Method::GET, "/live") => text(StatusCode::OK, plain, "live\n"),
         (&Method::GET, "/ready") => {
             if handle.is_ready() {
@@ -95,20 +104,13 @@ async fn route(
         // A Job's app calls this when it is done, so that the pod completes: a sidecar that
         // is not a native one (Kubernetes before 1.29) would otherwise run on and keep the
         // Job from finishing, as Istio's `/quitquitquit` and Linkerd's `/shutdown` are for.
-        // The same drain as SIGTERM. From loopback only: with the admin port open to the
-        // network for the kubelet's probes, another pod must not be able to stop this one.
-        // Traffic does not escape the policy once the proxy is gone: the capture rules
-        // still send it to the closed port.
-        (&Method::POST, "/shutdown") if local => {
+        // The same drain as SIGTERM. Traffic does not escape the policy once the proxy is
+        // gone: the capture rules still send it to the closed port.
+        (&Method::POST, "/shutdown") => {
             tracing::info!("POST /shutdown: draining");
             handle.shutdown();
             text(StatusCode::OK, plain, "shutting down\n")
         }
-        (&Method::POST, "/shutdown") => text(
-            StatusCode::FORBIDDEN,
-            plain,
-            "POST /shutdown is accepted from loopback only\n",
-        ),
         (&Method::POST, "/reopen_logs") => match handle.reopen_logs() {
             Ok(done) => text(StatusCode::OK, plain, format!("{done}\n")),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, format!("{e}\n")),

@@ -18,7 +18,7 @@ use common::netns::{self, NetNs};
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 
 #[test]
-fn shutdown_from_the_pod_drains_and_exits_and_from_elsewhere_is_refused() {
+fn shutdown_from_the_pod_drains_and_exits_and_posts_from_elsewhere_are_refused() {
     // The pod, and another one on the network that can reach its admin port (open to the
     // network for the kubelet's probes).
     let pod = NetNs::new("orshut");
@@ -48,18 +48,21 @@ fn shutdown_from_the_pod_drains_and_exits_and_from_elsewhere_is_refused() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let post = |ns: &NetNs, host: &str| -> (String, String) {
-        let url = format!("http://{host}:15000/shutdown");
+    let post = |ns: &NetNs, host: &str, path: &str| -> (String, String) {
+        let url = format!("http://{host}:15000{path}");
         let out = ns.exec("curl", &["-s", "-X", "POST", "-w", "\n%{http_code}", &url]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
         (code.to_owned(), body.to_owned())
     };
-    // From another pod: refused, and the proxy serves on.
+    // From another pod: refused, as every POST is (nor can it empty the cache or reopen
+    // the log), and the proxy serves on.
     let pod_ip = veth.a_ip.to_string();
-    let (code, body) = post(&other, &pod_ip);
-    assert_eq!(code, "403", "{body}");
-    assert!(body.contains("loopback"), "{body}");
+    for path in ["/shutdown", "/cache/purge", "/reopen_logs"] {
+        let (code, body) = post(&other, &pod_ip, path);
+        assert_eq!(code, "403", "{path}: {body}");
+        assert!(body.contains("loopback"), "{body}");
+    }
     assert!(proxy.exited_within(Duration::from_millis(500)).is_none());
     assert_eq!(
         String::from_utf8_lossy(&ready(&other, &pod_ip).stdout),
@@ -67,7 +70,9 @@ fn shutdown_from_the_pod_drains_and_exits_and_from_elsewhere_is_refused() {
     );
 
     // From the pod: accepted, and the proxy drains and exits cleanly, as on SIGTERM.
-    let (code, body) = post(&pod, "127.0.0.1");
+    let (code, body) = post(&pod, "127.0.0.1", "/reopen_logs");
+    assert_eq!(code, "200", "{body}");
+    let (code, body) = post(&pod, "127.0.0.1", "/shutdown");
     assert_eq!(code, "200", "{body}");
     let status = proxy
         .exited_within(Duration::from_secs(20))
