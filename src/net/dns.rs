@@ -150,18 +150,12 @@ impl Dns {
             (ResolverConfig::default(), ResolverOpts::default())
         });
         if let Some(only) = one_family(&interface_addresses()) {
+            let (asked, missing) = match only {
+                LookupIpStrategy::Ipv4Only => ("A", "IPv6"),
+                _ => ("AAAA", "IPv4"),
+            };
             tracing::info!(
-                "DNS: asking for {} records only: no interface has an {} address",
-                if only == LookupIpStrategy::Ipv4Only {
-                    "A"
-                } else {
-                    "AAAA"
-                },
-                if only == LookupIpStrategy::Ipv4Only {
-                    "IPv6"
-                } else {
-                    "IPv4"
-                },
+                "DNS: asking for {asked} records only: no interface has an {missing} address"
             );
             options.ip_strategy = only;
         }
