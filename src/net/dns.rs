@@ -20,16 +20,17 @@
 //! gives no answer, an answer that expired less than a day ago stands in (RFC 8767).
 //!
 //! Only the address families the interfaces have are asked for, as with getaddrinfo's
-//! `AI_ADDRCONFIG`.
+//! `AI_ADDRCONFIG`, looked at again at most once a second when a lookup goes to DNS.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::lookup_ip::LookupIp;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::Name;
+use hickory_resolver::proto::rr::{Name, RecordType};
 use hickory_resolver::system_conf::read_system_conf;
 use hickory_resolver::TokioResolver;
 
@@ -95,6 +96,12 @@ struct Answer {
     stale_until: Instant,
 }
 
+/// How often, at most, the interfaces' address families are looked at again, on a lookup that
+/// goes to DNS: an address that comes after the proxy started (IPv6 from router
+/// advertisements, some time after IPv4 from DHCP, on a VM) counts within a second, as it
+/// does for getaddrinfo, with no reload.
+const FAMILIES_RECHECK: Duration = Duration::from_secs(1);
+
 /// Addresses, shared by every request for the name.
 pub type Addrs = Arc<[IpAddr]>;
 
@@ -126,6 +133,9 @@ pub struct Dns {
     uncached: Arc<TokioResolver>,
     /// resolv.conf's search domains (`search`, or `domain`), in order.
     search: Arc<[Name]>,
+    /// The one record type to ask for when the interfaces have one address family only
+    /// ([`one_family`]; `None`: both), and when that was last looked at.
+    families: Arc<Mutex<(Option<RecordType>, Instant)>>,
 }
 
 impl Dns {
@@ -145,19 +155,13 @@ impl Dns {
         for (name, addrs) in read_hosts_file(HOSTS_FILE) {
             statics.entry(name).or_insert(addrs);
         }
-        let (config, mut options) = read_system_conf().unwrap_or_else(|e| {
+        let (config, options) = read_system_conf().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no usable system DNS config; using defaults");
             (ResolverConfig::default(), ResolverOpts::default())
         });
-        if let Some(only) = one_family(&interface_addresses()) {
-            let (asked, missing) = match only {
-                LookupIpStrategy::Ipv4Only => ("A", "IPv6"),
-                _ => ("AAAA", "IPv4"),
-            };
-            tracing::info!(
-                "DNS: asking for {asked} records only: no interface has an {missing} address"
-            );
-            options.ip_strategy = only;
+        let only = one_family(&interface_addresses());
+        if only.is_some() {
+            log_families(only);
         }
         let search: Arc<[Name]> = config.search().into();
         let build = |cached: bool| {
@@ -190,7 +194,25 @@ impl Dns {
             resolver: Arc::new(build(true)?),
             uncached: Arc::new(build(false)?),
             search,
+            families: Arc::new(Mutex::new((only, Instant::now()))),
         })
+    }
+
+    /// The one record type to ask for, if the interfaces have one address family only,
+    /// looked at again when [`FAMILIES_RECHECK`] has passed.
+    fn families(&self) -> Option<RecordType> {
+        let Ok(mut state) = self.families.lock() else {
+            return None;
+        };
+        let now = Instant::now();
+        if now.saturating_duration_since(state.1) >= FAMILIES_RECHECK {
+            let only = one_family(&interface_addresses());
+            if only != state.0 {
+                log_families(only);
+            }
+            *state = (only, now);
+        }
+        state.0
     }
 
     /// [`Dns::lookup`], asking the DNS server again instead of the cache (at most once a
@@ -309,12 +331,19 @@ impl Dns {
         } else {
             searched.chain(std::iter::once(as_written)).collect()
         };
+        let only = self.families();
         let mut first_error = None;
         for name in names {
             // Boxed: the resolver's future is large, and inline it would enlarge every
             // request's future, including those for IP literals and static names that never
             // get here.
-            match Box::pin(resolver.lookup_ip(name)).await {
+            let found = match only {
+                None => Box::pin(resolver.lookup_ip(name)).await,
+                Some(rtype) => Box::pin(resolver.lookup(name, rtype))
+                    .await
+                    .map(LookupIp::from),
+            };
+            match found {
                 Ok(found) => {
                     let ips: Addrs = found.iter().collect();
                     if !ips.is_empty() {
@@ -354,14 +383,14 @@ fn interface_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-/// Which one address family to ask DNS for, when the interfaces have addresses of one family
+/// Which one record type to ask DNS for, when the interfaces have addresses of one family
 /// only, as getaddrinfo's `AI_ADDRCONFIG` decides (loopback and IPv6 link-local addresses do
 /// not count): an IPv4-only pod (most clusters, Docker's default network) asks for no AAAA
 /// records, which halves its DNS questions, spares it the wait for a DNS server that drops
 /// them, and spares it a dual-stack name's IPv6 addresses, each of which cost a failed
 /// connect; an IPv6-only pod (DNS64) asks for no A records. With both, or neither (only
 /// loopback), both are asked for.
-fn one_family(addrs: &[IpAddr]) -> Option<LookupIpStrategy> {
+fn one_family(addrs: &[IpAddr]) -> Option<RecordType> {
     let counts = |a: &&IpAddr| match a {
         IpAddr::V4(v4) => !v4.is_loopback(),
         IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
@@ -369,9 +398,22 @@ fn one_family(addrs: &[IpAddr]) -> Option<LookupIpStrategy> {
     let v4 = addrs.iter().filter(counts).any(IpAddr::is_ipv4);
     let v6 = addrs.iter().filter(counts).any(IpAddr::is_ipv6);
     match (v4, v6) {
-        (true, false) => Some(LookupIpStrategy::Ipv4Only),
-        (false, true) => Some(LookupIpStrategy::Ipv6Only),
+        (true, false) => Some(RecordType::A),
+        (false, true) => Some(RecordType::AAAA),
         _ => None,
+    }
+}
+
+/// Tells the operator which records DNS is asked for, when that is one type only or changes.
+fn log_families(only: Option<RecordType>) {
+    match only {
+        Some(RecordType::A) => {
+            tracing::info!("DNS: asking for A records only: no interface has an IPv6 address")
+        }
+        Some(_) => {
+            tracing::info!("DNS: asking for AAAA records only: no interface has an IPv4 address")
+        }
+        None => tracing::info!("DNS: asking for A and AAAA records"),
     }
 }
 
@@ -420,9 +462,9 @@ mod tests {
         assert_eq!(one_family(&ips(&lo)), None);
         assert_eq!(one_family(&[]), None);
         let v4 = ["127.0.0.1", "::1", "10.1.2.3", "fe80::1"];
-        assert_eq!(one_family(&ips(&v4)), Some(LookupIpStrategy::Ipv4Only));
+        assert_eq!(one_family(&ips(&v4)), Some(RecordType::A));
         let v6 = ["127.0.0.1", "::1", "fd00::5", "fe80::1"];
-        assert_eq!(one_family(&ips(&v6)), Some(LookupIpStrategy::Ipv6Only));
+        assert_eq!(one_family(&ips(&v6)), Some(RecordType::AAAA));
         let both = ["10.1.2.3", "2001:db8::1"];
         assert_eq!(one_family(&ips(&both)), None);
     }
