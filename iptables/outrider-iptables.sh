@@ -32,7 +32,11 @@ flags (each has an environment variable; the flag wins):
   --exclude-inbound-cidrs LIST     OUTRIDER_EXCLUDE_INBOUND_CIDRS  source CIDRs, e.g. 10.0.0.5/32
   --block-uncaptured               OUTRIDER_BLOCK_UNCAPTURED=1     reject outbound traffic not captured
                                                                    (UDP, ICMP, ...) but DNS
-  --allow-udp-ports LIST           OUTRIDER_ALLOW_UDP_PORTS        default 53 (with --block-uncaptured)
+  --dns-servers auto|any|LIST      OUTRIDER_DNS_SERVERS            where DNS (UDP 53) may go with
+                                                                   --block-uncaptured; default auto:
+                                                                   resolv.conf's nameservers
+  --allow-udp-ports LIST           OUTRIDER_ALLOW_UDP_PORTS        UDP ports open to any address with
+                                                                   --block-uncaptured; default none
   --iptables-cmd CMD               OUTRIDER_IPTABLES               default iptables
   --ip6tables-cmd CMD              OUTRIDER_IP6TABLES              default derived from --iptables-cmd
   --no-ipv6                        OUTRIDER_NO_IPV6=1              leave IPv6 alone
@@ -59,7 +63,8 @@ IPTABLES=${OUTRIDER_IPTABLES:-iptables}
 IP6TABLES=${OUTRIDER_IP6TABLES:-}
 NO_IPV6=${OUTRIDER_NO_IPV6:-0}
 BLOCK_UNCAPTURED=${OUTRIDER_BLOCK_UNCAPTURED:-0}
-ALLOW_UDP_PORTS=${OUTRIDER_ALLOW_UDP_PORTS-53}
+ALLOW_UDP_PORTS=${OUTRIDER_ALLOW_UDP_PORTS-}
+DNS_SERVERS=${OUTRIDER_DNS_SERVERS-auto}
 
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 ACTION=$1
@@ -96,6 +101,7 @@ while [[ $# -gt 0 ]]; do
         --no-ipv6) NO_IPV6=1 ;;
         --block-uncaptured) BLOCK_UNCAPTURED=1 ;;
         --allow-udp-ports) ALLOW_UDP_PORTS=$value ;;
+        --dns-servers) DNS_SERVERS=$value ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown flag '$flag' (see --help)" ;;
     esac
@@ -149,6 +155,15 @@ check_ports exclude-inbound-ports "$EXCLUDE_INBOUND_PORTS"
 check_cidrs exclude-outbound-cidrs "$EXCLUDE_OUTBOUND_CIDRS"
 check_cidrs exclude-inbound-cidrs "$EXCLUDE_INBOUND_CIDRS"
 check_ports allow-udp-ports "$ALLOW_UDP_PORTS"
+# auto: the nameservers resolv.conf names (the pod's, in Kubernetes: every container of a pod
+# sees the same file), read now, so that DNS can reach the resolver and nothing else: UDP 53 to
+# any address is a way out that the allowlist cannot see (a tunnel over DNS to any server).
+# A zone index (fe80::1%eth0) is dropped; iptables matches the address.
+if [[ $DNS_SERVERS == auto ]]; then
+    DNS_SERVERS=$(awk '$1 == "nameserver" { sub(/%.*/, "", $2); print $2 }' /etc/resolv.conf 2>/dev/null |
+        paste -sd, -) || DNS_SERVERS=
+fi
+[[ $DNS_SERVERS == any ]] || check_cidrs dns-servers "$DNS_SERVERS"
 [[ $BLOCK_UNCAPTURED == [01] ]] || die "OUTRIDER_BLOCK_UNCAPTURED: '$BLOCK_UNCAPTURED' is not 0 or 1"
 
 # iptables-nft -> ip6tables-nft, /usr/sbin/iptables-legacy -> /usr/sbin/ip6tables-legacy.
@@ -223,6 +238,14 @@ egress_ruleset() {
     local family=$1 item
     not_captured "$EGRESS_CHAIN" "$family"
     echo "-A $EGRESS_CHAIN -m conntrack --ctstate RELATED,ESTABLISHED ${TAG[*]} -j RETURN"
+    if [[ $DNS_SERVERS == any ]]; then
+        echo "-A $EGRESS_CHAIN -p udp -m udp --dport 53 ${TAG[*]} -j RETURN"
+    else
+        while read -r item; do
+            family_of "$item" "$family" &&
+                echo "-A $EGRESS_CHAIN -d $item -p udp -m udp --dport 53 ${TAG[*]} -j RETURN"
+        done < <(split_list cidrs "$DNS_SERVERS")
+    fi
     while read -r item; do
         echo "-A $EGRESS_CHAIN -p udp -m udp --dport $item ${TAG[*]} -j RETURN"
     done < <(split_list ports "$ALLOW_UDP_PORTS")

@@ -11,7 +11,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::process::Output;
 
-use common::netns::{self, NetNs, TagReply, PROXY_UID};
+use common::netns::{self, EtcOverlay, NetNs, TagReply, PROXY_UID};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/outrider-iptables.sh");
 
@@ -30,6 +30,7 @@ const SCRIPT_ENV: &[&str] = &[
     "OUTRIDER_NO_IPV6",
     "OUTRIDER_BLOCK_UNCAPTURED",
     "OUTRIDER_ALLOW_UDP_PORTS",
+    "OUTRIDER_DNS_SERVERS",
 ];
 
 /// One iptables flavour: the IPv4 and IPv6 commands.
@@ -320,6 +321,7 @@ fn print_changes_nothing_and_bad_input_is_refused() {
             &["--exclude-inbound-cidrs", "10.0.0.0/8,not-a-cidr"][..],
             &["--proxy-uid", "proxy"][..],
             &["--allow-udp-ports", "53,dns"][..],
+            &["--dns-servers", "10.0.0.2,resolver"][..],
             &["--no-such-flag", "1"][..],
         ] {
             let out = script(
@@ -525,6 +527,12 @@ fn block_uncaptured_rejects_what_the_proxy_does_not_capture() {
             snapshot(&pod, f.v4, "filter"),
             snapshot(&pod, f.v6, "filter"),
         );
+        // The pod's resolver, which DNS may reach; the IPv6 server is not one.
+        let _etc = EtcOverlay::new(
+            &pod,
+            "127.0.0.1 localhost\n",
+            Some(&format!("nameserver {server}\n")),
+        );
         let app = Some(1000);
         let flags = [
             "--iptables-cmd",
@@ -569,8 +577,9 @@ fn block_uncaptured_rejects_what_the_proxy_does_not_capture() {
             let err = netns::icmp_probe(&pod, host).unwrap_err();
             assert!(err.contains("not permitted"), "{f:?}: ping {host}: {err}");
         }
-        // DNS goes out; so does the proxy's own UDP, over IPv6 too, whose neighbour discovery
-        // (its cache emptied first) the rules must let through.
+        // DNS goes out to the resolver resolv.conf names, and to no other server: UDP 53 to any
+        // address was a way out the allowlist could not see. The proxy's own UDP goes out, over
+        // IPv6 too, whose neighbour discovery (its cache emptied first) the rules let through.
         pod.exec_ok("ip", &["-6", "neigh", "flush", "all"]);
         for host in [&server6, &server] {
             assert_eq!(
@@ -578,12 +587,26 @@ fn block_uncaptured_rejects_what_the_proxy_does_not_capture() {
                 Ok("pong"),
                 "{f:?}: the proxy's UDP to {host}"
             );
-            assert_eq!(
-                netns::udp_probe(&pod, app, host, 53).as_deref(),
-                Ok("pong"),
-                "{f:?}: DNS to {host}"
-            );
         }
+        assert_eq!(
+            netns::udp_probe(&pod, app, &server, 53).as_deref(),
+            Ok("pong"),
+            "{f:?}: DNS to the resolver"
+        );
+        let err = netns::udp_probe(&pod, app, &server6, 53).unwrap_err();
+        assert!(err.contains("not permitted"), "{f:?}: DNS elsewhere: {err}");
+        // `--dns-servers any` allows it anywhere, as before.
+        script_ok(
+            &pod,
+            &[],
+            &[&blocking[..], &["--dns-servers", "any"][..]].concat(),
+        );
+        assert_eq!(
+            netns::udp_probe(&pod, app, &server6, 53).as_deref(),
+            Ok("pong"),
+            "{f:?}: DNS with --dns-servers any"
+        );
+        script_ok(&pod, &[], &blocking);
         assert_eq!(udp.lines_so_far(), [format!("got {pod_ip}")], "{f:?}");
         assert_eq!(udp6.lines_so_far().len(), 1, "{f:?}: only the proxy's");
 

@@ -13,28 +13,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::netns::{self, Background, NetNs, Resp, PROXY_UID, PYTHON};
+use common::netns::{self, Background, EtcOverlay, NetNs, Resp, PROXY_UID, PYTHON};
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
-
-/// `/etc/netns/<ns>/`, which `ip netns exec` mounts over /etc's files; removed on drop.
-struct EtcOverlay(PathBuf);
-
-impl EtcOverlay {
-    /// `hosts`, and `resolv.conf` when given (else the machine's shows through).
-    fn new(ns: &NetNs, hosts: &str, resolv: Option<&str>) -> EtcOverlay {
-        let dir = PathBuf::from("/etc/netns").join(ns.name());
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("hosts"), hosts).unwrap();
-        if let Some(text) = resolv {
-            std::fs::write(dir.join("resolv.conf"), text).unwrap();
-        }
-        EtcOverlay(dir)
-    }
-}
 
 /// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…][/ttl]`
 /// arguments: an A record with that TTL (60 s when not given; each A query gets the next of a
@@ -76,12 +59,6 @@ while True:
     head = struct.pack("!HHHHHH", tid, 0x8580 | (flags & 0x0100) | rcode, 1, 1 if answer else 0, 0, 0)
     s.sendto(head + question + answer, peer)
 "#;
-
-impl Drop for EtcOverlay {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A namespace with its own /etc/hosts, a static HTTP server on 127.0.0.1:8000 serving
 /// `hello.txt`, and the proxy allowing `*.internal` there (and nothing else) in `mode`

@@ -611,3 +611,29 @@ impl Resp {
 pub fn field<'a>(record: &'a serde_json::Value, key: &str) -> &'a str {
     record[key].as_str().unwrap_or("")
 }
+
+/// `/etc/netns/<ns>/`, which `ip netns exec` mounts over /etc's files; removed on drop.
+pub struct EtcOverlay(std::path::PathBuf);
+
+impl EtcOverlay {
+    /// `hosts`, and `resolv.conf` when given (else the machine's shows through).
+    pub fn new(ns: &NetNs, hosts: &str, resolv: Option<&str>) -> EtcOverlay {
+        let dir = std::path::PathBuf::from("/etc/netns").join(ns.name());
+        let write = |name: &str, text: &str| {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(dir.join(name), text))
+                .unwrap_or_else(|e| panic!("cannot write {dir:?}/{name}: {e}"));
+        };
+        write("hosts", hosts);
+        if let Some(text) = resolv {
+            write("resolv.conf", text);
+        }
+        EtcOverlay(dir)
+    }
+}
+
+impl Drop for EtcOverlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
