@@ -155,13 +155,29 @@ check_ports exclude-inbound-ports "$EXCLUDE_INBOUND_PORTS"
 check_cidrs exclude-outbound-cidrs "$EXCLUDE_OUTBOUND_CIDRS"
 check_cidrs exclude-inbound-cidrs "$EXCLUDE_INBOUND_CIDRS"
 check_ports allow-udp-ports "$ALLOW_UDP_PORTS"
+# nameservers FILE: the resolv.conf file's nameservers, comma-separated (none if unreadable). A
+# zone index (fe80::1%eth0) is dropped; iptables matches the address.
+nameservers() {
+    awk '$1 == "nameserver" { sub(/%.*/, "", $2); print $2 }' "$1" 2>/dev/null | paste -sd, - || true
+}
+
 # auto: the nameservers resolv.conf names (the pod's, in Kubernetes: every container of a pod
 # sees the same file), read now, so that DNS can reach the resolver and nothing else: UDP 53 to
 # any address is a way out that the allowlist cannot see (a tunnel over DNS to any server).
-# A zone index (fe80::1%eth0) is dropped; iptables matches the address.
 if [[ $DNS_SERVERS == auto ]]; then
-    DNS_SERVERS=$(awk '$1 == "nameserver" { sub(/%.*/, "", $2); print $2 }' /etc/resolv.conf 2>/dev/null |
-        paste -sd, -) || DNS_SERVERS=
+    DNS_SERVERS=$(nameservers /etc/resolv.conf)
+    # systemd-resolved's stub (a VM's usual resolv.conf) is on loopback, which is let through
+    # anyway; the servers it forwards to are in its own file, and its queries to them must go
+    # out too.
+    if [[ ,$DNS_SERVERS, == *,127.0.0.53,* ]]; then
+        upstream=$(nameservers /run/systemd/resolve/resolv.conf)
+        DNS_SERVERS=$DNS_SERVERS${upstream:+,$upstream}
+    fi
+    if [[ $BLOCK_UNCAPTURED == 1 && -n $DNS_SERVERS ]] &&
+        ! tr ',' '\n' <<<"$DNS_SERVERS" | grep -qvE '^(127\.|::1$)'; then
+        echo "outrider-iptables: note: resolv.conf names only a local resolver ($DNS_SERVERS);" \
+            "the queries it forwards to other servers are refused unless --dns-servers names them" >&2
+    fi
 fi
 [[ $DNS_SERVERS == any ]] || check_cidrs dns-servers "$DNS_SERVERS"
 [[ $BLOCK_UNCAPTURED == [01] ]] || die "OUTRIDER_BLOCK_UNCAPTURED: '$BLOCK_UNCAPTURED' is not 0 or 1"

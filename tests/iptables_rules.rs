@@ -714,3 +714,85 @@ fn block_uncaptured_refuses_to_leave_ipv6_unchecked() {
         assert_eq!(all_tables(&ns, f), before, "{f:?}: after remove");
     }
 }
+
+/// `--dns-servers auto` (the default) lets DNS reach the `nameserver`s of resolv.conf and no
+/// other address; behind systemd-resolved's stub (a VM's usual resolv.conf), also the servers
+/// the stub forwards to, from its own file, or the VM's DNS would stop at the stub. A
+/// resolv.conf that names only another local resolver gets a note saying what to add.
+#[test]
+fn dns_servers_come_from_resolv_conf_and_the_systemd_resolved_stubs_upstreams() {
+    let dns_rules = |out: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("--dport 53"))
+            .map(|l| l.split(" -p udp").next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let pod = NetNs::new("or-dns");
+    let _etc = EtcOverlay::new(
+        &pod,
+        "127.0.0.1 localhost\n",
+        Some("nameserver 10.96.0.10\nnameserver fe80::53%eth0\nsearch svc.cluster.local\n"),
+    );
+    let out = script(&pod, &[], &["print", "--block-uncaptured"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        dns_rules(&out),
+        [
+            "-A OUTRIDER_EGRESS -d 10.96.0.10",
+            "-A OUTRIDER_EGRESS -d fe80::53"
+        ]
+    );
+    let out = script(
+        &pod,
+        &[],
+        &["print", "--block-uncaptured", "--dns-servers", "any"],
+    );
+    // One rule for each family, to any address.
+    assert_eq!(
+        dns_rules(&out),
+        ["-A OUTRIDER_EGRESS", "-A OUTRIDER_EGRESS"]
+    );
+
+    // systemd-resolved: its upstream file, in a mount namespace of its own so that the
+    // machine's /run is not touched.
+    let _etc = EtcOverlay::new(
+        &pod,
+        "127.0.0.1 localhost\n",
+        Some("nameserver 127.0.0.53\n"),
+    );
+    let shell = format!(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/resolve && \
+         printf 'nameserver 10.0.0.2\\nnameserver fd00::2\\n' > /run/systemd/resolve/resolv.conf && \
+         exec {SCRIPT} print --block-uncaptured"
+    );
+    let mut cmd = pod.command(
+        "unshare",
+        &["--mount", "--propagation", "private", "sh", "-c", &shell],
+    );
+    for var in SCRIPT_ENV {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("run outrider-iptables.sh");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        dns_rules(&out),
+        [
+            "-A OUTRIDER_EGRESS -d 127.0.0.53",
+            "-A OUTRIDER_EGRESS -d 10.0.0.2",
+            "-A OUTRIDER_EGRESS -d fd00::2"
+        ]
+    );
+    assert!(out.stderr.is_empty(), "{out:?}");
+
+    // Another local resolver: its upstreams are not known here, and the note says so.
+    let _etc = EtcOverlay::new(
+        &pod,
+        "127.0.0.1 localhost\n",
+        Some("nameserver 127.0.0.1\n"),
+    );
+    let out = script(&pod, &[], &["print", "--block-uncaptured"]);
+    assert!(out.status.success(), "{out:?}");
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(note.contains("--dns-servers"), "{note}");
+}
