@@ -86,8 +86,8 @@ impl ProxyError {
 
     /// Whether the request was refused (logged as `deny`, with the reason) rather than
     /// failed on the way: a policy decision, or a request the proxy will not pass on, as
-    /// one that the HTTP parser refuses is logged. (Logged as `allow` with an error, a
-    /// malformed request read as let through.)
+    /// one that the HTTP parser refuses is logged. (A malformed request logged as `allow`
+    /// with an error read as let through.)
     pub fn is_denial(&self) -> bool {
         matches!(
             self,
