@@ -456,6 +456,21 @@ fn a_transparent_client_with_a_newer_answer_than_the_cache_is_not_taken_for_forg
     };
     assert_eq!(status("203.0.113.11"), "200", "the app's newer answer");
     assert_eq!(status("203.0.113.12"), "403", "an address no answer gives");
+    // The app goes on with the address it got, for longer than the fresh answer is reused:
+    // the proxy keeps it with the name's answer and asks no more. (It asked again each
+    // second, and this server's next answer, the other address, had the app's connections
+    // refused as forged.)
+    dns.lines_so_far();
+    for _ in 0..8 {
+        assert_eq!(status("203.0.113.11"), "200", "the app's address, later");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let asked: Vec<String> = dns
+        .lines_so_far()
+        .into_iter()
+        .filter(|l| l.starts_with("query cdn.test"))
+        .collect();
+    assert!(asked.is_empty(), "{asked:?}");
     // Forged Hosts in a loop: the fresh answer is reused for a second, so they cost the DNS
     // server about one question a second, not one each (twenty here).
     dns.lines_so_far();

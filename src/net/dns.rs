@@ -102,6 +102,9 @@ struct Answer {
 /// does for getaddrinfo, with no reload.
 const FAMILIES_RECHECK: Duration = Duration::from_secs(1);
 
+/// The most addresses a kept answer grows to with fresh ones ([`Dns::lookup_fresh`]).
+const MAX_MERGED: usize = 64;
+
 /// Addresses, shared by every request for the name.
 pub type Addrs = Arc<[IpAddr]>;
 
@@ -220,12 +223,40 @@ impl Dns {
     /// connection to an address that the cached answer lacks. The app resolved the name on
     /// its own, maybe after the record set changed (CDNs rotate theirs every minute or so),
     /// and the cached answer would call a genuine connection forged.
+    /// The fresh addresses join the kept answer for the rest of its TTL: the app may go on
+    /// using the address it got, and the next connection to it needs no fresh lookup (a
+    /// DNS question a second for as long as the kept answer lasted), nor is it refused when
+    /// the next fresh answer, from a server that gives one address of a set per query, is
+    /// another one.
     pub async fn lookup_fresh(&self, host: &str) -> Result<Addrs, DnsError> {
         counters()[0].increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
-        Ok(self.resolve(&self.uncached, host).await?.0)
+        let (fresh, _) = self.resolve(&self.uncached, host).await?;
+        self.merge(host, &fresh);
+        Ok(fresh)
+    }
+
+    /// Adds `fresh`'s addresses to `host`'s kept answer, if it has one that has not expired
+    /// (at most [`MAX_MERGED`] addresses in all).
+    fn merge(&self, host: &str, fresh: &Addrs) {
+        let Ok(mut answers) = self.answers.write() else {
+            return;
+        };
+        let Some(answer) = answers.get_mut(host) else {
+            return;
+        };
+        if answer.until <= Instant::now() || fresh.iter().all(|ip| answer.ips.contains(ip)) {
+            return;
+        }
+        let mut all = answer.ips.to_vec();
+        for ip in fresh.iter() {
+            if !all.contains(ip) && all.len() < MAX_MERGED {
+                all.push(*ip);
+            }
+        }
+        answer.ips = all.into();
     }
 
     /// Resolves a lower-case name to its addresses, in the resolver's order.
@@ -467,6 +498,26 @@ mod tests {
         assert_eq!(one_family(&ips(&v6)), Some(RecordType::AAAA));
         let both = ["10.1.2.3", "2001:db8::1"];
         assert_eq!(one_family(&ips(&both)), None);
+    }
+
+    #[test]
+    fn fresh_addresses_join_a_live_kept_answer_up_to_a_bound() {
+        let dns = Dns::new(HashMap::new(), None).unwrap();
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        dns.remember("live.test", &vec![ip(1)].into(), later, later);
+        dns.remember("expired.test", &vec![ip(1)].into(), now, later);
+        let fresh: Addrs = (1..200).map(ip).collect();
+        dns.merge("live.test", &fresh);
+        dns.merge("expired.test", &fresh);
+        dns.merge("unknown.test", &fresh);
+        let answers = dns.answers.read().unwrap();
+        let live = &answers["live.test"].ips;
+        assert_eq!(live.len(), MAX_MERGED);
+        assert_eq!(live[..3], [ip(1), ip(2), ip(3)]);
+        assert_eq!(answers["expired.test"].ips[..], [ip(1)]);
+        assert!(!answers.contains_key("unknown.test"));
     }
 
     #[test]
