@@ -729,11 +729,9 @@ fn dns_servers_come_from_resolv_conf_and_the_systemd_resolved_stubs_upstreams() 
             .collect()
     };
     let pod = NetNs::new("or-dns");
-    let _etc = EtcOverlay::new(
-        &pod,
-        "127.0.0.1 localhost\n",
-        Some("nameserver 10.96.0.10\nnameserver fe80::53%eth0\nsearch svc.cluster.local\n"),
-    );
+    let resolv_conf = |text: &str| EtcOverlay::new(&pod, "127.0.0.1 localhost\n", Some(text));
+    let _etc =
+        resolv_conf("nameserver 10.96.0.10\nnameserver fe80::53%eth0\nsearch svc.cluster.local\n");
     let out = script(&pod, &[], &["print", "--block-uncaptured"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
@@ -756,11 +754,7 @@ fn dns_servers_come_from_resolv_conf_and_the_systemd_resolved_stubs_upstreams() 
 
     // systemd-resolved: its upstream file, in a mount namespace of its own so that the
     // machine's /run is not touched.
-    let _etc = EtcOverlay::new(
-        &pod,
-        "127.0.0.1 localhost\n",
-        Some("nameserver 127.0.0.53\n"),
-    );
+    let _etc = resolv_conf("nameserver 127.0.0.53\n");
     let shell = format!(
         "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/resolve && \
          printf 'nameserver 10.0.0.2\\nnameserver fd00::2\\n' > /run/systemd/resolve/resolv.conf && \
@@ -786,11 +780,7 @@ fn dns_servers_come_from_resolv_conf_and_the_systemd_resolved_stubs_upstreams() 
     assert!(out.stderr.is_empty(), "{out:?}");
 
     // Another local resolver: its upstreams are not known here, and the note says so.
-    let _etc = EtcOverlay::new(
-        &pod,
-        "127.0.0.1 localhost\n",
-        Some("nameserver 127.0.0.1\n"),
-    );
+    let _etc = resolv_conf("nameserver 127.0.0.1\n");
     let out = script(&pod, &[], &["print", "--block-uncaptured"]);
     assert!(out.status.success(), "{out:?}");
     let note = String::from_utf8_lossy(&out.stderr);

@@ -19,6 +19,9 @@ use common::netns::{self, Background, EtcOverlay, NetNs, Resp, PROXY_UID, PYTHON
 
 const OUTRIDER: &str = env!("CARGO_BIN_EXE_outrider");
 
+/// A resolv.conf naming the namespace's [DNS server](DNS_PY), quick to give up on it.
+const LOCAL_RESOLVER: &str = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
+
 /// A DNS server on 127.0.0.1:53 (UDP) for the names given as `name=ipv4[,ipv4…][/ttl]`
 /// arguments: an A record with that TTL (60 s when not given; each A query gets the next of a
 /// list, as a CDN's rotating answers do), no AAAA record (an empty answer without an SOA, as
@@ -373,11 +376,7 @@ fn a_transparent_client_with_a_newer_answer_than_the_cache_is_not_taken_for_forg
     }
     let via = link.a_ip.to_string();
     pod.exec_ok("ip", &["route", "add", "203.0.113.0/24", "via", &via]);
-    let _etc = EtcOverlay::new(
-        &pod,
-        "127.0.0.1 localhost\n",
-        Some("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"),
-    );
+    let _etc = EtcOverlay::new(&pod, "127.0.0.1 localhost\n", Some(LOCAL_RESOLVER));
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
     let (config, log) = (
@@ -513,11 +512,10 @@ fn a_name_is_asked_for_once_per_ttl_not_once_per_request() {
     // The proxy keeps a name's addresses for their TTL. Before, each request went through
     // hickory's cache, which cannot keep an empty AAAA answer that comes without an SOA (as
     // this server sends it): every request for the name asked the DNS server again.
-    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
     let records = ["kept.internal=127.0.0.1", "brief.internal=127.0.0.1/2"];
     let mut w = World::with_dns(
         "127.0.0.1 localhost\n",
-        Some((resolv, &records)),
+        Some((LOCAL_RESOLVER, &records)),
         &[],
         "enforce",
     );
@@ -555,11 +553,10 @@ fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
     // name whose answer had just expired a 502 until the server was back. Now the expired
     // answer stands in (RFC 8767), as Envoy's DNS cache keeps its hosts; a name the server
     // says is gone does not get one.
-    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
     let records = ["steady.internal=127.0.0.1/1", "gone.internal=127.0.0.1/1"];
     let mut w = World::with_dns(
         "127.0.0.1 localhost\n",
-        Some((resolv, &records)),
+        Some((LOCAL_RESOLVER, &records)),
         &[],
         "enforce",
     );
@@ -596,6 +593,7 @@ fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
     let mut server =
         w.ns.spawn(PYTHON, &["-u", "-c", DNS_PY, "other.internal=127.0.0.1"]);
     server.wait_for_line("ready", Duration::from_secs(10));
+    w.dns = Some(server);
     let resp = w.get("http://gone.internal:8000/hello.txt");
     assert_eq!(resp.status, 502, "{}", resp.body);
     assert!(resp
@@ -605,8 +603,7 @@ fn an_expired_answer_stands_in_while_the_dns_server_is_down() {
     // A stale answer stands for 30 s before the server is asked again: one request in that
     // time waits for a server that is down, not every one.
     assert_eq!(w.get("http://steady.internal:8000/hello.txt").status, 200);
-    assert_eq!(w.get("http://end.internal:8000/hello.txt").status, 502);
-    let asked = server.lines_until("query end.internal ", Duration::from_secs(10));
+    let asked = w.questions("end");
     assert!(
         asked.iter().all(|q| !q.contains("steady.internal")),
         "{asked:?}"
@@ -618,7 +615,6 @@ fn only_the_address_families_the_interfaces_have_are_asked_for() {
     // As getaddrinfo's AI_ADDRCONFIG: an IPv4-only pod asked for AAAA records too (twice the
     // DNS questions, a wait on servers that drop them, and a failed connect to each IPv6
     // address of a dual-stack name). Loopback and link-local addresses do not count.
-    let resolv = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n";
     let records = [
         "lo.internal=127.0.0.1",
         "four.internal=127.0.0.1",
@@ -627,7 +623,7 @@ fn only_the_address_families_the_interfaces_have_are_asked_for() {
     ];
     let mut w = World::with_dns(
         "127.0.0.1 localhost\n",
-        Some((resolv, &records)),
+        Some((LOCAL_RESOLVER, &records)),
         &[],
         "enforce",
     );
