@@ -365,65 +365,103 @@ fn short_names_resolve_in_the_search_domains_as_written_names_do_not() {
 /// resolved the name itself and got the next of a rotating record set (as CDNs answer): it
 /// was refused as forged; the proxy asks the DNS server again first. A Host that no answer
 /// gives is still refused.
+/// A pod namespace with transparent capture (the iptables script applied, the proxy running
+/// as its uid), routed to an `outside` namespace that holds the `203.0.113.<host>` addresses
+/// given; resolv.conf is `resolv`, and `egress` is the `outbound.egress` section's body.
+struct Pod {
+    ns: NetNs,
+    outside: NetNs,
+    _link: netns::Veth,
+    _etc: EtcOverlay,
+    dir: tempfile::TempDir,
+    _proxy: Background,
+}
+
+impl Pod {
+    fn new(hosts: &[&str], resolv: &str, egress: &str) -> Pod {
+        let outside = NetNs::new("ordns-out");
+        let ns = NetNs::new("ordns-pod");
+        let link = netns::link(&outside, &ns);
+        for host in hosts {
+            let ip = format!("203.0.113.{host}/32");
+            outside.exec_ok("ip", &["addr", "add", &ip, "dev", &link.a_if]);
+        }
+        let via = link.a_ip.to_string();
+        ns.exec_ok("ip", &["route", "add", "203.0.113.0/24", "via", &via]);
+        let etc = EtcOverlay::new(&ns, "127.0.0.1 localhost\n", Some(resolv));
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        let config = dir.path().join("outrider.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "admin: {{ listen: 127.0.0.1:15000 }}\n\
+                 outbound:\n  listen: 127.0.0.1:15001\n  egress:\n{egress}\
+                 access_log: {{ output: {} }}\n",
+                dir.path().join("access.log").display()
+            ),
+        )
+        .unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/outrider-iptables.sh");
+        let mut apply = ns.command(script, &["apply"]);
+        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTRIDER_")) {
+            apply.env_remove(var);
+        }
+        netns::run_ok(&mut apply);
+        let proxy = ns.spawn_as(
+            PROXY_UID,
+            OUTRIDER,
+            &["run", "--config", config.to_str().unwrap()],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ns
+            .exec(
+                "curl",
+                &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
+            )
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "the proxy did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pod {
+            ns,
+            outside,
+            _link: link,
+            _etc: etc,
+            dir,
+            _proxy: proxy,
+        }
+    }
+
+    /// The access-log records so far.
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
 #[test]
 fn a_transparent_client_with_a_newer_answer_than_the_cache_is_not_taken_for_forged() {
-    let outside = NetNs::new("ordns-out");
-    let pod = NetNs::new("ordns-pod");
-    let link = netns::link(&outside, &pod);
-    for host in [10, 11, 12] {
-        let ip = format!("203.0.113.{host}/32");
-        outside.exec_ok("ip", &["addr", "add", &ip, "dev", &link.a_if]);
-    }
-    let via = link.a_ip.to_string();
-    pod.exec_ok("ip", &["route", "add", "203.0.113.0/24", "via", &via]);
-    let _etc = EtcOverlay::new(&pod, "127.0.0.1 localhost\n", Some(LOCAL_RESOLVER));
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::chown(dir.path(), Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    let (config, log) = (
-        dir.path().join("outrider.yaml"),
-        dir.path().join("access.log"),
+    let pod = Pod::new(
+        &["10", "11", "12"],
+        LOCAL_RESOLVER,
+        "    allow:\n      - host: cdn.test\n        ports: [8000]\n",
     );
-    std::fs::write(
-        &config,
-        format!(
-            "admin: {{ listen: 127.0.0.1:15000 }}\n\
-             outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    allow:\n\
-             \x20     - host: cdn.test\n        ports: [8000]\n\
-             access_log: {{ output: {} }}\n",
-            log.display()
-        ),
-    )
-    .unwrap();
-    let mut web = outside.spawn(PYTHON, &["-u", "-m", "http.server", "8000"]);
+    let mut web = pod
+        .outside
+        .spawn(PYTHON, &["-u", "-m", "http.server", "8000"]);
     web.wait_for_line("Serving HTTP", Duration::from_secs(10));
-    let mut dns = pod.spawn(
+    let mut dns = pod.ns.spawn(
         PYTHON,
         &["-u", "-c", DNS_PY, "cdn.test=203.0.113.10,203.0.113.11"],
     );
     dns.wait_for_line("ready", Duration::from_secs(10));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/iptables/outrider-iptables.sh");
-    let mut apply = pod.command(script, &["apply"]);
-    for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTRIDER_")) {
-        apply.env_remove(var);
-    }
-    netns::run_ok(&mut apply);
-    let _proxy = pod.spawn_as(
-        PROXY_UID,
-        OUTRIDER,
-        &["run", "--config", config.to_str().unwrap()],
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pod
-        .exec(
-            "curl",
-            &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
-        )
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "the proxy did not become ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pod = &pod.ns;
 
     // The app got 203.0.113.11 (the DNS server's second answer); the proxy's first lookup
     // gets 203.0.113.10.
@@ -670,4 +708,57 @@ fn only_the_address_families_the_interfaces_have_are_asked_for() {
     settle();
     assert_eq!(w.get("http://six.internal:8000/hello.txt").status, 502);
     assert_eq!(types(&w.questions("end4"), "six.internal"), ["28"]);
+}
+
+#[test]
+fn dns_over_tcp_goes_to_the_resolv_conf_servers_and_nowhere_else() {
+    // A resolver library asks again over TCP when the answer is too large for UDP (a
+    // headless Service with many pods): the transparent capture sends that connection to the
+    // proxy, which refused it as opaque TCP to an address no rule names, so large answers
+    // failed to resolve in the app while small ones, over UDP, worked.
+    let egress = "    allow:\n      - cidr: 203.0.113.80/32\n        ports: [80]\n";
+    let pod = Pod::new(
+        &["53", "54"],
+        "nameserver 203.0.113.53\noptions timeout:1 attempts:1\n",
+        egress,
+    );
+    let _resolver = netns::tag_server(&pod.outside, "203.0.113.53", 53, "resolver");
+    let _other = netns::tag_server(&pod.outside, "203.0.113.54", 53, "other");
+    let reply = netns::tcp_probe(&pod.ns, Some(1000), "203.0.113.53", 53);
+    assert_eq!(reply.map(|r| r.tag), Ok("resolver".to_owned()));
+    // Another server's port 53 is no way out: a tunnel over DNS to a server of one's own.
+    let refused = netns::tcp_probe(&pod.ns, Some(1000), "203.0.113.54", 53);
+    assert!(refused.is_err(), "{refused:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = pod.records();
+        if records.len() >= 2 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let of = |dst: &str| {
+        records
+            .iter()
+            .find(|r| r["original_dst"] == dst)
+            .unwrap_or_else(|| panic!("no record for {dst}: {records:?}"))
+    };
+    let allowed = of("203.0.113.53:53");
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    assert_eq!(
+        allowed["rule"], "dns server 203.0.113.53 (resolv.conf)",
+        "{allowed}"
+    );
+    assert_eq!(of("203.0.113.54:53")["decision"], "deny");
+
+    // `allow_dns_servers: false` leaves it to the rules, as before.
+    drop(pod);
+    let pod = Pod::new(
+        &["53"],
+        "nameserver 203.0.113.53\n",
+        &format!("    allow_dns_servers: false\n{egress}"),
+    );
+    let _resolver = netns::tag_server(&pod.outside, "203.0.113.53", 53, "resolver");
+    let refused = netns::tcp_probe(&pod.ns, Some(1000), "203.0.113.53", 53);
+    assert!(refused.is_err(), "{refused:?}");
 }

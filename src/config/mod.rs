@@ -138,13 +138,28 @@ impl Default for OutboundConfig {
 }
 
 /// `outbound.egress`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
     /// `enforce` (default) or `report`.
     pub mode: EgressMode,
     /// Allow rules; what none allows is denied.
     pub allow: Vec<AllowRule>,
+    /// Whether TCP to port 53 of the DNS servers in resolv.conf (the proxy's own, and the
+    /// workload's) is allowed without a rule. A resolver library asks again over TCP when an
+    /// answer is too large for UDP (a headless Service with many pods); UDP to those servers
+    /// already goes past the proxy, so refusing the TCP retry only breaks the large answers.
+    pub allow_dns_servers: bool,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            mode: EgressMode::default(),
+            allow: Vec::new(),
+            allow_dns_servers: true,
+        }
+    }
 }
 
 /// Whether egress denials are enforced or only reported.

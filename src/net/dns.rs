@@ -139,6 +139,9 @@ pub struct Dns {
     /// The one record type to ask for when the interfaces have one address family only
     /// ([`one_family`]; `None`: both), and when that was last looked at.
     families: Arc<Mutex<(Option<RecordType>, Instant)>>,
+    /// The DNS servers resolv.conf names (none when it could not be read: hickory's
+    /// fallback servers are not the workload's).
+    servers: Arc<[IpAddr]>,
 }
 
 impl Dns {
@@ -158,10 +161,25 @@ impl Dns {
         for (name, addrs) in read_hosts_file(HOSTS_FILE) {
             statics.entry(name).or_insert(addrs);
         }
-        let (config, options) = read_system_conf().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "no usable system DNS config; using defaults");
-            (ResolverConfig::default(), ResolverOpts::default())
-        });
+        let (config, options, servers) = match read_system_conf() {
+            Ok((config, options)) => {
+                let mut servers: Vec<IpAddr> = Vec::new();
+                for ip in config.name_servers().iter().map(|s| s.ip) {
+                    if !servers.contains(&ip) {
+                        servers.push(ip);
+                    }
+                }
+                (config, options, servers.into())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable system DNS config; using defaults");
+                (
+                    ResolverConfig::default(),
+                    ResolverOpts::default(),
+                    [].into(),
+                )
+            }
+        };
         let only = one_family(&interface_addresses());
         if only.is_some() {
             log_families(only);
@@ -198,7 +216,13 @@ impl Dns {
             uncached: Arc::new(build(false)?),
             search,
             families: Arc::new(Mutex::new((only, Instant::now()))),
+            servers,
         })
+    }
+
+    /// The DNS servers resolv.conf names, in its order.
+    pub fn servers(&self) -> &[IpAddr] {
+        &self.servers
     }
 
     /// The one record type to ask for, if the interfaces have one address family only,

@@ -99,6 +99,17 @@ impl CidrRule {
             label: format!("allow[{index}] cidr {net}").into(),
         }
     }
+
+    /// The rule `outbound.egress.allow_dns_servers` adds for a DNS server of resolv.conf:
+    /// port 53 at its address, after every rule of the file.
+    pub fn dns_server(index: usize, addr: IpAddr) -> Self {
+        Self {
+            index,
+            net: IpNet::from(canonical(addr)),
+            ports: PortSet::Only(vec![53]),
+            label: format!("dns server {addr} (resolv.conf)").into(),
+        }
+    }
 }
 
 /// Why egress is denied. Each reads as a sentence for the `x-outrider-error` header.

@@ -25,6 +25,7 @@ use crate::access_log::AccessLog;
 use crate::config::Compiled;
 use crate::net::connect::MeshClient;
 use crate::net::dns::Dns;
+use crate::policy::egress::CidrRule;
 
 /// What a config produces at run time. Replaced whole on reload.
 pub struct State {
@@ -90,7 +91,7 @@ impl Mesh {
 impl State {
     /// Builds the run-time state; `prev` lets a reload keep the access-log writer and cache.
     pub fn build(
-        cfg: Compiled,
+        mut cfg: Compiled,
         prev: Option<&State>,
         mesh: Option<&Arc<Mesh>>,
     ) -> Result<Self, String> {
@@ -100,6 +101,16 @@ impl State {
         };
         let dns =
             Dns::new(cfg.dns_hosts.clone(), prev.map(|p| &p.dns)).map_err(|e| e.to_string())?;
+        if cfg.source.outbound.egress.allow_dns_servers {
+            // Read with resolv.conf at each start and reload, like the resolver itself.
+            let first = cfg.source.outbound.egress.allow.len();
+            cfg.egress.cidrs.extend(
+                dns.servers()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ip)| CidrRule::dns_server(first + i, *ip)),
+            );
+        }
         let log = match prev {
             Some(p) if p.cfg.access_log == cfg.access_log => p.log.clone(),
             _ => AccessLog::open(&cfg.access_log)
