@@ -460,7 +460,8 @@ fn head_of(p: u16, kib: usize) -> String {
 }
 
 /// A request head larger than 128 KiB is refused with 431 (and logged); one just under it
-/// is proxied. Without a bound, every connection could make the proxy hold ~400 KB.
+/// is proxied, and a URI too long gets 414. Without a bound, every connection could make
+/// the proxy hold ~400 KB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_heads_over_128_kib_are_refused_with_431() {
     let up = Upstream::start().await;
@@ -471,6 +472,15 @@ async fn request_heads_over_128_kib_are_refused_with_431() {
     let raw = raw_exchange(proxy.proxy_addr(), head_of(p, 200).as_bytes()).await;
     assert_eq!(raw.status, 431, "{}", raw.head);
     let rec = proxy.wait_log(|r| r["status"] == 431).await;
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    // A URI over hyper's 64 KiB gets 414, and the log says what the client got (431 before).
+    let long = format!(
+        "GET http://api.test:{p}/{} HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let raw = raw_exchange(proxy.proxy_addr(), long.as_bytes()).await;
+    assert_eq!(raw.status, 414, "{}", raw.head);
+    let rec = proxy.wait_log(|r| r["status"] == 414).await;
     assert_eq!(rec["decision"], "deny", "{rec}");
 }
 

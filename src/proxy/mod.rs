@@ -273,8 +273,8 @@ fn method_text(m: &::http::Method) -> std::borrow::Cow<'static, str> {
 }
 
 /// Logs a request head that hyper's parser refused before it reached the proxy (a bad
-/// request line or header, a head too large). hyper has already answered it (400, or 431
-/// for a head too large) and closes the connection; without this, the refusal would leave
+/// request line or header, a head too large). hyper has already answered it (400, 414 for
+/// a URI too long, or 431 for a head too large) and closes the connection; without this, the refusal would leave
 /// no trace.
 pub fn log_refused_head(
     inputs: &Inputs,
@@ -299,9 +299,18 @@ pub fn log_refused_head(
             ..crate::access_log::Record::default()
         },
     );
-    guard.record.status = if e.is_parse_too_large() { 431 } else { 400 };
+    let reason = format!("malformed request refused by the HTTP parser: {e}");
+    // The status hyper sent. Its error kinds are private, so a URI too long (414) is told
+    // from a head too large (431) by the text (`forward_edge` notices if that changes).
+    guard.record.status = if !e.is_parse_too_large() {
+        400
+    } else if reason.ends_with("URI too long") {
+        414
+    } else {
+        431
+    };
     guard.record.decision = "deny";
-    guard.record.reason = Some(format!("malformed request refused by the HTTP parser: {e}"));
+    guard.record.reason = Some(reason);
     crate::metrics::record_denial("malformed_request", "deny");
 }
 
