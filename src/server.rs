@@ -302,6 +302,13 @@ impl ServerHandle {
         if cfg.identity != old.cfg.identity {
             tracing::warn!("identity changes apply after a restart");
         }
+        // The mesh roots are read again at once (they are also looked at every 5 s): the way
+        // to finish a root rotation step without waiting. A bad file keeps the roots in use.
+        if let Some(mesh) = &self.inputs.mesh {
+            if let Err(e) = mesh.identity.reload_bundle(true) {
+                tracing::warn!(error = %e, "identity: the mesh trust bundle cannot be used; keeping the roots in use");
+            }
+        }
         let state = State::build(cfg, Some(&old), self.inputs.mesh.as_ref())?;
         self.inputs.slots.set_max(state.cfg.clients.max_connections);
         self.inputs.state.store(Arc::new(state));

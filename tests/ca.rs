@@ -39,6 +39,7 @@ async fn start_ca_serving_for(max_ttl: Duration, serving_ttl: Duration) -> Ca {
         max_ttl,
         extra_dns: vec![],
         serving_ttl,
+        also_trust: vec![],
     };
     let server = CaServer::start(ca.clone(), listener, &opts).unwrap();
     let url = format!("https://{}", server.local_addr());
@@ -153,6 +154,25 @@ async fn cli_init_refuses_existing_ca_and_bad_identities() {
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("not a SPIFFE ID"), "{err:#}");
+    // `serve --also-trust` with a file that holds no root fails before serving.
+    let not_pem = tmp.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let serve = |also_trust: std::path::PathBuf| CaCommand::Serve {
+        dir: out.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_ttl: Duration::from_secs(3600),
+        sans: vec![],
+        also_trust: vec![also_trust],
+    };
+    let err = outrider::tls::run_ca(serve(not_pem)).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no certificate in it"),
+        "{err:#}"
+    );
+    let err = outrider::tls::run_ca(serve(tmp.path().join("missing.pem")))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
     let ca = MeshCa::load(&out).unwrap();
     assert!(ca.identity("spiffe://other.test/ns/a/sa/b").is_err());
     assert_eq!(

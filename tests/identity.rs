@@ -14,6 +14,7 @@ use outrider::tls::{
     client_config, peer_spiffe_id, server_config, IdentityConfig, SpiffeId, TrustBundle,
     WorkloadIdentity, MESH_ALPN,
 };
+use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -525,4 +526,64 @@ async fn expiry_gauge_follows_the_current_certificate() {
         "{}",
         metrics.render()
     );
+}
+
+#[tokio::test]
+async fn after_the_ca_moves_to_a_new_root_certificates_from_the_old_one_renew_there() {
+    // Step 2 of a root rotation: every sidecar trusts both roots, and the CA restarts on the
+    // new one. Renewals authenticate with the current certificate, from the old root; a CA
+    // that trusted only its own root refused them, and the sidecars' certificates ran out.
+    let mut mesh = Mesh::new().await;
+    let new_dir = mesh.tmp.path().join("ca-new");
+    let new_ca = Arc::new(MeshCa::init(&new_dir, TD, Duration::from_secs(3600 * 24)).unwrap());
+    let old_root = std::fs::read_to_string(mesh.dir.join(ROOT_CERT_FILE)).unwrap();
+    let new_root = std::fs::read_to_string(new_dir.join(ROOT_CERT_FILE)).unwrap();
+    let both = mesh.tmp.path().join("both.pem");
+    std::fs::write(&both, format!("{old_root}{new_root}")).unwrap();
+    let mut cfg = mesh.config("ns/shop/sa/api", Some("15s"));
+    cfg.ca_bundle = both;
+    let api = WorkloadIdentity::start(&cfg).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), api.ready())
+        .await
+        .expect("no certificate within 10s");
+    let chain = api.current_chain_pem().unwrap();
+    assert!(chain.ends_with(&old_root), "{chain}");
+    // The bootstrap token is long gone by then.
+    std::fs::remove_file(&cfg.token_file).unwrap();
+
+    // The CA restarted on the new root, at the same address.
+    let restart = |opts: ServeOptions| {
+        let (addr, ca) = (mesh.addr, new_ca.clone());
+        async move {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            CaServer::start(ca, listener, &opts).unwrap()
+        }
+    };
+    // On the new root alone, the renewal (due at ~2/3 of 15 s) is refused.
+    mesh.server.take().unwrap().shutdown().await;
+    mesh.server = Some(restart(ServeOptions::default()).await);
+    eventually(Duration::from_secs(14), "a refused renewal", || {
+        api.stats().failures >= 1
+    })
+    .await;
+    assert_eq!(api.current_chain_pem().unwrap(), chain);
+
+    // With `ca serve --also-trust <old root>`, the retry gets a certificate from the new root.
+    mesh.server.take().unwrap().shutdown().await;
+    let old = rustls_pki_types::CertificateDer::from_pem_slice(old_root.as_bytes()).unwrap();
+    mesh.server = Some(
+        restart(ServeOptions {
+            also_trust: vec![old],
+            ..ServeOptions::default()
+        })
+        .await,
+    );
+    eventually(
+        Duration::from_secs(10),
+        "a renewal from the new root",
+        || api.stats().issued >= 2,
+    )
+    .await;
+    let renewed = api.current_chain_pem().unwrap();
+    assert!(renewed.ends_with(&new_root), "{renewed}");
 }

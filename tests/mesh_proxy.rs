@@ -27,6 +27,8 @@ const TD: &str = "mesh.test";
 struct Ca {
     tmp: tempfile::TempDir,
     dir: PathBuf,
+    /// The `ca_bundle` sidecars are given: the root's own file unless a test says otherwise.
+    bundle: PathBuf,
     ca: Arc<MeshCa>,
     addr: SocketAddr,
     _server: CaServer,
@@ -42,6 +44,7 @@ impl Ca {
         let addr = server.local_addr();
         Ca {
             tmp,
+            bundle: dir.join(ROOT_CERT_FILE),
             dir,
             ca,
             addr,
@@ -61,7 +64,7 @@ impl Ca {
         format!(
             "identity:\n  id: {id}\n  ca_url: https://{}\n  ca_bundle: {}\n  token_file: {}\n",
             self.addr,
-            self.dir.join(ROOT_CERT_FILE).display(),
+            self.bundle.display(),
             token_file.display()
         )
     }
@@ -509,4 +512,103 @@ async fn a_pooled_connection_to_a_peer_is_let_go_before_the_peer_closes_it() {
         client_of("/later"),
         "a connection idle for 2.5 s was sent on, though the peer closes it at 3 s"
     );
+}
+
+/// The value of the metric line that starts with `series` on the sidecar's admin port.
+async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
+    let text = raw(
+        sidecar.handle.admin_addr,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Waits (up to 30 s: the bundle file is looked at every 5 s) until `cond` holds.
+async fn within_30s<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut cond: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_root_is_rotated_without_restarting_a_sidecar() {
+    // A root is rotated as Istio's and Linkerd's are: every sidecar first trusts both roots,
+    // then the CA issues from the new one, then the old one is taken out. The bundle was read
+    // once, at start, so each step meant restarting every pod of the mesh.
+    let (mut old, mut new) = (Ca::new().await, Ca::new().await);
+    let pem = |ca: &Ca| std::fs::read_to_string(ca.dir.join(ROOT_CERT_FILE)).unwrap();
+    let (old_root, new_root) = (pem(&old), pem(&new));
+    let files = tempfile::tempdir().unwrap();
+    let (bundle_a, bundle_b) = (files.path().join("a.pem"), files.path().join("b.pem"));
+    std::fs::write(&bundle_a, &old_root).unwrap();
+    std::fs::write(&bundle_b, &new_root).unwrap();
+    // B already has a certificate from the new root; A, from the old one.
+    new.bundle = bundle_b.clone();
+    let b = Sidecar::start(
+        &format!(
+            "outbound: {{ listen: 127.0.0.1:0 }}\ninbound:\n  listen: 127.0.0.1:0\n  mtls: strict\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {}\n{}",
+            app().await,
+            new.identity_yaml("ns/rotation/sa/b")
+        ),
+        None,
+    )
+    .await;
+    let b_inbound = b.handle.inbound_addr.unwrap();
+    old.bundle = bundle_a.clone();
+    let a = sidecar_client(&old, "ns/a/sa/a", b_inbound).await;
+    let get = "GET /api/items HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+    let resp = raw(a.handle.outbound_addr, get).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    let roots_b = "outrider_identity_trust_roots{identity=\"spiffe://mesh.test/ns/rotation/sa/b\"}";
+    assert_eq!(metric(&b, roots_b).await, Some(1.0));
+
+    // Step 1: both roots in every bundle file, as a ConfigMap update writes them.
+    let both = format!("{old_root}{new_root}");
+    std::fs::write(&bundle_a, &both).unwrap();
+    std::fs::write(&bundle_b, &both).unwrap();
+    within_30s(
+        "A never reached B with both roots in the bundles",
+        || async {
+            raw(a.handle.outbound_addr, get)
+                .await
+                .starts_with("HTTP/1.1 200")
+        },
+    )
+    .await;
+    assert_eq!(metric(&b, roots_b).await, Some(2.0));
+
+    // A bundle file that cannot be used (written half, emptied by mistake) keeps the roots
+    // in use: a new caller with a certificate from the old root still gets in.
+    let errors_b =
+        "outrider_identity_trust_bundle_errors_total{identity=\"spiffe://mesh.test/ns/rotation/sa/b\"}";
+    std::fs::write(
+        &bundle_b,
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n",
+    )
+    .unwrap();
+    within_30s("B never noticed the broken bundle", || async {
+        metric(&b, errors_b).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(metric(&b, roots_b).await, Some(2.0));
+    let c = sidecar_client(&old, "ns/a/sa/c", b_inbound).await;
+    let resp = raw(c.handle.outbound_addr, get).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    // Last step: the old root taken out. A new handshake with its certificates is refused.
+    std::fs::write(&bundle_b, &new_root).unwrap();
+    within_30s("B never dropped the old root", || async {
+        metric(&b, roots_b).await == Some(1.0)
+    })
+    .await;
+    let d = sidecar_client(&old, "ns/a/sa/d", b_inbound).await;
+    let resp = raw(d.handle.outbound_addr, get).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
 }

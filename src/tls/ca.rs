@@ -481,6 +481,10 @@ pub enum CaCommand {
         /// Extra DNS names for the CA's serving certificate (e.g. its Kubernetes service name).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// PEM file of another root (the one being rotated out) whose certificates may still
+        /// renew themselves here; may be given more than once.
+        #[arg(long = "also-trust")]
+        also_trust: Vec<PathBuf>,
     },
 }
 
@@ -511,14 +515,29 @@ pub async fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             listen,
             max_ttl,
             sans,
+            also_trust,
         } => {
             let ca = std::sync::Arc::new(MeshCa::load(&dir)?);
+            let mut extra_roots = Vec::new();
+            for path in &also_trust {
+                let pem = read(path)?;
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| {
+                        anyhow::anyhow!("--also-trust {}: bad PEM: {e}", path.display())
+                    })?;
+                if certs.is_empty() {
+                    anyhow::bail!("--also-trust {}: no certificate in it", path.display());
+                }
+                extra_roots.extend(certs);
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("ca serve: cannot listen on {listen}: {e}"))?;
             let opts = super::ca_server::ServeOptions {
                 max_ttl,
                 extra_dns: sans,
+                also_trust: extra_roots,
                 ..Default::default()
             };
             let server = super::ca_server::CaServer::start(ca, listener, &opts)?;

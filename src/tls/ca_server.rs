@@ -43,6 +43,10 @@ pub struct ServeOptions {
     pub extra_dns: Vec<String>,
     /// Lifetime of the serving certificate; a new one is made after two thirds of it.
     pub serving_ttl: Duration,
+    /// Roots besides the CA's own whose certificates may renew themselves: the previous root
+    /// during a root rotation, so that sidecars holding its certificates get ones from the new
+    /// root when they renew, instead of being refused until their token is renewed too.
+    pub also_trust: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Default for ServeOptions {
@@ -51,6 +55,7 @@ impl Default for ServeOptions {
             max_ttl: Duration::from_secs(24 * 3600),
             extra_dns: Vec::new(),
             serving_ttl: SERVING_CERT_TTL,
+            also_trust: Vec::new(),
         }
     }
 }
@@ -124,7 +129,7 @@ impl CaServer {
             opts.extra_dns.clone(),
             opts.serving_ttl,
         )?;
-        let tls = tls_config(&ca, Arc::new(serving))?;
+        let tls = tls_config(&ca, Arc::new(serving), &opts.also_trust)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let state = Arc::new(State {
             ca,
@@ -230,6 +235,7 @@ impl rustls::server::ResolvesServerCert for ServingCert {
 fn tls_config(
     ca: &MeshCa,
     serving: Arc<ServingCert>,
+    also_trust: &[rustls_pki_types::CertificateDer<'static>],
 ) -> Result<Arc<rustls::ServerConfig>, CaError> {
     let bad = |reason: String| CaError::Corrupt {
         path: super::ca::ROOT_CERT_FILE.into(),
@@ -240,6 +246,12 @@ fn tls_config(
     roots
         .add(ca.root_der().clone())
         .map_err(|e| bad(e.to_string()))?;
+    for root in also_trust {
+        roots.add(root.clone()).map_err(|e| CaError::Corrupt {
+            path: "--also-trust".into(),
+            reason: format!("not a usable root: {e}"),
+        })?;
+    }
     // A client certificate is optional: bootstrap requests have none, renewals show the
     // certificate being renewed.
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

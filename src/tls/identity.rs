@@ -122,6 +122,9 @@ struct Current {
 struct Shared {
     id: SpiffeId,
     bundle: TrustBundle,
+    /// Where the bundle is read from (none for a fixed identity), and the bytes last read
+    /// there, good or bad: a file is parsed, and a bad one warned about, once per content.
+    bundle_file: Option<(PathBuf, Mutex<Vec<u8>>)>,
     // What rustls resolvers read; swapped together with `current`.
     certified: Arc<ArcSwapOption<CertifiedKey>>,
     current: ArcSwapOption<Current>,
@@ -133,7 +136,7 @@ struct Shared {
 /// This workload's mesh identity. Dropping it stops renewal.
 pub struct WorkloadIdentity {
     shared: Arc<Shared>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for WorkloadIdentity {
@@ -147,11 +150,15 @@ impl std::fmt::Debug for WorkloadIdentity {
 
 impl Drop for WorkloadIdentity {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        for task in self.tasks.drain(..) {
             task.abort();
         }
     }
 }
+
+/// How often the bundle file is looked at for a change: a Kubernetes ConfigMap or Secret
+/// volume is updated in place within about a minute of its object, with no signal to anyone.
+const BUNDLE_RECHECK: Duration = Duration::from_secs(5);
 
 // Retry backoff: doubles from BACKOFF_MIN up to BACKOFF_MAX.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -173,16 +180,31 @@ impl WorkloadIdentity {
         super::install_crypto_provider();
         cfg.validate("identity").map_err(IdentityError::Config)?;
         let id = SpiffeId::parse(&cfg.id).map_err(|e| IdentityError::Config(e.to_string()))?;
-        let bundle = TrustBundle::from_file(&cfg.ca_bundle)?;
-        let shared = Arc::new(Shared::new(id, bundle));
+        let pem = std::fs::read(&cfg.ca_bundle)
+            .map_err(|e| super::mtls::BundleError::Io(cfg.ca_bundle.display().to_string(), e))?;
+        let bundle = TrustBundle::from_pem(&pem, &cfg.ca_bundle.display().to_string())?;
+        let mut shared = Shared::new(id, bundle);
+        shared.bundle_file = Some((cfg.ca_bundle.clone(), Mutex::new(pem)));
+        shared.count_roots();
+        let shared = Arc::new(shared);
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             IdentityError::Config("identity: must start inside a Tokio runtime".into())
         })?;
-        let task = runtime.spawn(renew_loop(shared.clone(), cfg.clone()));
+        let renew = runtime.spawn(renew_loop(shared.clone(), cfg.clone()));
+        let watch = runtime.spawn(watch_bundle(shared.clone()));
         Ok(WorkloadIdentity {
             shared,
-            task: Some(task),
+            tasks: vec![renew, watch],
         })
+    }
+
+    /// Reads the bundle file again and, if it changed and holds usable roots, makes them the
+    /// ones every new mesh handshake (and the next request to the CA) is verified against.
+    /// `Ok(true)`: new roots in use; `Ok(false)`: nothing to do (unchanged, or a fixed
+    /// identity); an error leaves the roots as they were. With `force`, content that was
+    /// already refused is tried and reported again (a reload asked for by the operator).
+    pub fn reload_bundle(&self, force: bool) -> Result<bool, super::mtls::BundleError> {
+        self.shared.reload_bundle(force)
     }
 
     /// A fixed identity from a PEM chain (leaf first) and PEM private key, never renewed: for
@@ -199,7 +221,10 @@ impl WorkloadIdentity {
             certified_key(chain_pem, key).map_err(IdentityError::Cert)?;
         let shared = Arc::new(Shared::new(id, bundle));
         shared.install(certified, chain_pem.to_owned(), not_after);
-        Ok(WorkloadIdentity { shared, task: None })
+        Ok(WorkloadIdentity {
+            shared,
+            tasks: Vec::new(),
+        })
     }
 
     /// This workload's SPIFFE ID.
@@ -259,12 +284,52 @@ impl Shared {
         Shared {
             id,
             bundle,
+            bundle_file: None,
             certified: Arc::new(ArcSwapOption::empty()),
             current: ArcSwapOption::empty(),
             issued: watch::Sender::new(0),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
+    }
+
+    fn reload_bundle(&self, force: bool) -> Result<bool, super::mtls::BundleError> {
+        use super::mtls::BundleError;
+        let Some((path, seen)) = &self.bundle_file else {
+            return Ok(false);
+        };
+        let shown = path.display().to_string();
+        let errors = || {
+            metrics::counter!("outrider_identity_trust_bundle_errors_total", "identity" => self.id.to_string())
+                .increment(1);
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            errors();
+            BundleError::Io(shown.clone(), e)
+        })?;
+        {
+            let Ok(mut seen) = seen.lock() else {
+                return Ok(false);
+            };
+            if *seen == pem && !force {
+                return Ok(false);
+            }
+            seen.clone_from(&pem);
+        }
+        let bundle = TrustBundle::from_pem(&pem, &shown).inspect_err(|_| errors())?;
+        let (before, after) = (self.bundle.roots().len(), bundle.roots().len());
+        self.bundle.replace(&bundle);
+        self.count_roots();
+        tracing::info!(bundle = %shown, roots_before = before, roots = after,
+            "identity: mesh trust bundle read; new handshakes are verified against it");
+        Ok(true)
+    }
+
+    /// `outrider_identity_trust_roots`: how many roots new handshakes are verified against,
+    /// so that each step of a root rotation can be seen to have reached every sidecar.
+    fn count_roots(&self) {
+        metrics::gauge!("outrider_identity_trust_roots", "identity" => self.id.to_string())
+            .set(self.bundle.roots().len() as f64);
     }
 
     fn is_ready(&self) -> bool {
@@ -336,6 +401,19 @@ async fn renew_loop(shared: Arc<Shared>, cfg: IdentityConfig) {
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Looks at the bundle file every [`BUNDLE_RECHECK`] and takes in a changed one. A file that
+/// cannot be read or used (half-written, or emptied by mistake) leaves the roots in use as
+/// they are: a sidecar that dropped its roots would refuse every peer.
+async fn watch_bundle(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(BUNDLE_RECHECK).await;
+        if let Err(e) = shared.reload_bundle(false) {
+            tracing::warn!(identity = %shared.id, error = %e,
+                "identity: the mesh trust bundle cannot be used; keeping the roots in use");
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
@@ -27,10 +27,13 @@ use super::spiffe::SpiffeId;
 /// The ALPN protocol both ends of a mesh connection offer.
 pub const MESH_ALPN: &[u8] = b"outrider-mesh";
 
-/// The mesh roots a peer's certificate must chain to.
+/// The mesh roots a peer's certificate must chain to. Clones share one set of roots, which
+/// [`TrustBundle::replace`] swaps for all of them: the configs built from a bundle verify each
+/// new handshake against the roots current then, so a root is added or taken out (a root
+/// rotation) without a restart and without touching open connections.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
-    roots: Arc<RootCertStore>,
+    roots: Arc<ArcSwap<RootCertStore>>,
 }
 
 /// Why a trust bundle can't be used.
@@ -62,7 +65,7 @@ impl TrustBundle {
             ));
         }
         Ok(TrustBundle {
-            roots: Arc::new(roots),
+            roots: Arc::new(ArcSwap::from_pointee(roots)),
         })
     }
 
@@ -73,9 +76,15 @@ impl TrustBundle {
         Self::from_pem(&pem, &shown)
     }
 
-    /// The roots, for building other rustls configs (e.g. the client that talks to the CA).
+    /// The current roots, for building other rustls configs (e.g. the client that talks to
+    /// the CA, built per request).
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+        self.roots.load_full()
+    }
+
+    /// Makes `other`'s roots this bundle's, and every clone's.
+    pub fn replace(&self, other: &TrustBundle) {
+        self.roots.store(other.roots());
     }
 }
 
@@ -180,11 +189,54 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
-/// Verifies client certificates for a mesh server: webpki chain, then the SPIFFE ID.
+/// Verifies client certificates for a mesh server: webpki chain against the bundle's current
+/// roots, then the SPIFFE ID.
 #[derive(Debug)]
 struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    bundle: TrustBundle,
+    provider: Arc<CryptoProvider>,
+    /// webpki's verifier for the roots it was built from, rebuilt when they change.
+    built: ArcSwap<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
     trust_domain: String,
+}
+
+impl MeshClientVerifier {
+    fn new(
+        bundle: &TrustBundle,
+        provider: Arc<CryptoProvider>,
+        trust_domain: String,
+    ) -> Result<Self, rustls::Error> {
+        let roots = bundle.roots();
+        let inner = webpki_client_verifier(&roots, &provider)?;
+        Ok(Self {
+            bundle: bundle.clone(),
+            provider,
+            built: ArcSwap::from_pointee((roots, inner)),
+            trust_domain,
+        })
+    }
+
+    /// The verifier for the current roots: a pointer comparison per handshake, a rebuild
+    /// after the bundle changed.
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let roots = self.bundle.roots();
+        let built = self.built.load();
+        if Arc::ptr_eq(&built.0, &roots) {
+            return Ok(built.1.clone());
+        }
+        let inner = webpki_client_verifier(&roots, &self.provider)?;
+        self.built.store(Arc::new((roots, inner.clone())));
+        Ok(inner)
+    }
+}
+
+fn webpki_client_verifier(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("mesh client verifier: {e}")))
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
@@ -192,8 +244,10 @@ impl ClientCertVerifier for MeshClientVerifier {
         true
     }
 
+    // The roots' names as hints would have to outlive a swap; mesh clients have one
+    // certificate and ignore hints, and TLS makes them optional.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -203,7 +257,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let ok = self
-            .inner
+            .current()?
             .verify_client_cert(end_entity, intermediates, now)?;
         check_peer(end_entity, &self.trust_domain, None).map_err(reject)?;
         Ok(ok)
@@ -215,7 +269,12 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -224,11 +283,18 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -237,7 +303,7 @@ impl ClientCertVerifier for MeshClientVerifier {
 /// workloads, not hosts.
 #[derive(Debug)]
 struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: TrustBundle,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
     expected: Option<Vec<SpiffeId>>,
@@ -255,7 +321,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.bundle.roots(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -311,13 +377,11 @@ pub fn server_config(
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     super::install_crypto_provider();
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(bundle.roots(), provider.clone())
-        .build()
-        .map_err(|e| rustls::Error::General(format!("mesh client verifier: {e}")))?;
-    let verifier = MeshClientVerifier {
-        inner,
-        trust_domain: identity.id().trust_domain().to_owned(),
-    };
+    let verifier = MeshClientVerifier::new(
+        bundle,
+        provider.clone(),
+        identity.id().trust_domain().to_owned(),
+    )?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -342,7 +406,7 @@ pub fn client_config(
     super::install_crypto_provider();
     let provider = provider();
     let verifier = MeshServerVerifier {
-        roots: bundle.roots(),
+        bundle: bundle.clone(),
         provider: provider.clone(),
         trust_domain: identity.id().trust_domain().to_owned(),
         expected,
