@@ -762,3 +762,90 @@ fn dns_over_tcp_goes_to_the_resolv_conf_servers_and_nowhere_else() {
     let refused = netns::tcp_probe(&pod.ns, Some(1000), "203.0.113.53", 53);
     assert!(refused.is_err(), "{refused:?}");
 }
+
+#[test]
+fn an_address_of_the_proxy_itself_is_never_tried_as_the_next_one() {
+    // `loop.test` on the proxy's own port: 192.0.2.1 (a local address the proxy does not
+    // listen on) refuses, and the next address, 127.0.0.1, is the proxy's listener, which the
+    // loop check on the first address does not see. Dialled, it gets the request back (the
+    // client then gets the proxy's `400` to itself) or, for a tunnel, the proxy's own port.
+    // (Every 127/8 and ::1 address counts as the proxy's own, hence the namespace.)
+    let ns = NetNs::new("orloop");
+    ns.exec_ok("ip", &["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = (
+        dir.path().join("outrider.yaml"),
+        dir.path().join("access.log"),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "admin: {{ listen: 127.0.0.1:15000 }}\n\
+             outbound:\n  listen: 127.0.0.1:15001\n  egress:\n    allow:\n\
+             \x20     - host: loop.test\n      - cidr: 192.0.2.1/32\n      - cidr: 127.0.0.1/32\n\
+             dns:\n  hosts:\n    loop.test: [192.0.2.1, 127.0.0.1]\n\
+             access_log: {{ output: {} }}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let _proxy = ns.spawn(OUTRIDER, &["run", "--config", config.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ns
+        .exec(
+            "curl",
+            &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
+        )
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the proxy did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let curl = |extra: &[&str]| {
+        let mut args = vec![
+            "-s",
+            "-i",
+            "--max-time",
+            "10",
+            "-x",
+            "http://127.0.0.1:15001",
+        ];
+        args.extend_from_slice(extra);
+        Resp::parse(&ns.exec("curl", &args))
+    };
+    let resp = curl(&["http://loop.test:15001/"]);
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    let error = resp.header("x-outrider-error").unwrap_or_default();
+    assert!(error.contains("192.0.2.1:15001"), "{error}");
+    // The same for a tunnel.
+    let out = ns.exec(
+        "curl",
+        &[
+            "-s",
+            "-p",
+            "-x",
+            "http://127.0.0.1:15001",
+            "--max-time",
+            "10",
+        ]
+        .into_iter()
+        .chain([
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "http://loop.test:15001/",
+        ])
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
+    // One record for each: any other would be the proxy's own request to itself.
+    std::thread::sleep(Duration::from_millis(300));
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(records.len(), 2, "the proxy dialled itself: {records:#?}");
+}
