@@ -274,8 +274,8 @@ fn method_text(m: &::http::Method) -> std::borrow::Cow<'static, str> {
 
 /// Logs a request head that hyper's parser refused before it reached the proxy (a bad
 /// request line or header, a head too large). hyper has already answered it (400, 414 for
-/// a URI too long, or 431 for a head too large) and closes the connection; without this, the refusal would leave
-/// no trace.
+/// a URI too long, or 431 for a head too large) and closes the connection; without this,
+/// the refusal would leave no trace.
 pub fn log_refused_head(
     inputs: &Inputs,
     direction: &'static str,
