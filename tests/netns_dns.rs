@@ -63,6 +63,31 @@ while True:
     s.sendto(head + question + answer, peer)
 "#;
 
+/// Waits until the proxy in `ns` answers `/ready` on the admin port.
+fn wait_ready(ns: &NetNs) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ns
+        .exec(
+            "curl",
+            &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
+        )
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the proxy did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The access-log records written to `path` so far.
+fn records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// A namespace with its own /etc/hosts, a static HTTP server on 127.0.0.1:8000 serving
 /// `hello.txt`, and the proxy allowing `*.internal` there (and nothing else) in `mode`
 /// (`enforce` or `report`).
@@ -130,37 +155,15 @@ impl World {
             _etc: etc,
             dir,
         };
-        w.wait_ready();
+        wait_ready(&w.ns);
         w
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = self.ns.exec(
-                "curl",
-                &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
-            );
-            if out.status.success() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the proxy did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// The access log's last record, once one is written (the log is written behind).
     fn last_record(&self) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text =
-                std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-            if let Some(record) = text
-                .lines()
-                .rev()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .next()
-            {
+            if let Some(record) = records(&self.dir.path().join("access.log")).pop() {
                 return record;
             }
             assert!(Instant::now() < deadline, "no access-log record");
@@ -413,18 +416,7 @@ impl Pod {
             OUTRIDER,
             &["run", "--config", config.to_str().unwrap()],
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ns
-            .exec(
-                "curl",
-                &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
-            )
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "the proxy did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(&ns);
         Pod {
             ns,
             outside,
@@ -437,11 +429,7 @@ impl Pod {
 
     /// The access-log records so far.
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        records(&self.dir.path().join("access.log"))
     }
 }
 
@@ -790,31 +778,19 @@ fn an_address_of_the_proxy_itself_is_never_tried_as_the_next_one() {
     )
     .unwrap();
     let _proxy = ns.spawn(OUTRIDER, &["run", "--config", config.to_str().unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ns
-        .exec(
-            "curl",
-            &["-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"],
-        )
-        .status
-        .success()
-    {
-        assert!(Instant::now() < deadline, "the proxy did not become ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let curl = |extra: &[&str]| {
-        let mut args = vec![
+    wait_ready(&ns);
+    let resp = Resp::parse(&ns.exec(
+        "curl",
+        &[
             "-s",
             "-i",
             "--max-time",
             "10",
             "-x",
             "http://127.0.0.1:15001",
-        ];
-        args.extend_from_slice(extra);
-        Resp::parse(&ns.exec("curl", &args))
-    };
-    let resp = curl(&["http://loop.test:15001/"]);
+            "http://loop.test:15001/",
+        ],
+    ));
     assert_eq!(resp.status, 502, "{}", resp.body);
     let error = resp.header("x-outrider-error").unwrap_or_default();
     assert!(error.contains("192.0.2.1:15001"), "{error}");
@@ -842,10 +818,6 @@ fn an_address_of_the_proxy_itself_is_never_tried_as_the_next_one() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "502");
     // One record for each: any other would be the proxy's own request to itself.
     std::thread::sleep(Duration::from_millis(300));
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let records = records(&log);
     assert_eq!(records.len(), 2, "the proxy dialled itself: {records:#?}");
 }
