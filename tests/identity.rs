@@ -528,56 +528,82 @@ async fn expiry_gauge_follows_the_current_certificate() {
     );
 }
 
+/// A second CA, on a new root, for the rotation tests.
+struct NewRoot {
+    ca: Arc<MeshCa>,
+    old_root: String,
+    new_root: String,
+}
+
+impl Mesh {
+    /// Step 1 of a root rotation: a new CA and both roots in the bundle. Returns it and a
+    /// sidecar that holds a 15 s certificate from the old root, with a bundle of both roots.
+    async fn new_root(&self) -> (NewRoot, IdentityConfig, WorkloadIdentity) {
+        let new_dir = self.tmp.path().join("ca-new");
+        let ca = Arc::new(MeshCa::init(&new_dir, TD, Duration::from_secs(3600 * 24)).unwrap());
+        let old_root = std::fs::read_to_string(self.dir.join(ROOT_CERT_FILE)).unwrap();
+        let new_root = std::fs::read_to_string(new_dir.join(ROOT_CERT_FILE)).unwrap();
+        let both = self.tmp.path().join("both.pem");
+        std::fs::write(&both, format!("{old_root}{new_root}")).unwrap();
+        let mut cfg = self.config("ns/shop/sa/api", Some("15s"));
+        cfg.ca_bundle = both;
+        let api = WorkloadIdentity::start(&cfg).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), api.ready())
+            .await
+            .expect("no certificate within 10s");
+        let chain = api.current_chain_pem().unwrap();
+        assert!(chain.ends_with(&old_root), "{chain}");
+        let roots = NewRoot {
+            ca,
+            old_root,
+            new_root,
+        };
+        (roots, cfg, api)
+    }
+
+    /// Stops the CA and starts `ca` at the same address.
+    async fn restart_ca(&mut self, ca: &Arc<MeshCa>, opts: ServeOptions) {
+        self.server.take().unwrap().shutdown().await;
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.server = Some(CaServer::start(ca.clone(), listener, &opts).unwrap());
+    }
+}
+
 #[tokio::test]
 async fn after_the_ca_moves_to_a_new_root_certificates_from_the_old_one_renew_there() {
     // Step 2 of a root rotation: every sidecar trusts both roots, and the CA restarts on the
     // new one. Renewals authenticate with the current certificate, from the old root; a CA
     // that trusted only its own root refused them, and the sidecars' certificates ran out.
     let mut mesh = Mesh::new().await;
-    let new_dir = mesh.tmp.path().join("ca-new");
-    let new_ca = Arc::new(MeshCa::init(&new_dir, TD, Duration::from_secs(3600 * 24)).unwrap());
-    let old_root = std::fs::read_to_string(mesh.dir.join(ROOT_CERT_FILE)).unwrap();
-    let new_root = std::fs::read_to_string(new_dir.join(ROOT_CERT_FILE)).unwrap();
-    let both = mesh.tmp.path().join("both.pem");
-    std::fs::write(&both, format!("{old_root}{new_root}")).unwrap();
-    let mut cfg = mesh.config("ns/shop/sa/api", Some("15s"));
-    cfg.ca_bundle = both;
-    let api = WorkloadIdentity::start(&cfg).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), api.ready())
-        .await
-        .expect("no certificate within 10s");
+    let (roots, cfg, api) = mesh.new_root().await;
     let chain = api.current_chain_pem().unwrap();
-    assert!(chain.ends_with(&old_root), "{chain}");
     // The bootstrap token is long gone by then.
     std::fs::remove_file(&cfg.token_file).unwrap();
 
-    // The CA restarted on the new root, at the same address.
-    let restart = |opts: ServeOptions| {
-        let (addr, ca) = (mesh.addr, new_ca.clone());
-        async move {
-            let listener = TcpListener::bind(addr).await.unwrap();
-            CaServer::start(ca, listener, &opts).unwrap()
-        }
-    };
-    // On the new root alone, the renewal (due at ~2/3 of 15 s) is refused.
-    mesh.server.take().unwrap().shutdown().await;
-    mesh.server = Some(restart(ServeOptions::default()).await);
+    // On the new root alone, the renewal (due at ~2/3 of 15 s) is refused in the handshake,
+    // and the sidecar says so, and what to do: it said "CA unreachable: connection error".
+    mesh.restart_ca(&roots.ca, ServeOptions::default()).await;
     eventually(Duration::from_secs(14), "a refused renewal", || {
         api.stats().failures >= 1
     })
     .await;
     assert_eq!(api.current_chain_pem().unwrap(), chain);
+    let err = api.stats().last_error.unwrap();
+    for want in [
+        "refused the certificate being renewed in the TLS handshake",
+        "--also-trust",
+        "with the bootstrap token: identity.token_file",
+    ] {
+        assert!(err.contains(want), "{want:?} not in {err}");
+    }
 
     // With `ca serve --also-trust <old root>`, the retry gets a certificate from the new root.
-    mesh.server.take().unwrap().shutdown().await;
-    let old = rustls_pki_types::CertificateDer::from_pem_slice(old_root.as_bytes()).unwrap();
-    mesh.server = Some(
-        restart(ServeOptions {
-            also_trust: vec![old],
-            ..ServeOptions::default()
-        })
-        .await,
-    );
+    let old = rustls_pki_types::CertificateDer::from_pem_slice(roots.old_root.as_bytes()).unwrap();
+    let opts = ServeOptions {
+        also_trust: vec![old],
+        ..ServeOptions::default()
+    };
+    mesh.restart_ca(&roots.ca, opts).await;
     eventually(
         Duration::from_secs(10),
         "a renewal from the new root",
@@ -585,5 +611,27 @@ async fn after_the_ca_moves_to_a_new_root_certificates_from_the_old_one_renew_th
     )
     .await;
     let renewed = api.current_chain_pem().unwrap();
-    assert!(renewed.ends_with(&new_root), "{renewed}");
+    assert!(renewed.ends_with(&roots.new_root), "{renewed}");
+}
+
+#[tokio::test]
+async fn a_renewal_refused_in_the_handshake_falls_back_to_the_token() {
+    // The CA moved to the new root without `--also-trust`, and a new token for the sidecar,
+    // from the new CA, is in its token file (as a token controller writes it). The refused
+    // renewal looked like an outage, so the sidecar retried with its certificate until that
+    // expired; now it tries the token at once.
+    let mut mesh = Mesh::new().await;
+    let (roots, cfg, api) = mesh.new_root().await;
+    let id = roots.ca.identity("ns/shop/sa/api").unwrap();
+    let token = roots.ca.mint_token(&id, Duration::from_secs(600)).unwrap();
+    std::fs::write(&cfg.token_file, token).unwrap();
+    mesh.restart_ca(&roots.ca, ServeOptions::default()).await;
+    eventually(Duration::from_secs(14), "a renewal with the token", || {
+        api.stats().issued >= 2
+    })
+    .await;
+    let stats = api.stats();
+    assert_eq!(stats.failures, 0, "{stats:?}");
+    let renewed = api.current_chain_pem().unwrap();
+    assert!(renewed.ends_with(&roots.new_root), "{renewed}");
 }

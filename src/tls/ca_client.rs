@@ -42,6 +42,24 @@ pub enum FetchError {
         /// The CA's explanation.
         message: String,
     },
+    /// The CA ended the TLS handshake over the certificate this sidecar presented: it does not
+    /// chain to the roots the CA trusts (typically a CA moved to a new root without
+    /// `--also-trust`), or it was refused outright.
+    #[error("CA {url} refused the certificate being renewed in the TLS handshake (alert {alert}): if the CA moved to a new root, start it with --also-trust <old root.pem>")]
+    CertificateRefused {
+        /// The CA URL.
+        url: String,
+        /// The TLS alert the CA sent.
+        alert: String,
+    },
+    /// A renewal was refused and the bootstrap token did not get a certificate either.
+    #[error("{renewal}; with the bootstrap token: {token}")]
+    TokenToo {
+        /// Why the renewal by certificate failed.
+        renewal: Box<FetchError>,
+        /// Why the request with the token failed.
+        token: Box<FetchError>,
+    },
     /// The CA's answer is not a usable certificate.
     #[error("CA response unusable: {0}")]
     BadResponse(String),
@@ -126,17 +144,33 @@ pub async fn sign(
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Result<SignResponse, FetchError> {
     let target = Target::parse(ca_url)?;
-    let tls = tls_config(bundle, client_cert)?;
     let body = serde_json::to_vec(req).map_err(|e| FetchError::Local(e.to_string()))?;
     let unreachable = |reason: String| FetchError::Unreachable {
         url: ca_url.to_owned(),
         reason,
     };
-    let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange(target, tls, body))
-        .await
-        .map_err(|_| format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))
-        .and_then(|r| r)
-        .map_err(unreachable)?;
+    let presents_cert = client_cert.is_some();
+    let tls = tls_config(bundle, client_cert)?;
+    let (status, bytes) =
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange(target, tls, body)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(Broken::CertRefused(alert))) if presents_cert => {
+                return Err(FetchError::CertificateRefused {
+                    url: ca_url.to_owned(),
+                    alert: format!("{alert:?}"),
+                })
+            }
+            Ok(Err(Broken::CertRefused(alert))) => {
+                return Err(unreachable(format!("TLS alert {alert:?}")))
+            }
+            Ok(Err(Broken::Step(reason))) => return Err(unreachable(reason)),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                )))
+            }
+        };
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| FetchError::BadResponse(e.to_string()));
     }
@@ -151,37 +185,95 @@ pub async fn sign(
     })
 }
 
+/// How an exchange with the CA broke.
+enum Broken {
+    /// The CA sent a TLS alert about the client certificate. In TLS 1.3 the client's side of
+    /// the handshake is done before the server has checked that certificate, so the alert
+    /// arrives as the response is read, where hyper reports only "connection error".
+    CertRefused(rustls::AlertDescription),
+    /// Anything else, with the step that failed and the whole chain of causes.
+    Step(String),
+}
+
+impl Broken {
+    fn at(step: &str, e: &(dyn std::error::Error + 'static)) -> Broken {
+        let mut text = format!("{step}: {e}");
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            // io::Error's `source()` skips the error it wraps, so that one is looked at first.
+            let wrapped = err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            for layer in [Some(err), wrapped].into_iter().flatten() {
+                if let Some(rustls::Error::AlertReceived(alert)) = layer.downcast_ref() {
+                    if refuses_cert(*alert) {
+                        return Broken::CertRefused(*alert);
+                    }
+                }
+            }
+            cur = err.source();
+            if let Some(next) = cur {
+                let next = next.to_string();
+                if !text.ends_with(&next) {
+                    text = format!("{text}: {next}");
+                }
+            }
+        }
+        Broken::Step(text)
+    }
+}
+
+/// The alerts a TLS server sends when it does not accept the client's certificate. Our side of
+/// the handshake is over by then, so `DecryptError` is about our chain: a root of the same name
+/// as ours whose signature does not verify it, as after a CA moved to a new root.
+fn refuses_cert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+            | A::DecryptError
+    )
+}
+
 /// Connect, TLS, one HTTP/1.1 request. Errors say which step failed.
 async fn exchange(
     target: Target,
     tls: rustls::ClientConfig,
     body: Vec<u8>,
-) -> Result<(http::StatusCode, Bytes), String> {
+) -> Result<(http::StatusCode, Bytes), Broken> {
     let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| Broken::at("connect", &e))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(target.server_name, tcp)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| Broken::at("TLS", &e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| Broken::at("HTTP", &e))?;
     let conn_task = tokio::spawn(conn);
     let req = http::Request::post(target.path.as_str())
         .header(http::header::HOST, target.authority.as_str())
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| Broken::at("HTTP", &e))?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| Broken::at("HTTP", &e))?;
     let status = resp.status();
     let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
         .collect()
         .await
-        .map_err(|e| format!("reading the response: {e}"))?
+        .map_err(|e| Broken::Step(format!("reading the response: {e}")))?
         .to_bytes();
     conn_task.abort();
     Ok((status, bytes))

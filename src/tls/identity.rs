@@ -466,24 +466,40 @@ async fn request(
         token: None,
         ttl_seconds: cfg.requested_ttl().map(|t| t.as_secs()),
     };
+    let mut refused = None;
     if shared.is_ready() {
         if let Some(cert) = shared.certified.load_full() {
             match ca_client::sign(&cfg.ca_url, &shared.bundle, &req, Some(cert)).await {
-                Err(FetchError::Refused { status, error, .. })
-                    if status == 401 || status == 400 =>
-                {
-                    tracing::info!(identity = %shared.id, error, "identity: CA refused a renewal by certificate; trying the token");
+                Err(
+                    e @ FetchError::Refused {
+                        status: 400 | 401, ..
+                    },
+                )
+                | Err(e @ FetchError::CertificateRefused { .. }) => {
+                    tracing::info!(identity = %shared.id, error = %e, "identity: CA refused a renewal by certificate; trying the token");
+                    refused = Some(e);
                 }
                 other => return other,
             }
         }
     }
-    let token = std::fs::read_to_string(&cfg.token_file).map_err(|e| {
-        FetchError::Local(format!(
+    let by_token = match std::fs::read_to_string(&cfg.token_file) {
+        Ok(token) => {
+            req.token = Some(token.trim().to_owned());
+            ca_client::sign(&cfg.ca_url, &shared.bundle, &req, None).await
+        }
+        Err(e) => Err(FetchError::Local(format!(
             "identity.token_file {}: {e}",
             cfg.token_file.display()
-        ))
-    })?;
-    req.token = Some(token.trim().to_owned());
-    ca_client::sign(&cfg.ca_url, &shared.bundle, &req, None).await
+        ))),
+    };
+    // After a refused renewal, the reason for that refusal is what the operator must see:
+    // the token is usually long expired or gone by then.
+    match (by_token, refused) {
+        (Err(token), Some(renewal)) => Err(FetchError::TokenToo {
+            renewal: Box::new(renewal),
+            token: Box::new(token),
+        }),
+        (result, _) => result,
+    }
 }
