@@ -79,14 +79,7 @@ async fn route(
         },
         (&Method::GET, "/certs") => match handle.certs() {
             None => text(StatusCode::NOT_FOUND, plain, "no identity configured\n"),
-            Some((id, chain, not_after)) => {
-                let body = serde_json::json!({
-                    "spiffe_id": id,
-                    "not_after": not_after,
-                    "chain_pem": chain,
-                });
-                text(StatusCode::OK, "application/json", body.to_string())
-            }
+            Some(body) => text(StatusCode::OK, "application/json", body.to_string()),
         },
         (&Method::GET, "/config") => match serde_json::to_vec_pretty(&handle.config()) {
             Ok(json) => text(StatusCode::OK, "application/json", json),

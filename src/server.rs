@@ -239,14 +239,16 @@ impl ServerHandle {
         self.ready.load(Ordering::SeqCst) && !self.shutdown.is_cancelled() && identity_ready
     }
 
-    /// The identity's current certificate chain and SPIFFE ID, for admin `/certs`.
-    pub fn certs(&self) -> Option<(String, Option<String>, Option<u64>)> {
+    /// The identity's SPIFFE ID, current certificate chain and the roots in use, for admin
+    /// `/certs`.
+    pub fn certs(&self) -> Option<serde_json::Value> {
         let m = self.inputs.mesh.as_ref()?;
-        Some((
-            m.identity.id().to_string(),
-            m.identity.current_chain_pem(),
-            m.identity.not_after(),
-        ))
+        Some(serde_json::json!({
+            "spiffe_id": m.identity.id().to_string(),
+            "not_after": m.identity.not_after(),
+            "chain_pem": m.identity.current_chain_pem(),
+            "trust_roots": m.identity.bundle().describe(),
+        }))
     }
 
     /// Stops accepting and starts draining.

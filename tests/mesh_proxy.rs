@@ -525,6 +525,14 @@ async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
+/// A certificate's SHA-256 fingerprint, lower-case hex, from its PEM.
+fn fingerprint(pem: &str) -> String {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Waits (up to 30 s: the bundle file is looked at every 5 s) until `cond` holds.
 async fn within_30s<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -583,6 +591,27 @@ async fn the_mesh_root_is_rotated_without_restarting_a_sidecar() {
     )
     .await;
     assert_eq!(metric(&b, roots_b).await, Some(2.0));
+    // `/certs` says which roots those are, as Envoy's does: an operator compares fingerprints.
+    let certs = raw(
+        b.handle.admin_addr,
+        "GET /certs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (_, body) = certs.split_once("\r\n\r\n").unwrap();
+    let certs: serde_json::Value = serde_json::from_str(body).unwrap();
+    let shown: Vec<&str> = certs["trust_roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["sha256"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, [fingerprint(&old_root), fingerprint(&new_root)]);
+    let root = &certs["trust_roots"][0];
+    assert!(root["subject"].as_str().unwrap().contains("CN="), "{root}");
+    assert!(
+        root["not_after"].as_i64().unwrap() > 1_700_000_000,
+        "{root}"
+    );
 
     // A bundle file that cannot be used (written half, emptied by mistake) keeps the roots
     // in use: a new caller with a certificate from the old root still gets in.
@@ -601,6 +630,15 @@ async fn the_mesh_root_is_rotated_without_restarting_a_sidecar() {
     let c = sidecar_client(&old, "ns/a/sa/c", b_inbound).await;
     let resp = raw(c.handle.outbound_addr, get).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // So does a file that is gone, and it is reported once, not at each look every 5 s.
+    std::fs::remove_file(&bundle_b).unwrap();
+    within_30s("B never noticed the bundle is gone", || async {
+        metric(&b, errors_b).await == Some(2.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(metric(&b, errors_b).await, Some(2.0));
+    assert_eq!(metric(&b, roots_b).await, Some(2.0));
 
     // Last step: the old root taken out. A new handshake with its certificates is refused.
     std::fs::write(&bundle_b, &new_root).unwrap();

@@ -119,12 +119,15 @@ struct Current {
     not_after: u64,
 }
 
+/// What the bundle file held at the last look, good or bad, or why it could not be read.
+type LastRead = Mutex<Result<Vec<u8>, String>>;
+
 struct Shared {
     id: SpiffeId,
     bundle: TrustBundle,
-    /// Where the bundle is read from (none for a fixed identity), and the bytes last read
-    /// there, good or bad: a file is parsed, and a bad one warned about, once per content.
-    bundle_file: Option<(PathBuf, Mutex<Vec<u8>>)>,
+    /// Where the bundle is read from (none for a fixed identity), and what was read there
+    /// last: a file is parsed, and a bad or missing one warned about, once per content.
+    bundle_file: Option<(PathBuf, LastRead)>,
     // What rustls resolvers read; swapped together with `current`.
     certified: Arc<ArcSwapOption<CertifiedKey>>,
     current: ArcSwapOption<Current>,
@@ -184,7 +187,7 @@ impl WorkloadIdentity {
             .map_err(|e| super::mtls::BundleError::Io(cfg.ca_bundle.display().to_string(), e))?;
         let bundle = TrustBundle::from_pem(&pem, &cfg.ca_bundle.display().to_string())?;
         let mut shared = Shared::new(id, bundle);
-        shared.bundle_file = Some((cfg.ca_bundle.clone(), Mutex::new(pem)));
+        shared.bundle_file = Some((cfg.ca_bundle.clone(), Mutex::new(Ok(pem))));
         shared.count_roots();
         let shared = Arc::new(shared);
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
@@ -303,19 +306,21 @@ impl Shared {
             metrics::counter!("outrider_identity_trust_bundle_errors_total", "identity" => self.id.to_string())
                 .increment(1);
         };
-        let pem = std::fs::read(path).map_err(|e| {
-            errors();
-            BundleError::Io(shown.clone(), e)
-        })?;
+        // What was read last, or why it could not be: each is reported once, not at every look.
+        let read = std::fs::read(path).map_err(|e| e.to_string());
         {
             let Ok(mut seen) = seen.lock() else {
                 return Ok(false);
             };
-            if *seen == pem && !force {
+            if *seen == read && !force {
                 return Ok(false);
             }
-            seen.clone_from(&pem);
+            seen.clone_from(&read);
         }
+        let pem = read.map_err(|e| {
+            errors();
+            BundleError::Io(shown.clone(), std::io::Error::other(e))
+        })?;
         let bundle = TrustBundle::from_pem(&pem, &shown).inspect_err(|_| errors())?;
         let (before, after) = (self.bundle.roots().len(), bundle.roots().len());
         self.bundle.replace(&bundle);

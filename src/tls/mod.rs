@@ -17,7 +17,7 @@ pub mod token;
 pub use ca::{run_ca, CaCommand};
 pub use ca_client::FetchError;
 pub use identity::{IdentityConfig, WorkloadIdentity};
-pub use mtls::{client_config, peer_spiffe_id, server_config, TrustBundle, MESH_ALPN};
+pub use mtls::{client_config, peer_spiffe_id, server_config, RootInfo, TrustBundle, MESH_ALPN};
 pub use spiffe::SpiffeId;
 
 /// Installs aws-lc-rs as the process's rustls crypto provider. Idempotent; every TLS

@@ -33,7 +33,26 @@ pub const MESH_ALPN: &[u8] = b"outrider-mesh";
 /// rotation) without a restart and without touching open connections.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
-    roots: Arc<ArcSwap<RootCertStore>>,
+    roots: Arc<ArcSwap<Roots>>,
+}
+
+/// One set of roots: the store handshakes are verified against, and the certificates it was
+/// made from, which the store no longer has, for the admin API to show.
+#[derive(Debug)]
+struct Roots {
+    store: Arc<RootCertStore>,
+    certs: Vec<CertificateDer<'static>>,
+}
+
+/// A root certificate as the admin API's `/certs` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RootInfo {
+    /// The subject, as an RFC 4514 string.
+    pub subject: String,
+    /// SHA-256 of the DER certificate, lower-case hex: `openssl x509 -fingerprint -sha256`.
+    pub sha256: String,
+    /// When it expires, unix seconds.
+    pub not_after: i64,
 }
 
 /// Why a trust bundle can't be used.
@@ -51,12 +70,14 @@ impl TrustBundle {
     /// Reads PEM root certificates; `source` names them in errors.
     pub fn from_pem(pem: &[u8], source: &str) -> Result<TrustBundle, BundleError> {
         let mut roots = RootCertStore::empty();
+        let mut certs = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert =
                 cert.map_err(|e| BundleError::Invalid(source.to_owned(), format!("bad PEM: {e}")))?;
-            roots.add(cert).map_err(|e| {
+            roots.add(cert.clone()).map_err(|e| {
                 BundleError::Invalid(source.to_owned(), format!("not a usable root: {e}"))
             })?;
+            certs.push(cert);
         }
         if roots.is_empty() {
             return Err(BundleError::Invalid(
@@ -65,7 +86,10 @@ impl TrustBundle {
             ));
         }
         Ok(TrustBundle {
-            roots: Arc::new(ArcSwap::from_pointee(roots)),
+            roots: Arc::new(ArcSwap::from_pointee(Roots {
+                store: Arc::new(roots),
+                certs,
+            })),
         })
     }
 
@@ -79,12 +103,34 @@ impl TrustBundle {
     /// The current roots, for building other rustls configs (e.g. the client that talks to
     /// the CA, built per request).
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.load_full()
+        self.roots.load().store.clone()
+    }
+
+    /// The current roots, described for the admin API.
+    pub fn describe(&self) -> Vec<RootInfo> {
+        self.roots
+            .load()
+            .certs
+            .iter()
+            .map(|der| {
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+                let sha256 = super::token::hex(digest.as_ref());
+                // `from_pem` added each one to a RootCertStore, which parsed it.
+                let parsed = x509_parser::parse_x509_certificate(der).ok();
+                RootInfo {
+                    subject: parsed
+                        .as_ref()
+                        .map_or_else(String::new, |(_, c)| c.subject().to_string()),
+                    sha256,
+                    not_after: parsed.map_or(0, |(_, c)| c.validity().not_after.timestamp()),
+                }
+            })
+            .collect()
     }
 
     /// Makes `other`'s roots this bundle's, and every clone's.
     pub fn replace(&self, other: &TrustBundle) {
-        self.roots.store(other.roots());
+        self.roots.store(other.roots.load_full());
     }
 }
 
