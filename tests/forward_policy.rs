@@ -349,6 +349,23 @@ async fn invalid_hosts_are_refused() {
             "{url}: no {ERROR_HEADER}: {raw:?}"
         );
     }
+    // Shorthand IPv4 forms that libc's resolver reads as 127.0.0.1, which a CIDR rule for
+    // 127.0.0.1/32 would allow if they were taken as that address: refused, saying why.
+    for target in [
+        format!("GET http://127.1:{p}/ HTTP/1.1"),
+        format!("GET http://2130706433:{p}/ HTTP/1.1"),
+        format!("GET http://0x7f.1:{p}/ HTTP/1.1"),
+        format!("CONNECT 127.1:{p} HTTP/1.1"),
+    ] {
+        let raw = raw_exchange(
+            proxy.proxy_addr(),
+            format!("{target}\r\nHost: b.test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(raw.status, 400, "{target}: {raw:?}");
+        let why = raw.header(ERROR_HEADER).unwrap_or_default();
+        assert!(why.contains("dotted-quad"), "{target}: {why}");
+    }
     // Bytes that must never get through, whoever refuses them.
     let raw_cases: Vec<Vec<u8>> = vec![
         format!("GET http://b.test\0.evil:{p}/ HTTP/1.1\r\nHost: b.test\r\n\r\n").into_bytes(),

@@ -35,6 +35,10 @@ pub enum HostError {
     /// real host (`good.test@evil.test`). RFC 9110 §4.2.4 says to treat it as an error.
     #[error("the URL carries userinfo (user:password@), which is refused: send credentials in an Authorization header")]
     Userinfo,
+    /// A last label of digits only (`127.1`, `2130706433`, `0x7f.1`): no DNS name, and not
+    /// the dotted-quad form of an IPv4 address either.
+    #[error("a host ending in a number is neither a DNS name nor an IPv4 address in dotted-quad form (resolvers read 127.1 or 2130706433 as addresses): write the address as a.b.c.d")]
+    NumericName,
     /// An empty label (`a..b`, leading dot) or a label over 63 bytes.
     #[error("host has an empty or over-long label")]
     BadLabel,
@@ -72,7 +76,7 @@ pub fn parse_host(raw: &str) -> Result<Host, HostError> {
         .next()
         .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
     {
-        return Err(HostError::BadChar);
+        return Err(HostError::NumericName);
     }
     Ok(Host::Name(name.to_ascii_lowercase()))
 }
@@ -166,10 +170,22 @@ mod tests {
             "a..com",
             "a/b",
             "a%2e.com",
-            "0x7f.1",
-            "1.2.3",
         ] {
             assert!(parse_host(bad).is_err(), "{bad:?} should be refused");
+        }
+        for shorthand in [
+            "0x7f.1",
+            "1.2.3",
+            "127.1",
+            "2130706433",
+            "017700000001",
+            "a.1",
+        ] {
+            assert_eq!(
+                parse_host(shorthand),
+                Err(HostError::NumericName),
+                "{shorthand}"
+            );
         }
     }
 
