@@ -47,6 +47,17 @@ async fn app() -> SocketAddr {
                             chunks.boxed(),
                         )));
                     }
+                    if req.uri().path() == "/own-keep-alive" {
+                        // An app's own hint is about its connection to the proxy, not the
+                        // client's: it must not reach the client.
+                        let mut resp =
+                            hyper::Response::new(StreamBody::new(futures_stream(false).boxed()));
+                        resp.headers_mut().insert(
+                            "keep-alive",
+                            hyper::header::HeaderValue::from_static("timeout=99"),
+                        );
+                        return Ok::<_, Infallible>(resp);
+                    }
                     let drip = req.uri().path() == "/drip";
                     let chunks = futures_stream(drip);
                     Ok::<_, Infallible>(hyper::Response::new(StreamBody::new(chunks.boxed())))
@@ -109,6 +120,8 @@ async fn http2_connections_stay_while_busy_and_close_when_idle() {
 
     let resp = sender.send_request(get("/")).await.unwrap();
     assert_eq!(resp.status(), 200);
+    // HTTP/2 has no `Keep-Alive` (RFC 9113 §8.2.2): the GOAWAY says when it ends.
+    assert_eq!(resp.headers().get("keep-alive"), None);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
 
     // A response still being sent when the idle timeout would have passed is not cut.
@@ -145,6 +158,55 @@ async fn http1_get(s: &mut tokio::net::TcpStream, path: &str) -> String {
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The head of the next response on `s` (the connection stays open), lower-cased.
+async fn response_head(s: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).await.unwrap();
+        assert!(n > 0, "closed before the head ended: {got:?}");
+        got.push(byte[0]);
+    }
+    String::from_utf8_lossy(&got).to_ascii_lowercase()
+}
+
+/// An HTTP/1.1 response on a connection that stays open says how long the proxy keeps it
+/// idle (`Keep-Alive: timeout=2`, the idle timeout), so that a client lets it go rather than
+/// send a request as it closes (Node's and Java's clients go by it), on both listeners and
+/// for the proxy's own refusals too. Not when the connection closes, and
+/// never the app's own hint, which is about the app's connection to the proxy.
+#[tokio::test]
+async fn http1_responses_say_how_long_an_idle_connection_is_kept() {
+    let app = app().await;
+    let p = proxy(app).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+    let head = response_head(&mut s, &get("/own-keep-alive")).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("\r\nkeep-alive: timeout=2\r\n"), "{head}");
+    assert!(!head.contains("timeout=99"), "{head}");
+
+    let mut s = tokio::net::TcpStream::connect(p.proxy_addr())
+        .await
+        .unwrap();
+    let denied = "GET http://not-allowed.test/ HTTP/1.1\r\nHost: not-allowed.test\r\n\r\n";
+    let head = response_head(&mut s, denied).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("\r\nkeep-alive: timeout=2\r\n"), "{head}");
+
+    let closing = outrider::testing::raw_exchange(
+        inbound,
+        b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(closing.status, 200, "{closing:?}");
+    assert_eq!(closing.header("keep-alive"), None, "{closing:?}");
+    p.shutdown().await;
 }
 
 #[tokio::test]

@@ -461,9 +461,10 @@ async fn a_handshake_that_stalls_is_cut_off() {
 }
 
 /// A pooled mTLS connection to another sidecar is let go a second before that sidecar would
-/// close it (its `clients.idle_timeout`, taken to be this one's), so that a request is never
-/// sent on a connection the peer is closing that instant (lost, and a 502 for a POST). With
-/// idle timeouts of 3 s: a request 2.5 s after the last goes on a new connection to B (B's
+/// close it, so that a request is never sent on a connection the peer is closing that
+/// instant (lost, and a 502 for a POST). B's `clients.idle_timeout` is 3 s, A's the default
+/// 30 s: A learns B's from B's `Keep-Alive: timeout=3` (before, it took B's to be its own,
+/// and sent on for 29 s). A request 2.5 s after the last goes on a new connection to B (B's
 /// log shows another client port); one 0.3 s after reuses the connection.
 #[tokio::test]
 async fn a_pooled_connection_to_a_peer_is_let_go_before_the_peer_closes_it() {
@@ -479,7 +480,7 @@ async fn a_pooled_connection_to_a_peer_is_let_go_before_the_peer_closes_it() {
     .await;
     let a = Sidecar::start(
         &format!(
-            "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\nclients: {{ idle_timeout: 3s }}\n{}",
+            "outbound:\n  listen: 127.0.0.1:0\n  egress:\n    allow:\n      - cidr: 127.0.0.0/8\nmesh:\n  networks: [127.0.0.0/8]\n{}",
             ca.identity_yaml("ns/a/sa/web")
         ),
         Some(b.handle.inbound_addr.unwrap()),

@@ -130,8 +130,9 @@ where
     // fresh boxed `Sleep` per request (3 % of the inbound path's CPU).
     let idle = super::idle::Idle::new();
     let builder = server_builder(limits);
-    let connection =
-        builder.serve_connection_with_upgrades(io, super::idle::Tracked::new(svc, idle.clone()));
+    let svc =
+        super::idle::Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout);
+    let connection = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(connection);
     tokio::select! {
         res = connection.as_mut() => res,

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +36,9 @@ struct Shared {
     flushed: AtomicBool,
     /// Bytes were read from the client since `keepalive` last cleared this.
     read: AtomicBool,
+    /// The idle timeout in whole seconds, for `Keep-Alive: timeout=N`; 0: not sent. Here, not
+    /// in [`Tracked`], which every connection's task holds (see `proxy::tests`).
+    hint_secs: AtomicU32,
     start: Instant,
 }
 
@@ -48,6 +51,7 @@ impl Idle {
                 begun: AtomicU64::new(0),
                 flushed: AtomicBool::new(true),
                 read: AtomicBool::new(false),
+                hint_secs: AtomicU32::new(0),
                 start: Instant::now(),
             }),
         }
@@ -119,7 +123,8 @@ impl Drop for Active {
     }
 }
 
-/// A service wrapper that counts each request, and its response body, as activity.
+/// A service wrapper that counts each request, and its response body, as activity, and
+/// on HTTP/1.1 says how long the connection is kept idle.
 #[derive(Clone)]
 pub struct Tracked<S> {
     inner: S,
@@ -130,22 +135,74 @@ impl<S> Tracked<S> {
     pub fn new(inner: S, idle: Idle) -> Self {
         Self { inner, idle }
     }
+
+    /// Answers HTTP/1.1 requests that keep their connection with `Keep-Alive: timeout=N`,
+    /// N the idle timeout in whole seconds (none under one second). A client that knows when
+    /// an idle connection will be closed lets it go first, rather than send a request on it
+    /// as it closes, which loses a request that cannot be repeated (a POST). Node's and
+    /// undici's agents, Java's `HttpURLConnection` and Apache HttpClient go by it, and so
+    /// does Outrider's own pool, so a sidecar calling another learns its idle timeout.
+    pub fn with_keep_alive_hint(self, idle_timeout: Duration) -> Self {
+        let secs = u32::try_from(idle_timeout.as_secs()).unwrap_or(u32::MAX);
+        self.idle.shared.hint_secs.store(secs, Ordering::Relaxed);
+        self
+    }
 }
 
-impl<S, R, B> hyper::service::Service<R> for Tracked<S>
+impl<S, T, B> hyper::service::Service<http::Request<T>> for Tracked<S>
 where
-    S: hyper::service::Service<R, Response = http::Response<B>>,
+    S: hyper::service::Service<http::Request<T>, Response = http::Response<B>>,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: R) -> Self::Future {
+    fn call(&self, req: http::Request<T>) -> Self::Future {
+        let hint_secs = match self.idle.shared.hint_secs.load(Ordering::Relaxed) {
+            n if n > 0
+                && req.version() == http::Version::HTTP_11
+                && !asks_to_close(req.headers()) =>
+            {
+                n
+            }
+            _ => 0,
+        };
         TrackedFuture {
             active: Some(self.idle.begin()),
             answer: self.inner.call(req),
+            hint_secs,
         }
     }
+}
+
+/// Whether a request's `Connection` says `close`.
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// A constant, so that the name is checked when compiling, not on each response.
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+
+/// `timeout=N`, made once per thread for the N in use, not once per response.
+fn keep_alive_value(secs: u32) -> http::HeaderValue {
+    thread_local! {
+        static MADE: std::cell::RefCell<Option<(u32, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    MADE.with_borrow_mut(|made| match made {
+        Some((n, v)) if *n == secs => v.clone(),
+        _ => {
+            // Digits and `timeout=` only: always a valid value.
+            let v = http::HeaderValue::try_from(format!("timeout={secs}"))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("timeout=0"));
+            *made = Some((secs, v.clone()));
+            v
+        }
+    })
 }
 
 pin_project_lite::pin_project! {
@@ -154,6 +211,7 @@ pin_project_lite::pin_project! {
         #[pin]
         answer: F,
         active: Option<Active>,
+        hint_secs: u32,
     }
 }
 
@@ -165,7 +223,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = std::task::ready!(this.answer.poll(cx))?;
+        let mut res = std::task::ready!(this.answer.poll(cx))?;
+        // Not on a protocol switch: the connection is no longer HTTP's.
+        if *this.hint_secs > 0 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            res.headers_mut()
+                .insert(KEEP_ALIVE, keep_alive_value(*this.hint_secs));
+        }
         // The same unit of work goes on with the body, until hyper drops it.
         let active = this.active.take();
         Poll::Ready(Ok(res.map(|body| TrackedBody {

@@ -65,7 +65,7 @@ where
             idle: idle.clone(),
         },
         svc: Switching {
-            inner: Tracked::new(svc, idle.clone()),
+            inner: Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout),
             handoff: handoff.clone(),
         },
     };
