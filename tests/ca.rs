@@ -166,7 +166,8 @@ async fn cli_init_refuses_existing_ca_and_bad_identities() {
     };
     let err = outrider::tls::run_ca(serve(not_pem)).await.unwrap_err();
     assert!(
-        format!("{err:#}").contains("no certificate in it"),
+        format!("{err:#}").contains("--also-trust")
+            && format!("{err:#}").contains("no certificate in the bundle"),
         "{err:#}"
     );
     let err = outrider::tls::run_ca(serve(tmp.path().join("missing.pem")))

@@ -161,7 +161,11 @@ where
         let hint_secs = match self.idle.shared.hint_secs.load(Ordering::Relaxed) {
             n if n > 0
                 && req.version() == http::Version::HTTP_11
-                && !asks_to_close(req.headers()) =>
+                && !crate::net::upstream::has_token(
+                    req.headers(),
+                    http::header::CONNECTION,
+                    "close",
+                ) =>
             {
                 n
             }
@@ -173,15 +177,6 @@ where
             hint_secs,
         }
     }
-}
-
-/// Whether a request's `Connection` says `close`.
-fn asks_to_close(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// A constant, so that the name is checked when compiling, not on each response.

@@ -520,16 +520,10 @@ pub async fn run_ca(cmd: CaCommand) -> anyhow::Result<()> {
             let ca = std::sync::Arc::new(MeshCa::load(&dir)?);
             let mut extra_roots = Vec::new();
             for path in &also_trust {
-                let pem = read(path)?;
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| {
-                        anyhow::anyhow!("--also-trust {}: bad PEM: {e}", path.display())
-                    })?;
-                if certs.is_empty() {
-                    anyhow::bail!("--also-trust {}: no certificate in it", path.display());
-                }
-                extra_roots.extend(certs);
+                // Read as a sidecar reads its bundle: the same checks, the same errors.
+                let bundle = super::TrustBundle::from_file(path)
+                    .map_err(|e| anyhow::anyhow!("--also-trust {e}"))?;
+                extra_roots.extend(bundle.certs());
             }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -106,6 +106,11 @@ impl TrustBundle {
         self.roots.load().store.clone()
     }
 
+    /// The current roots' certificates.
+    pub fn certs(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.load().certs.clone()
+    }
+
     /// The current roots, described for the admin API.
     pub fn describe(&self) -> Vec<RootInfo> {
         self.roots
