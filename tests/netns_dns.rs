@@ -739,6 +739,26 @@ fn dns_over_tcp_goes_to_the_resolv_conf_servers_and_nowhere_else() {
     );
     assert_eq!(of("203.0.113.54:53")["decision"], "deny");
 
+    // Through the explicit listener, the resolver's port 53 takes a rule like any other
+    // address: a client there does its own DNS, and where the proxy is its only way out, a
+    // tunnel to the proxy's resolver would carry DNS exfiltration. Both were allowed.
+    let explicit = |tunnel: bool| {
+        let status = if tunnel {
+            "%{http_connect}"
+        } else {
+            "%{http_code}"
+        };
+        let mut args = vec!["-s", "-o", "/dev/null", "--max-time", "10", "-w", status];
+        args.extend(["--noproxy", "", "-x", "http://127.0.0.1:15001"]);
+        if tunnel {
+            args.push("-p");
+        }
+        args.push("http://203.0.113.53:53/");
+        String::from_utf8_lossy(&pod.ns.exec("curl", &args).stdout).into_owned()
+    };
+    assert_eq!(explicit(true), "403", "CONNECT 203.0.113.53:53");
+    assert_eq!(explicit(false), "403", "GET http://203.0.113.53:53/");
+
     // `allow_dns_servers: false` leaves it to the rules, as before.
     drop(pod);
     let pod = Pod::new(

@@ -149,6 +149,7 @@ pub struct EgressConfig {
     /// workload's) is allowed without a rule. A resolver library asks again over TCP when an
     /// answer is too large for UDP (a headless Service with many pods); UDP to those servers
     /// already goes past the proxy, so refusing the TCP retry only breaks the large answers.
+    /// Captured connections only: through the explicit listener they need a rule.
     pub allow_dns_servers: bool,
 }
 

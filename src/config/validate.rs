@@ -304,6 +304,7 @@ fn compile_egress(config: &Config) -> Result<EgressPolicy, ConfigError> {
         mode: config.outbound.egress.mode,
         hosts,
         cidrs,
+        dns_servers: Vec::new(),
     })
 }
 

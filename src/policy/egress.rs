@@ -195,6 +195,9 @@ pub struct EgressPolicy {
     pub hosts: Vec<HostRule>,
     /// CIDR rules in file order.
     pub cidrs: Vec<CidrRule>,
+    /// Port 53 of resolv.conf's DNS servers (`allow_dns_servers`), for captured connections
+    /// only: see [`Self::captured_allows`].
+    pub dns_servers: Vec<CidrRule>,
 }
 
 impl EgressPolicy {
@@ -279,6 +282,21 @@ impl EgressPolicy {
             });
         }
         host_rule.filter(|_| is_public(addr)).cloned()
+    }
+
+    /// What lets a transparently captured connection reach `addr:port` whatever name it
+    /// claims: a CIDR rule, or else port 53 of a DNS server of resolv.conf. That allowance is
+    /// for the resolver library's retry over TCP, which the capture brings to the proxy; a
+    /// client of the explicit listener does its DNS elsewhere, and where the proxy is its only
+    /// way out, a tunnel to the proxy's resolver would be one for DNS exfiltration.
+    pub fn captured_allows(&self, addr: IpAddr, port: u16) -> Option<Arc<str>> {
+        self.cidr_allows(addr, port).or_else(|| {
+            let addr = canonical(addr);
+            self.dns_servers
+                .iter()
+                .find(|c| c.net.contains(&addr) && c.ports.allows(port))
+                .map(|c| c.label.clone())
+        })
     }
 
     /// The first CIDR rule that allows this address and port, described for the log.
@@ -385,6 +403,7 @@ mod tests {
 
     fn policy() -> EgressPolicy {
         EgressPolicy {
+            dns_servers: Vec::new(),
             mode: EgressMode::Enforce,
             hosts: vec![
                 HostRule::new(

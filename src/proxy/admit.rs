@@ -35,15 +35,18 @@ pub struct Admitted {
 
 /// Decides whether `host:port` may be reached and where to dial. In transparent mode
 /// (`original_dst` set) the dial address is always the original destination, and the
-/// name must resolve to it unless a CIDR rule allows the destination itself.
+/// name must resolve to it unless a CIDR rule allows the destination itself. `captured`:
+/// the connection was redirected to the proxy (not sent to the explicit listener, nor from
+/// inside a `CONNECT`), which alone may use the DNS-server allowance.
 pub async fn admit(
     inputs: &Inputs,
     state: &State,
     host: &Host,
     port: u16,
     original_dst: Option<SocketAddr>,
+    captured: bool,
 ) -> Result<Admitted, ProxyError> {
-    let result = decide(state, host, port, original_dst).await;
+    let result = decide(state, host, port, original_dst, captured).await;
     let admitted = match result {
         Ok(a) => a,
         Err(ProxyError::Denied(deny))
@@ -83,9 +86,10 @@ async fn decide(
     host: &Host,
     port: u16,
     original_dst: Option<SocketAddr>,
+    captured: bool,
 ) -> Result<Admitted, ProxyError> {
     let policy = &state.cfg.egress;
-    match before_lookup(policy, host, port, original_dst)? {
+    match before_lookup(policy, host, port, original_dst, captured)? {
         Decided::Done(admitted) => Ok(admitted),
         Decided::ByAddress { name, rule } => {
             let addrs = state.dns.lookup(name).await.map_err(ProxyError::Dns)?;
@@ -114,8 +118,9 @@ pub fn recheck(
     host: &Host,
     port: u16,
     addr: SocketAddr,
+    captured: bool,
 ) -> Result<Admitted, ProxyError> {
-    match before_lookup(policy, host, port, Some(addr))? {
+    match before_lookup(policy, host, port, Some(addr), captured)? {
         Decided::Done(admitted) => Ok(admitted),
         Decided::ByAddress { name, rule } => {
             by_address(policy, name, port, &rule, Some(addr), &[addr.ip()])
@@ -149,11 +154,17 @@ fn before_lookup<'a>(
     host: &'a Host,
     port: u16,
     original_dst: Option<SocketAddr>,
+    captured: bool,
 ) -> Result<Decided<'a>, ProxyError> {
     // Transparent: a destination allowed by address is allowed whatever name the client
     // claims (but that name is then unverified, so it is never cached under).
     if let Some(od) = original_dst {
-        if let Some(rule) = policy.cidr_allows(od.ip(), port) {
+        let by_address = if captured {
+            policy.captured_allows(od.ip(), port)
+        } else {
+            policy.cidr_allows(od.ip(), port)
+        };
+        if let Some(rule) = by_address {
             let name_verified = matches!(host, Host::Ip(ip) if *ip == od.ip());
             return Ok(Decided::Done(Admitted {
                 name_verified,

@@ -101,7 +101,15 @@ async fn forward(
     if guard.record.authority.as_deref() != Some(authority.as_str()) {
         guard.record.authority = Some(authority.clone());
     }
-    let admitted = admit(inputs, state, &host, port, conn.original_dst).await?;
+    let admitted = admit(
+        inputs,
+        state,
+        &host,
+        port,
+        conn.original_dst,
+        conn.captured(),
+    )
+    .await?;
     note_admission(guard, &admitted);
     if let Some(answer) = super::http::max_forwards(&mut req) {
         guard.record.upstream = None;
@@ -199,7 +207,7 @@ async fn forward(
             .extensions_mut()
             .remove::<crate::net::upstream::Upgraded>()
             .map(|up| {
-                let recheck = super::tunnel::egress_recheck(host, port, dialled);
+                let recheck = super::tunnel::egress_recheck(host, port, dialled, conn.captured());
                 (client_side, up, recheck)
             }),
         _ => None,

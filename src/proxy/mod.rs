@@ -104,7 +104,7 @@ impl State {
         if cfg.source.outbound.egress.allow_dns_servers {
             // Read with resolv.conf at each start and reload, like the resolver itself.
             let first = cfg.source.outbound.egress.allow.len();
-            cfg.egress.cidrs.extend(
+            cfg.egress.dns_servers.extend(
                 dns.servers()
                     .iter()
                     .enumerate()
@@ -206,11 +206,16 @@ pub struct ConnInfo {
 impl ConnInfo {
     /// `explicit` or `transparent`, for the log.
     pub fn mode(&self) -> &'static str {
-        if self.original_dst.is_some() && !self.in_connect {
+        if self.captured() {
             "transparent"
         } else {
             "explicit"
         }
+    }
+
+    /// Whether the connection was redirected to the proxy by the capture.
+    pub fn captured(&self) -> bool {
+        self.original_dst.is_some() && !self.in_connect
     }
 }
 

@@ -181,7 +181,7 @@ async fn tunnel_tcp(
         }
         None => Host::Ip(od.ip()),
     };
-    let admitted = match admit(&inputs, &state, &host, od.port(), Some(od)).await {
+    let admitted = match admit(&inputs, &state, &host, od.port(), Some(od), true).await {
         Ok(a) => a,
         Err(e) => {
             // Denied TLS/TCP: the connection is closed (dropped here), and logged.
@@ -212,6 +212,6 @@ async fn tunnel_tcp(
             .inbound
             .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
-    let recheck = super::tunnel::egress_recheck(host, od.port(), admitted.addr);
+    let recheck = super::tunnel::egress_recheck(host, od.port(), admitted.addr, true);
     splice(&inputs, stream, upstream, guard, recheck).await;
 }

@@ -57,7 +57,8 @@ pub async fn connect(
             return Err(ProxyError::BadRequest("CONNECT needs host:port".into()));
         }
         let (host, port) = parse_authority(&authority, 0)?;
-        let admitted = admit(&inputs, &state, &host, port, conn.original_dst).await?;
+        // Never the DNS-server allowance: a tunnel is what the client asked the proxy for.
+        let admitted = admit(&inputs, &state, &host, port, conn.original_dst, false).await?;
         note_admission(&mut guard, &admitted);
         let (timeout, mesh) = (state.cfg.connect_timeout, state.mesh_client.as_ref());
         if admitted.alternates.is_empty() {
@@ -216,7 +217,7 @@ async fn check_inside<C: AsyncRead + Unpin>(
     let sni = sni.as_deref().unwrap_or("(unreadable)");
     let checked = match server {
         Ok(named) if named == *host => return Some(Inside::Bytes(first)),
-        Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled)).await,
+        Ok(named) => admit(inputs, state, &named, dialled.port(), Some(*dialled), false).await,
         Err(e) => Err(ProxyError::Denied(Deny::InvalidHost(e))),
     };
     let context =
@@ -308,8 +309,8 @@ pub async fn splice<C, U>(
 
 /// The recheck for an outbound connection to `host:port` dialled at `addr` (see
 /// [`still_allowed`]).
-pub fn egress_recheck(host: Host, port: u16, addr: SocketAddr) -> StillAllowed {
-    Box::new(move |state| still_allowed(&state.cfg.egress, &host, port, addr))
+pub fn egress_recheck(host: Host, port: u16, addr: SocketAddr, captured: bool) -> StillAllowed {
+    Box::new(move |state| still_allowed(&state.cfg.egress, &host, port, addr, captured))
 }
 
 /// The recheck for a `CONNECT` tunnel: its target, and the SNI inside when that named
@@ -325,9 +326,9 @@ fn connect_still_allowed(
     sni: Option<&Host>,
     addr: SocketAddr,
 ) -> Result<(), String> {
-    still_allowed(policy, host, addr.port(), addr)?;
+    still_allowed(policy, host, addr.port(), addr, false)?;
     match sni {
-        Some(named) => still_allowed(policy, named, addr.port(), addr)
+        Some(named) => still_allowed(policy, named, addr.port(), addr, false)
             .map_err(|e| format!("SNI {named} inside a CONNECT to {host}: {e}")),
         None => Ok(()),
     }
@@ -340,11 +341,12 @@ fn still_allowed(
     host: &Host,
     port: u16,
     addr: SocketAddr,
+    captured: bool,
 ) -> Result<(), String> {
     if policy.mode == crate::config::EgressMode::Report {
         return Ok(());
     }
-    super::admit::recheck(policy, host, port, addr)
+    super::admit::recheck(policy, host, port, addr, captured)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -486,18 +488,18 @@ mod tests {
         let front = name("front.test");
         let inner = name("inner.test");
 
-        assert!(still_allowed(&both, &front, 443, public).is_ok());
-        assert!(still_allowed(&by_cidr, &front, 443, public).is_ok());
-        let err = still_allowed(&other_port, &front, 443, public).unwrap_err();
+        assert!(still_allowed(&both, &front, 443, public, true).is_ok());
+        assert!(still_allowed(&by_cidr, &front, 443, public, true).is_ok());
+        let err = still_allowed(&other_port, &front, 443, public, true).unwrap_err();
         assert!(err.contains("front.test") && err.contains("443"), "{err}");
-        let err = still_allowed(&front_only, &inner, 443, public).unwrap_err();
+        let err = still_allowed(&front_only, &inner, 443, public, true).unwrap_err();
         assert!(err.contains("inner.test"), "{err}");
         // A private address needs a CIDR rule, whatever the host rule says.
         let private: SocketAddr = "10.1.2.3:443".parse().unwrap();
-        assert!(still_allowed(&both, &front, 443, private).is_err());
+        assert!(still_allowed(&both, &front, 443, private, true).is_err());
         let ip = Host::Ip(public.ip());
-        assert!(still_allowed(&by_cidr, &ip, 443, public).is_ok());
-        assert!(still_allowed(&both, &ip, 443, public).is_err());
+        assert!(still_allowed(&by_cidr, &ip, 443, public, true).is_ok());
+        assert!(still_allowed(&both, &ip, 443, public, true).is_err());
 
         // A CONNECT tunnel: the target, and an SNI that named another host.
         assert!(connect_still_allowed(&both, &front, Some(&inner), public).is_ok());
