@@ -55,6 +55,10 @@ async fn send(
         .unwrap();
     tokio::spawn(conn);
     let mut req = hyper::Request::builder().method(method).uri(path);
+    // hyper's connection-level client adds no Host, and HTTP/1.1 needs one.
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", inbound.to_string());
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -309,4 +313,88 @@ async fn connect_and_foreign_transfer_codings_are_refused_and_never_reach_the_ap
     let (status, _, body) = send(inbound, "GET", "/", &[("host", "shop.local")]).await;
     assert_eq!(status, 200);
     assert!(body.contains("\"app\":\"web\""), "{body}");
+}
+
+/// Sends `request` as written and reads the whole response (the request says
+/// `Connection: close`, or is HTTP/1.0).
+async fn raw(inbound: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("no response within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn the_app_is_told_the_host_the_request_was_routed_on_and_no_other() {
+    let (api, web, canary) = (app("api").await, app("web").await, app("canary").await);
+    let p = TestProxy::start(&inbound_config(api, web, canary, "")).await;
+    let inbound = p.handle().inbound_addr.unwrap();
+    let app_saw = |resp: &str| -> serde_json::Value {
+        assert!(
+            resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
+            "{resp}"
+        );
+        let body = resp.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str(body).unwrap()
+    };
+
+    // An absolute-form target is the host (RFC 9112 §3.2.2): it chose the web app's route,
+    // and the app, which would have built its links from `evil.test`, is told so.
+    let resp = raw(
+        inbound,
+        "GET http://shop.local/cart HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let v = app_saw(&resp);
+    assert_eq!(v["app"], "web", "{v}");
+    assert_eq!(v["headers"]["host"], "shop.local", "{v}");
+
+    // HTTP/1.0 predates Host: served without one.
+    let v = app_saw(&raw(inbound, "GET /api/x HTTP/1.0\r\n\r\n").await);
+    assert_eq!(v["app"], "api", "{v}");
+
+    // A missing, doubled or malformed Host is answered 400 by the sidecar, as nginx and
+    // Envoy answer it; the route took the first of two, and an app may read the last.
+    let refused = [
+        ("GET / HTTP/1.1\r\n", "needs a host header"),
+        (
+            "GET / HTTP/1.1\r\nHost: shop.local\r\nHost: evil.test\r\n",
+            "more than one host",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: evil.test@shop.local\r\n",
+            "invalid host",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: shop.local/../admin\r\n",
+            "invalid host",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: shop.local:http\r\n",
+            "port is not a number",
+        ),
+        (
+            "GET http://u:pw@shop.local/ HTTP/1.1\r\nHost: shop.local\r\n",
+            "userinfo",
+        ),
+    ];
+    for (head, why) in refused {
+        let resp = raw(inbound, &format!("{head}Connection: close\r\n\r\n")).await;
+        let lower = resp.to_lowercase();
+        assert!(lower.starts_with("http/1.1 400"), "{head:?}: {resp}");
+        let error = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("x-outrider-error: "))
+            .unwrap_or_default();
+        assert!(error.contains(why), "{head:?}: {error}");
+        assert!(!resp.contains("\"app\""), "reached the app: {resp}");
+    }
+    let rec = p.wait_log(|r| r["status"] == 400).await;
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    assert!(rec["upstream"].is_null(), "the app was dialled: {rec}");
 }

@@ -45,6 +45,9 @@ pub enum HostError {
     /// Over 253 bytes.
     #[error("host is too long")]
     TooLong,
+    /// A port that is not up to five digits.
+    #[error("the port is not a number")]
+    BadPort,
     /// The TLS ClientHello that would carry the name cannot be read with certainty (two
     /// server names, a broken structure, over 16 KiB): what the server acts on is unknown.
     #[error("unreadable ClientHello: {0}")]
@@ -83,24 +86,96 @@ pub fn parse_host(raw: &str) -> Result<Host, HostError> {
 
 /// Checks a DNS name (no trailing dot): letters, digits, `-`, `_`; labels 1–63 bytes.
 pub fn validate_name(name: &str) -> Result<(), HostError> {
+    name_bytes(name.as_bytes())
+}
+
+/// What each byte is in a DNS name: [`NAME`] (letters, digits, `-`, `_`), [`DOT`], or 0.
+const CLASS: [u8; 256] = {
+    let mut class = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' {
+            class[b] = NAME;
+        }
+        b += 1;
+    }
+    class[b'.' as usize] = DOT;
+    class
+};
+const NAME: u8 = 1;
+const DOT: u8 = 2;
+
+/// [`validate_name`] in one pass over the bytes, each looked up in [`CLASS`]: with
+/// `split('.')` and a check per label it cost an inbound request about 550 instructions for
+/// a host of 15 bytes.
+fn name_bytes(name: &[u8]) -> Result<(), HostError> {
     if name.is_empty() {
         return Err(HostError::Empty);
     }
     if name.len() > 253 {
         return Err(HostError::TooLong);
     }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(HostError::BadLabel);
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(HostError::BadChar);
+    let mut label = 0usize;
+    for &b in name {
+        match CLASS[usize::from(b)] {
+            NAME => {
+                label += 1;
+                if label > 63 {
+                    return Err(HostError::BadLabel);
+                }
+            }
+            DOT if label > 0 => label = 0,
+            DOT => return Err(HostError::BadLabel),
+            _ => return Err(HostError::BadChar),
         }
     }
+    if label == 0 {
+        return Err(HostError::BadLabel);
+    }
     Ok(())
+}
+
+/// Checks an authority as a server receives it, in a Host header or a request target:
+/// `host[:port]`, the host a DNS name (as [`validate_name`], one trailing dot allowed), an
+/// IPv4 address or a bracketed IPv6 one, the port digits. Empty is valid: RFC 9110 §7.2 has
+/// a client send an empty Host for a target without one. Unlike [`parse_host`] it allocates
+/// nothing and accepts a name of digits: it decides what is passed on, not what is dialled.
+/// Bytes, not `str`: UTF-8 validation and `str` splitting cost more than the check.
+pub fn check_authority(raw: &[u8]) -> Result<(), HostError> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    let (host, port) = if raw[0] == b'[' {
+        let end = raw
+            .iter()
+            .position(|&b| b == b']')
+            .ok_or(HostError::BadChar)?;
+        let port = match &raw[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return Err(HostError::BadChar),
+        };
+        (&raw[..=end], port)
+    } else {
+        // A second `:` stays in the host, where no name may have one.
+        match raw.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&raw[..colon], Some(&raw[colon + 1..])),
+            None => (raw, None),
+        }
+    };
+    // RFC 3986 allows an empty port (`a.test:`), and more digits than a port has.
+    if port.is_some_and(|p| p.len() > 5 || !p.iter().all(u8::is_ascii_digit)) {
+        return Err(HostError::BadPort);
+    }
+    match host {
+        [b'[', v6 @ .., b']'] => std::str::from_utf8(v6)
+            .ok()
+            .and_then(|v6| v6.parse::<std::net::Ipv6Addr>().ok())
+            .map(drop)
+            .ok_or(HostError::BadChar),
+        _ => name_bytes(host.strip_suffix(b".").unwrap_or(host)),
+    }
 }
 
 /// Splits `host:port` / `[v6]:port` into its parts. `None` when malformed.
@@ -196,6 +271,40 @@ mod tests {
             Ok(Host::Ip("::1".parse().unwrap_or(IpAddr::from([0u8; 4]))))
         );
         assert!(matches!(parse_host("10.1.2.3"), Ok(Host::Ip(_))));
+    }
+
+    #[test]
+    fn authorities_as_a_server_receives_them() {
+        for good in [
+            "a.test",
+            "A.Test.:8080",
+            "my_svc.ns.svc.cluster.local:80",
+            "10.0.0.5:8080",
+            "[::1]:443",
+            "[fe80::1]",
+            "a.test:",
+            "",
+        ] {
+            assert_eq!(check_authority(good.as_bytes()), Ok(()), "{good:?}");
+        }
+        let refused = [
+            ("evil@a.test", HostError::BadChar),
+            ("u:p@a.test:80", HostError::BadChar),
+            ("a.test/../x", HostError::BadChar),
+            ("a.test x", HostError::BadChar),
+            ("a\\b", HostError::BadChar),
+            ("a.test:80:80", HostError::BadChar),
+            ("a.test:http", HostError::BadPort),
+            ("a.test:123456", HostError::BadPort),
+            ("[::1", HostError::BadChar),
+            ("[a.test]:80", HostError::BadChar),
+            ("a..test", HostError::BadLabel),
+            (":80", HostError::Empty),
+        ];
+        for (bad, why) in refused {
+            assert_eq!(check_authority(bad.as_bytes()), Err(why), "{bad:?}");
+        }
+        assert_eq!(check_authority(b"a\xff.test"), Err(HostError::BadChar));
     }
 
     #[test]
