@@ -1,12 +1,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! `outrider_connections_open` counts client connections that are open now, including
 //! those that became CONNECT tunnels. In its own binary: the gauge is process-wide, and
-//! other tests' connections would move it.
+//! other tests' connections would move it; the two tests here take turns (`SERIAL`), as
+//! `cargo test` runs them side by side in one process.
 
 use std::time::Duration;
 
 use outrider::testing::{admin_get, metric_value, ProxyClient, TcpEcho, TestProxy, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Held by each test for its whole run: the full-listener test's connections moved the
+/// other's gauge reading (6 where 5 were open).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn open_gauge(proxy: &TestProxy) -> f64 {
     let (_, text) = admin_get(proxy.admin_addr(), "/metrics").await;
@@ -15,6 +20,7 @@ async fn open_gauge(proxy: &TestProxy) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connections_include_http_keep_alive_and_tunnels() {
+    let _turn = SERIAL.lock().await;
     let echo = TcpEcho::start().await;
     let up = Upstream::start().await;
     let proxy =
@@ -65,6 +71,7 @@ async fn open_connections_include_http_keep_alive_and_tunnels() {
 /// listener is not affected; a connection that ends makes room, and a reload moves the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_listener_closes_new_connections_and_the_other_keeps_serving() {
+    let _turn = SERIAL.lock().await;
     let echo = TcpEcho::start().await;
     let up = Upstream::start().await;
     let yaml = |max: u32| {
