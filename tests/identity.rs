@@ -596,6 +596,10 @@ async fn after_the_ca_moves_to_a_new_root_certificates_from_the_old_one_renew_th
     ] {
         assert!(err.contains(want), "{want:?} not in {err}");
     }
+    // Each root has a name of its own (its key id), so the CA's alert says what happened: the
+    // issuer is unknown to it. Under one shared name it was `DecryptError`, a signature that
+    // did not verify against the new root's key.
+    assert!(err.contains("(alert UnknownCA)"), "{err}");
 
     // With `ca serve --also-trust <old root>`, the retry gets a certificate from the new root.
     let old = rustls_pki_types::CertificateDer::from_pem_slice(roots.old_root.as_bytes()).unwrap();

@@ -163,18 +163,25 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     Ok((SerialNumber::from_slice(&bytes), hex(&bytes)))
 }
 
-/// A root that signs only end-entity certificates (path length 0).
+/// A root that signs only end-entity certificates (path length 0). Its name carries the
+/// first 8 hex digits of the SHA-256 of its public key (the EC point): during a root rotation two roots of
+/// one trust domain are trusted side by side, and under one name a chain from the other root
+/// failed as a signature that does not verify (`DecryptError`) where it is an unknown issuer,
+/// and `/certs` listed two roots that read the same.
 fn root_params(
     trust_domain: &str,
+    key: &KeyPair,
     now: SystemTime,
     root_ttl: Duration,
 ) -> Result<CertificateParams, CaError> {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key_raw());
+    let key_id = super::token::hex(&digest.as_ref()[..4]);
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "outrider");
     dn.push(
         DnType::CommonName,
-        format!("outrider mesh root {trust_domain}"),
+        format!("outrider mesh root {trust_domain} {key_id}"),
     );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -221,7 +228,7 @@ impl MeshCa {
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let params = root_params(trust_domain, now, root_ttl)?;
+        let params = root_params(trust_domain, &key, now, root_ttl)?;
         let cert = params.self_signed(&key)?;
 
         let mut secret = [0u8; 32];
