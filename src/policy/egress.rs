@@ -290,23 +290,23 @@ impl EgressPolicy {
     /// client of the explicit listener does its DNS elsewhere, and where the proxy is its only
     /// way out, a tunnel to the proxy's resolver would be one for DNS exfiltration.
     pub fn captured_allows(&self, addr: IpAddr, port: u16) -> Option<Arc<str>> {
-        self.cidr_allows(addr, port).or_else(|| {
-            let addr = canonical(addr);
-            self.dns_servers
-                .iter()
-                .find(|c| c.net.contains(&addr) && c.ports.allows(port))
-                .map(|c| c.label.clone())
-        })
+        self.cidr_allows(addr, port)
+            .or_else(|| first_allowing(&self.dns_servers, addr, port))
     }
 
     /// The first CIDR rule that allows this address and port, described for the log.
     pub fn cidr_allows(&self, addr: IpAddr, port: u16) -> Option<Arc<str>> {
-        let addr = canonical(addr);
-        self.cidrs
-            .iter()
-            .find(|c| c.net.contains(&addr) && c.ports.allows(port))
-            .map(|c| c.label.clone())
+        first_allowing(&self.cidrs, addr, port)
     }
+}
+
+/// The label of the first of `rules` that allows `addr:port`.
+fn first_allowing(rules: &[CidrRule], addr: IpAddr, port: u16) -> Option<Arc<str>> {
+    let addr = canonical(addr);
+    rules
+        .iter()
+        .find(|c| c.net.contains(&addr) && c.ports.allows(port))
+        .map(|c| c.label.clone())
 }
 
 /// Matches IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is, so that a CIDR
