@@ -465,16 +465,17 @@ async fn to_app(
 fn check_host<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     use crate::policy::host::{check_authority, HostError};
     let invalid = |what: &str, e: HostError| ProxyError::BadRequest(format!("invalid {what}: {e}"));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let hosts = (hosts.next(), hosts.next());
     if let Some(authority) = req.uri().authority() {
         let raw = authority.as_str().as_bytes();
         if raw.contains(&b'@') {
             return Err(invalid("request target", HostError::Userinfo));
         }
         check_authority(raw).map_err(|e| invalid("request target", e))?;
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        let agrees = match (hosts.next(), hosts.next()) {
+        let agrees = match hosts {
             (None, _) => true,
-            (Some(h), None) => h.as_bytes() == authority.as_str().as_bytes(),
+            (Some(h), None) => h.as_bytes() == raw,
             _ => false,
         };
         if !agrees {
@@ -484,8 +485,7 @@ fn check_host<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         }
         return Ok(());
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    match hosts {
         (Some(h), None) => check_authority(h.as_bytes()).map_err(|e| invalid("Host", e)),
         (Some(_), Some(_)) => Err(ProxyError::BadRequest(
             "more than one Host header: which host is meant is ambiguous".into(),

@@ -164,10 +164,10 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
 }
 
 /// A root that signs only end-entity certificates (path length 0). Its name carries the
-/// first 8 hex digits of the SHA-256 of its public key (the EC point): during a root rotation two roots of
-/// one trust domain are trusted side by side, and under one name a chain from the other root
-/// failed as a signature that does not verify (`DecryptError`) where it is an unknown issuer,
-/// and `/certs` listed two roots that read the same.
+/// first 8 hex digits of the SHA-256 of its public key (the EC point): during a root
+/// rotation two roots of one trust domain are trusted side by side, and under one name a
+/// chain from the other root failed as a signature that does not verify (`DecryptError`)
+/// where it is an unknown issuer, and `/certs` listed two roots that read the same.
 fn root_params(
     trust_domain: &str,
     key: &KeyPair,
