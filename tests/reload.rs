@@ -149,6 +149,9 @@ async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), "slow done");
+    // It says the connection closes, and not also how long it would be kept idle.
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{r:?}");
+    assert_eq!(r.header("keep-alive"), None, "{r:?}");
     let status = proxy
         .wait_exit(Duration::from_secs(5))
         .expect("outrider did not exit after draining");

@@ -137,6 +137,7 @@ where
     tokio::select! {
         res = connection.as_mut() => res,
         () = shutdown.cancelled() => {
+            idle.stop_keep_alive_hint();
             connection.as_mut().graceful_shutdown();
             connection.await
         }

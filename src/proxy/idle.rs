@@ -103,6 +103,12 @@ impl Idle {
         self.shared.begun.load(Ordering::Relaxed)
     }
 
+    /// Stops the `Keep-Alive` hint on responses not yet answered: called as the connection
+    /// is drained, when hyper closes it after the request in flight (`Connection: close`).
+    pub(super) fn stop_keep_alive_hint(&self) {
+        self.shared.hint_secs.store(0, Ordering::Relaxed);
+    }
+
     /// Counts one unit of work until the returned guard is dropped.
     fn begin(&self) -> Active {
         self.shared.begun.fetch_add(1, Ordering::Relaxed);
@@ -158,23 +164,16 @@ where
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: http::Request<T>) -> Self::Future {
-        let hint_secs = match self.idle.shared.hint_secs.load(Ordering::Relaxed) {
-            n if n > 0
-                && req.version() == http::Version::HTTP_11
-                && !crate::net::upstream::has_token(
-                    req.headers(),
-                    http::header::CONNECTION,
-                    "close",
-                ) =>
-            {
-                n
-            }
-            _ => 0,
-        };
+        // hyper closes the connection after a 1.0 request or one with `Connection: close`.
+        // (Also after a head with both framings, RFC 9112 §6.3, but hyper takes the
+        // `Content-Length` out before the request gets here, so that answer still carries
+        // the hint beside `Connection: close`.)
+        let keeps = req.version() == http::Version::HTTP_11
+            && !crate::net::upstream::has_token(req.headers(), http::header::CONNECTION, "close");
         TrackedFuture {
             active: Some(self.idle.begin()),
             answer: self.inner.call(req),
-            hint_secs,
+            keeps,
         }
     }
 }
@@ -206,7 +205,8 @@ pin_project_lite::pin_project! {
         #[pin]
         answer: F,
         active: Option<Active>,
-        hint_secs: u32,
+        // Whether hyper keeps the connection after this request, as far as the request says.
+        keeps: bool,
     }
 }
 
@@ -219,10 +219,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = std::task::ready!(this.answer.poll(cx))?;
-        // Not on a protocol switch: the connection is no longer HTTP's.
-        if *this.hint_secs > 0 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        // Read now, not when the request came: a drain since then stops the hint, as hyper
+        // answers `Connection: close`. Not on a protocol switch: the connection is no
+        // longer HTTP's.
+        let hint_secs = match this.active {
+            Some(active) if *this.keeps => active.0.hint_secs.load(Ordering::Relaxed),
+            _ => 0,
+        };
+        if hint_secs > 0 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             res.headers_mut()
-                .insert(KEEP_ALIVE, keep_alive_value(*this.hint_secs));
+                .insert(KEEP_ALIVE, keep_alive_value(hint_secs));
         }
         // The same unit of work goes on with the body, until hyper drops it.
         let active = this.active.take();

@@ -142,6 +142,7 @@ where
                 res = std::future::poll_fn(|cx| hyper.poll_without_shutdown(cx)) => break res,
                 () = shutdown.cancelled(), if !draining => {
                     draining = true;
+                    idle.stop_keep_alive_hint();
                     Pin::new(&mut hyper).graceful_shutdown();
                 }
                 () = &mut timer => {
