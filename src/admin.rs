@@ -1,5 +1,6 @@
-//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`, and the
-//! `POST`s, from loopback only: `/cache/purge`, `/reopen_logs`, `/shutdown`.
+//! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config`, `/logging`,
+//! and the `POST`s, from loopback only: `/logging?level=…`, `/cache/purge`, `/reopen_logs`,
+//! `/shutdown`.
 
 use std::convert::Infallible;
 
@@ -104,6 +105,35 @@ async fn route(
             handle.shutdown();
             text(StatusCode::OK, plain, "shutting down\n")
         }
+        (&Method::GET, "/logging") => match crate::logging::current() {
+            Ok(filter) => text(StatusCode::OK, plain, format!("log filter: {filter}\n")),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{e}\n")),
+        },
+        // Envoy's form: `POST /logging?level=debug`; the value may also be a whole filter,
+        // `outrider=debug,info` (commas and `=` as they are, or percent-encoded).
+        (&Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
+                .map(percent_decode);
+            match level.as_deref().map(crate::logging::set) {
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    plain,
+                    "say which: POST /logging?level=debug (or a filter: level=outrider=debug,info)\n",
+                ),
+                Some(Ok(was)) => {
+                    let now = level.unwrap_or_default();
+                    tracing::info!("log filter set to {now} (was {was}) by POST /logging");
+                    text(StatusCode::OK, plain, format!("log filter: {now} (was {was})\n"))
+                }
+                Some(Err(e @ crate::logging::FilterError::Invalid(..))) => {
+                    text(StatusCode::BAD_REQUEST, plain, format!("{e}\n"))
+                }
+                Some(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/reopen_logs") => match handle.reopen_logs() {
             Ok(done) => text(StatusCode::OK, plain, format!("{done}\n")),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, format!("{e}\n")),
@@ -111,7 +141,7 @@ async fn route(
         _ => text(
             StatusCode::NOT_FOUND,
             plain,
-            "not found: try /live, /ready, /metrics, /config, POST /cache/purge, POST /reopen_logs, POST /shutdown\n",
+            "not found: try /live, /ready, /metrics, /config, /logging, POST /logging?level=…, POST /cache/purge, POST /reopen_logs, POST /shutdown\n",
         ),
     })
 }

@@ -10,6 +10,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod episode;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod policy;

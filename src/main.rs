@@ -70,14 +70,7 @@ enum Command {
 fn main() -> ExitCode {
     outrider::alloc::configure();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OUTRIDER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    outrider::logging::init();
     match cli.command {
         Command::Check { config } => match Config::load(Some(&config)) {
             Ok(_) => {

@@ -55,10 +55,15 @@ fn shutdown_from_the_pod_drains_and_exits_and_posts_from_elsewhere_are_refused()
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
         (code.to_owned(), body.to_owned())
     };
-    // From another pod: refused, as every POST is (nor can it empty the cache or reopen
-    // the log), and the proxy serves on.
+    // From another pod: refused, as every POST is (nor can it empty the cache, reopen
+    // the log or change what is logged), and the proxy serves on.
     let pod_ip = veth.a_ip.to_string();
-    for path in ["/shutdown", "/cache/purge", "/reopen_logs"] {
+    for path in [
+        "/shutdown",
+        "/cache/purge",
+        "/reopen_logs",
+        "/logging?level=debug",
+    ] {
         let (code, body) = post(&other, &pod_ip, path);
         assert_eq!(code, "403", "{path}: {body}");
         assert!(body.contains("loopback"), "{body}");

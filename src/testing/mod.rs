@@ -700,6 +700,15 @@ pub async fn curl(args: &[&str]) -> CurlOut {
 
 /// GET a path on an admin listener; returns status and body text.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    admin_request(admin, http::Method::GET, path).await
+}
+
+/// POST (with no body) to a path on an admin listener; returns status and body text.
+pub async fn admin_post(admin: SocketAddr, path: &str) -> (u16, String) {
+    admin_request(admin, http::Method::POST, path).await
+}
+
+async fn admin_request(admin: SocketAddr, method: http::Method, path: &str) -> (u16, String) {
     let stream = TcpStream::connect(admin).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, ClientBody>(TokioIo::new(stream))
@@ -708,7 +717,9 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::get(path)
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", admin.to_string())
         .body(full_body(Bytes::new()))
         .unwrap();
