@@ -26,14 +26,17 @@ pub async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Both boxed, and so is `inbound::to_app`: awaited in place, a callee's future is built
+    // on the stack and copied into this one's (twice, as rustc does it), and this one,
+    // sized for the largest callee, is copied again into the box each request gets.
     if req.method() == Method::CONNECT {
-        return Ok(super::tunnel::connect(inputs, conn, req).await);
+        return Ok(Box::pin(super::tunnel::connect(inputs, conn, req)).await);
     }
     let state = inputs.state.load_full();
     let record = super::request_record("outbound", conn, &req);
     let mut guard = LogGuard::start(state.log.clone(), record);
 
-    let (resp, upgrade) = match forward(&inputs, &state, conn, req, &mut guard).await {
+    let (resp, upgrade) = match Box::pin(forward(&inputs, &state, conn, req, &mut guard)).await {
         Ok(done) => done,
         Err(e) => (note_error(&mut guard, &e), None),
     };

@@ -301,7 +301,8 @@ async fn handle(
     let mut guard = LogGuard::start(state.log.clone(), record);
 
     guard.record.peer_identity = peer.clone();
-    match to_app(
+    // Boxed: see `forward::handle`.
+    match Box::pin(to_app(
         &inputs,
         &state,
         conn,
@@ -309,7 +310,7 @@ async fn handle(
         req,
         request_id,
         &mut guard,
-    )
+    ))
     .await
     {
         Ok((resp, Some((client_side, app_side, recheck)))) => {
