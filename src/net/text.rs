@@ -112,11 +112,23 @@ impl Decimal {
     }
 }
 
-/// Appends `addr` as `Display` writes it, straight into `out`: IPv4 without a detour
-/// through a stack buffer (a log record writes two addresses per request).
+/// Appends `addr` as `Display` writes it (a log record writes two per request). IPv4 goes
+/// into a buffer of its longest length, `255.255.255.255:65535`, then into `out` in one
+/// copy: pushed a byte at a time, each push checked `out`'s capacity (310 instructions per
+/// address under callgrind, against 278).
 pub fn push_socket(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
-        SocketAddr::V4(a) => write_v4(*a.ip(), Some(a.port()), |b| out.push(b)),
+        SocketAddr::V4(a) => {
+            let mut buf = [0u8; 21];
+            let mut n = 0;
+            write_v4(*a.ip(), Some(a.port()), |b| {
+                if let Some(slot) = buf.get_mut(n) {
+                    *slot = b;
+                    n += 1;
+                }
+            });
+            out.extend_from_slice(&buf[..n]);
+        }
         SocketAddr::V6(_) => out.extend_from_slice(IpText::socket(addr).as_bytes()),
     }
 }
