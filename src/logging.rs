@@ -87,6 +87,8 @@ fn parse(text: &str) -> Result<EnvFilter, String> {
         }
     }
     EnvFilter::builder()
+        // Span field values match as plain text: a filter posted to the admin port compiles
+        // no regular expression.
         .with_regex(false)
         .parse(text.trim())
         .map_err(|e| e.to_string())
