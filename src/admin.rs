@@ -87,11 +87,7 @@ async fn route(
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, plain, e.to_string()),
         },
         (&Method::POST, "/cache/purge") => {
-            let url = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("url=")))
-                .map(percent_decode);
+            let url = query_value(&req, "url=");
             let n = handle.purge_cache(url.as_deref());
             text(StatusCode::OK, plain, format!("purged {n}\n"))
         }
@@ -112,11 +108,7 @@ async fn route(
         // Envoy's form: `POST /logging?level=debug`; the value may also be a whole filter,
         // `outrider=debug,info` (commas and `=` as they are, or percent-encoded).
         (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
-                .map(percent_decode);
+            let level = query_value(&req, "level=");
             match level.as_deref().map(crate::logging::set) {
                 None => text(
                     StatusCode::BAD_REQUEST,
@@ -144,6 +136,14 @@ async fn route(
             "not found: try /live, /ready, /metrics, /config, /logging, POST /logging?level=…, POST /cache/purge, POST /reopen_logs, POST /shutdown\n",
         ),
     })
+}
+
+/// The first value of `key` (given with its `=`) in the query string, decoded.
+fn query_value<B>(req: &Request<B>, key: &str) -> Option<String> {
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(key)))
+        .map(percent_decode)
 }
 
 /// Decodes `%XX` escapes in a query value (`+` stays as is: URLs don't use it for spaces).
