@@ -112,16 +112,20 @@ pub type Addrs = Arc<[IpAddr]>;
 /// name up in both maps.
 type Names<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
-/// The lookup and failure counters, resolved on first use rather than looked up in the
-/// registry on every request; a process installs its recorder before any lookup.
-fn counters() -> &'static [metrics::Counter; 3] {
-    static HANDLES: std::sync::OnceLock<[metrics::Counter; 3]> = std::sync::OnceLock::new();
-    HANDLES.get_or_init(|| {
-        [
-            metrics::counter!("outrider_dns_lookups_total"),
-            metrics::counter!("outrider_dns_failures_total"),
-            metrics::counter!("outrider_dns_stale_answers_total"),
-        ]
+/// The DNS counters, resolved on first use rather than looked up in the registry on every
+/// request; a process installs its recorder before any lookup.
+struct Counters {
+    lookups: metrics::Counter,
+    failures: metrics::Counter,
+    stale_answers: metrics::Counter,
+}
+
+fn counters() -> &'static Counters {
+    static HANDLES: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    HANDLES.get_or_init(|| Counters {
+        lookups: metrics::counter!("outrider_dns_lookups_total"),
+        failures: metrics::counter!("outrider_dns_failures_total"),
+        stale_answers: metrics::counter!("outrider_dns_stale_answers_total"),
     })
 }
 
@@ -253,7 +257,7 @@ impl Dns {
     /// the next fresh answer, from a server that gives one address of a set per query, is
     /// another one.
     pub async fn lookup_fresh(&self, host: &str) -> Result<Addrs, DnsError> {
-        counters()[0].increment(1);
+        counters().lookups.increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
@@ -285,7 +289,7 @@ impl Dns {
 
     /// Resolves a lower-case name to its addresses, in the resolver's order.
     pub async fn lookup(&self, host: &str) -> Result<Addrs, DnsError> {
-        counters()[0].increment(1);
+        counters().lookups.increment(1);
         if let Some(ips) = self.statics.get(host) {
             return Ok(ips.clone());
         }
@@ -322,7 +326,7 @@ impl Dns {
                         "DNS gave no answer; using the expired one for {}s",
                         STALE_HOLD.as_secs()
                     );
-                    counters()[2].increment(1);
+                    counters().stale_answers.increment(1);
                     self.remember(host, &ips, now + STALE_HOLD, stale_until);
                     Ok(ips)
                 }
@@ -366,7 +370,7 @@ impl Dns {
         // characters" before any query, where getaddrinfo, curl and every peer proxy resolve
         // it. Each is fully qualified, so that hickory adds no search domain of its own.
         let fail = |reason: String, unanswered: bool| {
-            counters()[1].increment(1);
+            counters().failures.increment(1);
             DnsError {
                 host: host.into(),
                 reason,
