@@ -25,7 +25,10 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// `info`). An `OUTRIDER_LOG` that does not parse is not silently dropped: the default is
 /// used, and a warning says why.
 pub fn init() {
-    let env = std::env::var("OUTRIDER_LOG").ok();
+    // Set but empty (`OUTRIDER_LOG=` in a manifest) counts as unset, not as "errors only".
+    let env = std::env::var("OUTRIDER_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
     let (filter, text, refused) = match env.as_deref().map(parse) {
         Some(Ok(filter)) => (filter, env.unwrap_or_default(), None),
         Some(Err(e)) => (

@@ -84,6 +84,20 @@ async fn the_log_filter_is_changed_without_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_outrider_log_is_the_default() {
+    let proxy = BinProxy::start_under(&["env", "OUTRIDER_LOG="], BIN, CONFIG);
+    assert_eq!(
+        admin_get(proxy.admin_addr, "/logging").await,
+        (200, "log filter: info\n".to_owned())
+    );
+    assert!(
+        !proxy.stderr().contains("OUTRIDER_LOG"),
+        "{}",
+        proxy.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outrider_log_that_is_not_a_filter_is_named_and_info_is_used() {
     // `env` execs the proxy, so it still runs as the child whose stderr is read.
     let proxy = BinProxy::start_under(&["env", "OUTRIDER_LOG=verbose"], BIN, CONFIG);
