@@ -116,7 +116,8 @@ async fn route(
                     "say which: POST /logging?level=debug (or a filter: level=outrider=debug,info)\n",
                 ),
                 Some(Ok(was)) => {
-                    let now = level.unwrap_or_default();
+                    // As `set` kept it: a value percent-decoded to ` debug` is `debug`.
+                    let now = level.as_deref().map(str::trim).unwrap_or_default();
                     tracing::info!("log filter set to {now} (was {was}) by POST /logging");
                     text(StatusCode::OK, plain, format!("log filter: {now} (was {was})\n"))
                 }

@@ -58,8 +58,9 @@ async fn the_log_filter_is_changed_without_a_restart() {
 
     // A whole filter, percent-encoded as a query value: Outrider's own lines at warn and
     // above, the rest at info. The debug line is gone again.
-    let (status, body) = admin_post(admin, "/logging?level=outrider%3Dwarn%2Cinfo").await;
+    let (status, body) = admin_post(admin, "/logging?level=%20outrider%3Dwarn%2Cinfo").await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "log filter: outrider=warn,info (was debug)\n");
     let before = proxy.stderr().matches(DEBUG_LINE).count();
     garbage(&proxy, seen).await;
     assert_eq!(proxy.stderr().matches(DEBUG_LINE).count(), before);
