@@ -163,7 +163,7 @@ pin_project_lite::pin_project! {
         inner: B,
         counter: std::sync::Arc<crate::access_log::Bytes>,
         outbound: bool,
-        guard: Option<crate::access_log::LogGuard>,
+        guard: Option<Box<crate::access_log::LogGuard>>,
     }
 }
 
@@ -173,7 +173,7 @@ impl<B: http_body::Body> Counted<B> {
         inner: B,
         counter: std::sync::Arc<crate::access_log::Bytes>,
         outbound: bool,
-        guard: Option<crate::access_log::LogGuard>,
+        guard: Option<Box<crate::access_log::LogGuard>>,
     ) -> Self {
         let mut guard = guard;
         if let Some(g) = guard.as_mut() {

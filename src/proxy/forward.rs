@@ -34,12 +34,15 @@ pub async fn handle(
     }
     let state = inputs.state.load_full();
     let record = super::request_record("outbound", conn, &req);
-    let mut guard = LogGuard::start(state.log.clone(), record);
+    // Boxed (about 500 bytes): it goes from this future into the response body's, and
+    // by value it was copied four times on the way, and made this future larger.
+    let mut guard = Box::new(LogGuard::start(state.log.clone(), record));
 
-    let (resp, upgrade) = match Box::pin(forward(&inputs, &state, conn, req, &mut guard)).await {
-        Ok(done) => done,
-        Err(e) => (note_error(&mut guard, &e), None),
-    };
+    let (resp, upgrade) =
+        match super::boxed(|| forward(&inputs, &state, conn, req, &mut guard)).await {
+            Ok(done) => done,
+            Err(e) => (note_error(&mut guard, &e), None),
+        };
     guard.record.status = resp.status().as_u16();
     if let Some((client_side, upstream_side, recheck)) = upgrade {
         // A protocol switch: the record is written when the upgraded connection closes.
@@ -47,7 +50,7 @@ pub async fn handle(
             inputs.clone(),
             client_side,
             upstream_side,
-            guard,
+            *guard,
             recheck,
             super::slots::Listener::Outbound,
         ));

@@ -298,10 +298,11 @@ async fn handle(
     if state.log.is_on() {
         record.request_id = Some(request_id.clone());
     }
-    let mut guard = LogGuard::start(state.log.clone(), record);
+    // The guard and `to_app` boxed: see `forward::handle`. (`to_app`'s future built in
+    // its box with `super::boxed` was copied as whole as with `Box::pin`.)
+    let mut guard = Box::new(LogGuard::start(state.log.clone(), record));
 
     guard.record.peer_identity = peer.clone();
-    // Boxed: see `forward::handle`.
     match Box::pin(to_app(
         &inputs,
         &state,
@@ -321,7 +322,7 @@ async fn handle(
                 inputs.clone(),
                 client_side,
                 app_side,
-                guard,
+                *guard,
                 recheck,
                 Listener::Inbound,
             ));

@@ -190,6 +190,17 @@ where
     });
 }
 
+/// Boxes the future `make` returns, allocating first. `Box::pin(f)` builds the future on
+/// the stack and copies all of it into the box (4.5 KB for `forward::forward`'s, about 460
+/// instructions); built after the allocation, only its set part is copied (twice 1 KB,
+/// about 90 instructions each, callgrind). Where rustc lays a future out otherwise it may
+/// gain nothing (`inbound::to_app`'s is copied whole either way), so it is used where
+/// measured.
+#[inline(always)]
+pub fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// A client connection's addresses.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
