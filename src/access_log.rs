@@ -352,7 +352,7 @@ impl Record {
         // Keys are written with their punctuation (`key!`); `timestamp` is always first.
         o.raw(b"{\"timestamp\":");
         match self.timestamp {
-            Some(t) => o.plain(Rfc3339Millis::new(t).as_str()),
+            Some(t) => o.plain_bytes(Rfc3339Millis::new(t).as_bytes()),
             None => o.raw(b"null"),
         }
         // The proxy's own words (`&'static str`) and numbers need no escaping.
@@ -392,8 +392,7 @@ impl Record {
         o.raw(key!("bytes_out"));
         o.uint(self.bytes_out);
         o.raw(key!("duration_ms"));
-        // Floats are rare enough here to leave to serde_json, which cannot fail on a Vec.
-        let _ = serde_json::to_writer(&mut *o.out, &self.duration_ms);
+        o.millis(self.duration_ms);
         o.raw(key!("upstream"));
         o.addr(self.upstream);
         o.raw(key!("decision"));
@@ -449,13 +448,49 @@ impl JsonObject<'_> {
 
     /// A string known to need no escaping: the proxy's own words and numbers.
     fn plain(&mut self, v: &str) {
+        self.plain_bytes(v.as_bytes());
+    }
+
+    fn plain_bytes(&mut self, v: &[u8]) {
         self.out.push(b'"');
-        self.out.extend_from_slice(v.as_bytes());
+        self.out.extend_from_slice(v);
         self.out.push(b'"');
     }
 
     fn uint(&mut self, n: u64) {
         self.raw(Decimal::new(n).as_bytes());
+    }
+
+    /// A duration in milliseconds, as serde_json writes the `f64`: the shortest text that
+    /// reads back as it. `LogGuard` gives whole microseconds, and for those (below 10^15,
+    /// where an `f64` holds every one apart) that text is the milliseconds, a dot and the
+    /// microseconds without their trailing zeros (`12.0`, `0.908`); written here, not by
+    /// serde's float formatter (about 160 instructions a record). Anything else goes to
+    /// serde_json, which cannot fail on a `Vec`.
+    fn millis(&mut self, ms: f64) {
+        let micros = (ms * 1000.0).round();
+        let whole = ms.is_sign_positive() && micros < 1e15 && micros / 1000.0 == ms;
+        if !whole {
+            let _ = serde_json::to_writer(&mut *self.out, &ms);
+            return;
+        }
+        // Exact: a whole number below 10^15.
+        let micros = micros as u64;
+        self.raw(Decimal::new(micros / 1000).as_bytes());
+        let frac = micros % 1000;
+        let digits = [
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        let len = match frac {
+            0 => 2,
+            _ if frac.is_multiple_of(100) => 2,
+            _ if frac.is_multiple_of(10) => 3,
+            _ => 4,
+        };
+        self.raw(&digits[..len]);
     }
 
     fn addr(&mut self, a: Option<SocketAddr>) {
@@ -725,6 +760,48 @@ mod tests {
             }
         }
         assert!(!needs_escape(b""));
+    }
+
+    #[test]
+    fn durations_are_written_as_serde_writes_them() {
+        let written = |ms: f64| {
+            let mut out = Vec::new();
+            JsonObject { out: &mut out }.millis(ms);
+            String::from_utf8(out).unwrap()
+        };
+        // Whole microseconds, as `LogGuard` rounds them: every one up to 3 ms, each
+        // digit at each power of ten up to 10^16 µs, and a spread in between.
+        let mut micros: Vec<u64> = (0..=3000).collect();
+        for p in 0..=16 {
+            for d in 1..=9 {
+                micros.push(d * 10u64.pow(p));
+                micros.push(d * 10u64.pow(p) - 1);
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            micros.push(x >> (x % 50 + 14));
+        }
+        let mut durations: Vec<f64> = micros.iter().map(|&n| n as f64 / 1000.0).collect();
+        let elapsed = [
+            0u64,
+            1,
+            499,
+            500,
+            999_999,
+            1_234_567_891,
+            86_400_000_000_000,
+        ];
+        for nanos in elapsed {
+            let elapsed = Duration::from_nanos(nanos);
+            durations.push((elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0);
+        }
+        // Not whole microseconds, or odd: serde_json's own text.
+        durations.extend([-0.0, -1.5, 1e-7, 0.0005, 3.5e21, f64::NAN, f64::INFINITY]);
+        for d in durations {
+            assert_eq!(written(d), serde_json::to_string(&d).unwrap(), "{d:?}");
+        }
     }
 
     #[test]
