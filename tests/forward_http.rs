@@ -148,6 +148,10 @@ async fn hop_by_hop_headers_are_removed_and_via_added() {
         "Connection: x-curl-hop",
         "-H",
         "X-Curl-Hop: 1",
+        "-H",
+        "Via: 1.0 edge",
+        "-H",
+        "Via: 1.1 mid",
         &format!("http://api.test:{}/hop", up.port()),
     ])
     .await;
@@ -156,6 +160,12 @@ async fn hop_by_hop_headers_are_removed_and_via_added() {
     let seen = &echo["headers"];
     assert!(seen.get("proxy-authorization").is_none(), "{seen}");
     assert!(seen.get("x-curl-hop").is_none(), "{seen}");
+    // Two `Via` lines are one list: both earlier hops are passed on, then this one.
+    assert_eq!(
+        seen["via"],
+        serde_json::json!(["1.0 edge, 1.1 mid, 1.1 outrider"]),
+        "{seen}"
+    );
     assert!(
         c.header("via").unwrap_or_default().contains("outrider"),
         "{c:?}"
