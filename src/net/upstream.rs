@@ -609,7 +609,7 @@ impl Upstreams {
         // upstream would read the rest of it as the next request.
         let mut keep_alive = request_sent_whole
             && head.version == http::Version::HTTP_11
-            && !has_token(&headers, header::CONNECTION, "close");
+            && !(head.has_connection && has_token(&headers, header::CONNECTION, "close"));
         if let Some(limit) = head.keep_alive {
             conn.idle_limit = conn.idle_limit.min(limit.saturating_sub(KEEP_ALIVE_MARGIN));
         }
@@ -618,7 +618,7 @@ impl Upstreams {
             || head.status == StatusCode::NOT_MODIFIED
         {
             Framing::Length(0)
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        } else if head.has_transfer_encoding {
             // Both framings at once is how requests get smuggled: use TE, never reuse, and
             // drop the Content-Length (RFC 9112 §6.3) so the client is framed by neither.
             if headers.remove(header::CONTENT_LENGTH).is_some() {
@@ -635,7 +635,7 @@ impl Upstreams {
                 Framing::Eof
             }
         } else {
-            match content_length(&headers) {
+            match head.content_length {
                 Ok(Some(n)) => Framing::Length(n),
                 Ok(None) => Framing::Eof,
                 Err(()) => {
@@ -955,6 +955,13 @@ struct Head {
     reason: Option<Box<hyper::ext::ReasonPhrase>>,
     /// How long the server says it keeps an idle connection (`Keep-Alive: timeout=N`).
     keep_alive: Option<Duration>,
+    /// The framing headers the head has, noted as its names went by, so that a response
+    /// without them is not looked up for each (a lookup is about 90 instructions, and most
+    /// responses have no `Connection` and no `Transfer-Encoding`).
+    has_connection: bool,
+    has_transfer_encoding: bool,
+    /// `Content-Length` over all its fields, read as they went by.
+    content_length: Result<Option<u64>, ()>,
 }
 
 /// Reads until a final response head is parsed (interim 1xx heads are skipped; `101` is
@@ -1053,6 +1060,8 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = None;
+    let (mut has_connection, mut has_transfer_encoding) = (false, false);
+    let mut content_length = Ok(None);
     for (at, &(n, nl, v, vl)) in spans.iter().enumerate() {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
         // Read here, where the name goes by anyway: a lookup per response cost more than
@@ -1069,6 +1078,14 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
             .map_err(|_| "upstream sent an invalid header name".to_string())?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| format!("upstream sent an invalid value for {name}"))?;
+        // Comparing with a standard name is comparing two small integers.
+        if name == header::CONTENT_LENGTH {
+            add_content_length(&mut content_length, value.as_bytes());
+        } else if name == header::CONNECTION {
+            has_connection = true;
+        } else if name == header::TRANSFER_ENCODING {
+            has_transfer_encoding = true;
+        }
         headers.append(name, value);
     }
     let version = if minor == 0 {
@@ -1082,6 +1099,9 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         headers,
         reason,
         keep_alive,
+        has_connection,
+        has_transfer_encoding,
+        content_length,
     }))
 }
 
@@ -1145,23 +1165,32 @@ fn last_token_is(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 
 /// The body length from `Content-Length`: every field and list member must agree.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut found = None;
+    let mut found = Ok(None);
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        // Repeats that agree are allowed, as a list or as fields (RFC 9110 §8.6).
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            // Digits only, and at most 19 of them: that cannot overflow a u64.
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(());
-            }
-            found = Some(n);
-        }
+        add_content_length(&mut found, value.as_bytes());
     }
-    Ok(found)
+    found
+}
+
+/// Takes one `Content-Length` field into what the fields before it said.
+fn add_content_length(found: &mut Result<Option<u64>, ()>, value: &[u8]) {
+    let Ok(mut so_far) = *found else { return };
+    // Repeats that agree are allowed, as a list or as fields (RFC 9110 §8.6).
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        // Digits only, and at most 19 of them: that cannot overflow a u64.
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            *found = Err(());
+            return;
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if so_far.is_some_and(|f| f != n) {
+            *found = Err(());
+            return;
+        }
+        so_far = Some(n);
+    }
+    *found = Ok(so_far);
 }
 
 /// How the rest of a response body is delimited.
@@ -1602,6 +1631,44 @@ mod tests {
         assert!(parse_head(&mut partial, names).unwrap().is_none());
         let mut garbage = BytesMut::from(&b"SSH-2.0-OpenSSH\r\n\r\n"[..]);
         assert!(parse_head(&mut garbage, names).is_err());
+    }
+
+    /// The framing headers noted while the head is parsed are what looking them up in the
+    /// parsed map gives, remembered names or not: repeats, lists, disagreements, case.
+    #[test]
+    fn framing_noted_while_parsing_is_what_the_map_says() {
+        let names = &mut Names::default();
+        let heads: [&[u8]; 9] = [
+            b"Content-Length: 3\r\n",
+            b"content-LENGTH: 3\r\nConnection: close\r\n",
+            b"Content-Length: 5\r\nX-A: 1\r\nContent-Length: 5, 5\r\n",
+            b"Content-Length: 5\r\nContent-Length: 6\r\n",
+            b"Content-Length: 5, 6\r\nContent-Length: 5\r\n",
+            b"Content-Length: -1\r\nContent-Length: 5\r\n",
+            b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+            b"X-Connection: close\r\nX-Transfer-Encoding: chunked\r\nX-Content-Length: 1\r\n",
+            b"Server: a\r\n",
+        ];
+        for round in 0..2 {
+            for (i, fields) in heads.iter().enumerate() {
+                let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+                raw.extend_from_slice(fields);
+                raw.extend_from_slice(b"\r\n");
+                let head = parse_head(&mut BytesMut::from(&raw[..]), names)
+                    .unwrap()
+                    .unwrap();
+                let h = &head.headers;
+                let at = format!("round {round}, response {i}");
+                assert_eq!(head.content_length, content_length(h), "{at}");
+                assert_eq!(
+                    head.has_connection,
+                    h.contains_key(header::CONNECTION),
+                    "{at}"
+                );
+                let te = h.contains_key(header::TRANSFER_ENCODING);
+                assert_eq!(head.has_transfer_encoding, te, "{at}");
+            }
+        }
     }
 
     /// The names remembered from earlier responses on a connection are used only for the
