@@ -492,21 +492,11 @@ impl Upstreams {
         }
         let (parts, mut body) = req.into_parts();
         let empty = http_body::Body::is_end_stream(&body);
-        // A body of declared length is sent as exactly that many bytes, never more: whatever
-        // followed would be read by the upstream as another request.
-        let declared = content_length(&parts.headers)
-            .map_err(|()| SendError::Failed("the request has an invalid Content-Length".into()))?;
-        let framing = match declared {
-            _ if !empty => declared.map_or(BodyFraming::Chunked, BodyFraming::Length),
-            // Nothing is sent; a method that carries a body says so with a zero length.
-            Some(_) => BodyFraming::Length(0),
-            None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
-                BodyFraming::Length(0)
-            }
-            None => BodyFraming::None,
-        };
-        let head = encode_head(&parts, addr, framing);
-        let asked_upgrade = parts.headers.contains_key(header::UPGRADE);
+        let EncodedHead {
+            head,
+            framing,
+            asked_upgrade,
+        } = encode_head(&parts, addr, empty)?;
         let head_only = parts.method == Method::HEAD;
         let replayable = empty && is_idempotent(&parts.method);
         let mut retried = false;
@@ -710,8 +700,24 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// `METHOD target HTTP/1.1`, the headers, a Host if there was none, the framing header.
-fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFraming) -> Vec<u8> {
+/// A request head as it goes upstream, and what was read from its headers on the way.
+struct EncodedHead {
+    head: Vec<u8>,
+    /// How the body is framed on this hop.
+    framing: BodyFraming,
+    /// Whether the request has an `Upgrade` (only then may the upstream switch protocols).
+    asked_upgrade: bool,
+}
+
+/// `METHOD target HTTP/1.1`, the headers, a Host if there was none, the framing header
+/// for a body that is `empty` or not. `Content-Length`, `Host` and `Upgrade` are read in
+/// the same pass over the headers that writes them: looked up apart, the three cost about
+/// 300 instructions per request.
+fn encode_head(
+    parts: &http::request::Parts,
+    addr: SocketAddr,
+    empty: bool,
+) -> Result<EncodedHead, SendError> {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -723,32 +729,58 @@ fn encode_head(parts: &http::request::Parts, addr: SocketAddr, framing: BodyFram
     }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !parts.headers.contains_key(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        match parts.uri.authority() {
-            Some(a) => out.extend_from_slice(a.as_str().as_bytes()),
-            None => out.extend_from_slice(addr.to_string().as_bytes()),
-        }
-        out.extend_from_slice(b"\r\n");
-    }
+    let fields_at = out.len();
+    let (mut declared, mut has_host, mut asked_upgrade) = (Ok(None), false, false);
     for (name, value) in &parts.headers {
         // The framing headers are written below from what will really be sent, never
         // copied: a client's Content-Length on a request whose body is not sent (a cache
         // revalidation) would have the upstream read the next request as this one's body.
-        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH {
+            add_content_length(&mut declared, value.as_bytes());
+        } else if name != header::TRANSFER_ENCODING {
+            has_host |= name == header::HOST;
+            asked_upgrade |= name == header::UPGRADE;
             put_field(&mut out, name, value);
         }
     }
+    if !has_host {
+        // First, where a Host belongs (RFC 9112 §3.2); rare: the proxy sets one.
+        let mut host = b"host: ".to_vec();
+        match parts.uri.authority() {
+            Some(a) => host.extend_from_slice(a.as_str().as_bytes()),
+            None => host.extend_from_slice(addr.to_string().as_bytes()),
+        }
+        host.extend_from_slice(b"\r\n");
+        out.splice(fields_at..fields_at, host);
+    }
+    // A body of declared length is sent as exactly that many bytes, never more: whatever
+    // followed would be read by the upstream as another request.
+    let declared = declared
+        .map_err(|()| SendError::Failed("the request has an invalid Content-Length".into()))?;
+    let framing = match declared {
+        _ if !empty => declared.map_or(BodyFraming::Chunked, BodyFraming::Length),
+        // Nothing is sent; a method that carries a body says so with a zero length.
+        Some(_) => BodyFraming::Length(0),
+        None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
+            BodyFraming::Length(0)
+        }
+        None => BodyFraming::None,
+    };
     match framing {
         BodyFraming::None => {}
         BodyFraming::Length(n) => {
-            use std::io::Write as _;
-            let _ = write!(out, "content-length: {n}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(crate::net::text::Decimal::new(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-    out
+    Ok(EncodedHead {
+        head: out,
+        framing,
+        asked_upgrade,
+    })
 }
 
 /// Appends `name: value` and its line end.
@@ -1163,7 +1195,9 @@ fn last_token_is(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// The body length from `Content-Length`: every field and list member must agree.
+/// The body length from `Content-Length`: every field and list member must agree. The
+/// proxy reads it as the fields go by (`add_content_length`); the tests hold that to this.
+#[cfg(test)]
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut found = Ok(None);
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -1781,11 +1815,58 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let head = encode_head(&parts, "127.0.0.1:1".parse().unwrap(), BodyFraming::Chunked);
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let text = |parts: &http::request::Parts, empty: bool| {
+            encode_head(parts, addr, empty)
+                .map(|e| (String::from_utf8(e.head).unwrap(), e.asked_upgrade))
+                .map_err(|e| e.to_string())
+        };
+        // A body of unknown length is chunked; the Host goes first.
         assert_eq!(
-            String::from_utf8(head).unwrap(),
+            text(&parts, false).unwrap().0,
             "POST /a?b=1 HTTP/1.1\r\nhost: example.test:8080\r\nx-k: v\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+        // Nothing sent for a POST: a zero length says so.
+        assert_eq!(
+            text(&parts, true).unwrap().0,
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.test:8080\r\nx-k: v\r\ncontent-length: 0\r\n\r\n"
+        );
+        // A declared length is sent as what will be sent; the client's Host and Upgrade
+        // stay where they were.
+        let req = Request::get("/ws")
+            .header("content-length", "5")
+            .header("host", "h.test")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        assert_eq!(
+            text(&parts, false).unwrap(),
+            (
+                "GET /ws HTTP/1.1\r\nhost: h.test\r\nupgrade: websocket\r\ncontent-length: 5\r\n\r\n".into(),
+                true
+            )
+        );
+        assert_eq!(
+            text(&parts, true).unwrap().0,
+            "GET /ws HTTP/1.1\r\nhost: h.test\r\nupgrade: websocket\r\ncontent-length: 0\r\n\r\n"
+        );
+        // A GET with no body and no length says nothing of framing.
+        parts.headers.remove("content-length");
+        parts.headers.remove("upgrade");
+        assert_eq!(
+            text(&parts, true).unwrap(),
+            ("GET /ws HTTP/1.1\r\nhost: h.test\r\n\r\n".into(), false)
+        );
+        // Lengths that disagree are refused.
+        parts
+            .headers
+            .append("content-length", HeaderValue::from_static("5"));
+        parts
+            .headers
+            .append("content-length", HeaderValue::from_static("6"));
+        let refused = text(&parts, false).unwrap_err();
+        assert!(refused.contains("invalid Content-Length"), "{refused}");
     }
 
     /// The client's framing headers never reach the upstream as they were: a body that is
