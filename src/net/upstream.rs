@@ -597,9 +597,8 @@ impl Upstreams {
         }
         // A connection whose request was cut short (an early refusal) is not reused: the
         // upstream would read the rest of it as the next request.
-        let mut keep_alive = request_sent_whole
-            && head.version == http::Version::HTTP_11
-            && !(head.has_connection && has_token(&headers, header::CONNECTION, "close"));
+        let mut keep_alive =
+            request_sent_whole && head.version == http::Version::HTTP_11 && !head.connection_close;
         if let Some(limit) = head.keep_alive {
             conn.idle_limit = conn.idle_limit.min(limit.saturating_sub(KEEP_ALIVE_MARGIN));
         }
@@ -987,10 +986,11 @@ struct Head {
     reason: Option<Box<hyper::ext::ReasonPhrase>>,
     /// How long the server says it keeps an idle connection (`Keep-Alive: timeout=N`).
     keep_alive: Option<Duration>,
-    /// The framing headers the head has, noted as its names went by, so that a response
-    /// without them is not looked up for each (a lookup is about 90 instructions, and most
-    /// responses have no `Connection` and no `Transfer-Encoding`).
-    has_connection: bool,
+    /// What the framing headers say, read as the head's names went by, instead of a
+    /// lookup for each in the parsed map (about 90 instructions each; `Connection`'s,
+    /// with its tokens, about 200): whether `Connection` has `close`, whether there is a
+    /// `Transfer-Encoding`.
+    connection_close: bool,
     has_transfer_encoding: bool,
     /// `Content-Length` over all its fields, read as they went by.
     content_length: Result<Option<u64>, ()>,
@@ -1092,7 +1092,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = None;
-    let (mut has_connection, mut has_transfer_encoding) = (false, false);
+    let (mut connection_close, mut has_transfer_encoding) = (false, false);
     let mut content_length = Ok(None);
     for (at, &(n, nl, v, vl)) in spans.iter().enumerate() {
         let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
@@ -1114,7 +1114,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         if name == header::CONTENT_LENGTH {
             add_content_length(&mut content_length, value.as_bytes());
         } else if name == header::CONNECTION {
-            has_connection = true;
+            connection_close |= value_has_token(value.as_bytes(), b"close");
         } else if name == header::TRANSFER_ENCODING {
             has_transfer_encoding = true;
         }
@@ -1131,7 +1131,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         headers,
         reason,
         keep_alive,
-        has_connection,
+        connection_close,
         has_transfer_encoding,
         content_length,
     }))
@@ -1179,9 +1179,17 @@ fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-/// Whether a comma-separated header has `token` (case-insensitive) anywhere.
+/// Whether a comma-separated header has `token` (case-insensitive) anywhere. (As bytes:
+/// a token that is not UTF-8 is not the ASCII `token` either.)
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+    byte_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// [`has_token`] for one field's value.
+fn value_has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether the last coding in a comma-separated header is `token`.
@@ -1672,9 +1680,12 @@ mod tests {
     #[test]
     fn framing_noted_while_parsing_is_what_the_map_says() {
         let names = &mut Names::default();
-        let heads: [&[u8]; 9] = [
-            b"Content-Length: 3\r\n",
+        let heads: [&[u8]; 12] = [
+            b"Content-Length: 3\r\nConnection: keep-alive\r\n",
             b"content-LENGTH: 3\r\nConnection: close\r\n",
+            b"Connection: keep-alive, CLOSE \r\nConnection: x-hop\r\n",
+            b"Connection: x-hop\r\nconnection: Close\r\nX-Hop: 1\r\n",
+            b"Connection: closed, close-ish\r\n",
             b"Content-Length: 5\r\nX-A: 1\r\nContent-Length: 5, 5\r\n",
             b"Content-Length: 5\r\nContent-Length: 6\r\n",
             b"Content-Length: 5, 6\r\nContent-Length: 5\r\n",
@@ -1694,11 +1705,8 @@ mod tests {
                 let h = &head.headers;
                 let at = format!("round {round}, response {i}");
                 assert_eq!(head.content_length, content_length(h), "{at}");
-                assert_eq!(
-                    head.has_connection,
-                    h.contains_key(header::CONNECTION),
-                    "{at}"
-                );
+                let close = has_token(h, header::CONNECTION, "close");
+                assert_eq!(head.connection_close, close, "{at}");
                 let te = h.contains_key(header::TRANSFER_ENCODING);
                 assert_eq!(head.has_transfer_encoding, te, "{at}");
             }
