@@ -185,13 +185,46 @@ const TRANSFER_ENCODING_BIT: u8 = 1 << 4;
 /// here because this pass already knows whether the header is there: a lookup of its own
 /// cost every request about 80 instructions.
 fn strip(headers: &mut HeaderMap, keep_upgrade: bool, check_coding: bool) -> Result<(), String> {
-    // One pass over the names finds which of the fixed set are there: a message usually
+    // One pass over the fields finds which of the fixed set are there: a message usually
     // has none or one (`Connection: keep-alive`), and a hashed removal for each of the
     // eight cost more instructions than the rest of the request's header handling.
+    // The names in Connection are copied out in the same pass, before the map changes:
+    // onto the stack when they fit, else the heap. Names of the fixed set are skipped:
+    // the bits cover them (`keep-alive` is the usual token).
+    const ROOM: usize = 256;
     let mut present = 0u8;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
+    let mut stack = [0u8; ROOM];
+    let mut spans = [(0u16, 0u16); 16];
+    let (mut used, mut count) = (0usize, 0usize);
+    let mut spilled: Vec<&[u8]> = Vec::new();
+    for (name, value) in headers.iter() {
+        let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) else {
+            continue;
+        };
+        present |= 1 << i;
+        if name != header::CONNECTION {
+            continue;
+        }
+        let named = value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(t))
+            });
+        for t in named {
+            if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
+                stack[used..used + t.len()].copy_from_slice(t);
+                // Both fit in u16: ROOM is 256.
+                spans[count] = (used as u16, t.len() as u16);
+                used += t.len();
+                count += 1;
+            } else {
+                spilled.push(t);
+            }
         }
     }
     if present == 0 {
@@ -202,30 +235,12 @@ fn strip(headers: &mut HeaderMap, keep_upgrade: bool, check_coding: bool) -> Res
             return Err(coding);
         }
     }
-    // The names in Connection are copied out before the map changes: onto the stack when
-    // they fit, else the heap. Names of the fixed set are skipped: the bits above cover
-    // them (`keep-alive` is the usual token).
-    const ROOM: usize = 256;
-    let mut stack = [0u8; ROOM];
-    let mut spans = [(0u16, 0u16); 16];
-    let (mut used, mut count) = (0usize, 0usize);
-    let mut spilled: Vec<String> = Vec::new();
-    let named = crate::net::upstream::tokens(headers, header::CONNECTION).filter(|t| {
-        !HOP_BY_HOP
-            .iter()
-            .any(|h| h.as_str().eq_ignore_ascii_case(t))
-    });
-    for t in named {
-        if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
-            stack[used..used + t.len()].copy_from_slice(t.as_bytes());
-            // Both fit in u16: ROOM is 256.
-            spans[count] = (used as u16, t.len() as u16);
-            used += t.len();
-            count += 1;
-        } else {
-            spilled.push(t.to_owned());
-        }
-    }
+    // Borrowed from the map, the spilled names are owned before it changes (rare: more
+    // than 16 names, or 256 bytes of them).
+    let spilled: Vec<String> = spilled
+        .into_iter()
+        .filter_map(|t| std::str::from_utf8(t).ok().map(str::to_owned))
+        .collect();
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
