@@ -109,11 +109,29 @@ async fn routes_by_path_header_and_host_with_forwarding_headers() {
         inbound,
         "GET",
         "/",
-        &[("host", "SHOP.local"), ("x-request-id", "given-id")],
+        &[
+            ("host", "SHOP.local"),
+            ("x-request-id", "given-id"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("forwarded", "for=10.0.0.1"),
+            ("forwarded", "for=10.0.0.2"),
+        ],
     )
     .await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["app"], "web");
+    // Two lines of a list header are one list: both earlier hops reach the app, in
+    // order, before the caller's address.
+    assert_eq!(
+        v["headers"]["x-forwarded-for"],
+        "10.0.0.1, 10.0.0.2, 127.0.0.1"
+    );
+    let forwarded = v["headers"]["forwarded"].as_str().unwrap();
+    assert!(
+        forwarded.starts_with("for=10.0.0.1, for=10.0.0.2, for=127.0.0.1;proto=http"),
+        "{forwarded}"
+    );
     assert_eq!(
         v["headers"]["x-request-id"], "given-id",
         "an existing request id is kept"

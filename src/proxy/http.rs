@@ -416,24 +416,40 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
         http::Version::HTTP_2 => ("2", VIA_2),
         _ => ("1.1", VIA_11),
     };
-    // One lookup for both cases.
-    let mut via = match headers.entry(header::VIA) {
-        // The usual case: the first proxy on the path; no formatting, no allocation.
+    match headers.entry(header::VIA) {
+        // The usual case, the first proxy on the path: the constant, no formatting.
         header::Entry::Vacant(e) => {
             e.insert(hop);
-            return;
         }
-        header::Entry::Occupied(e) => e,
-    };
-    let mut lines = via.iter();
+        header::Entry::Occupied(e) => append_to_entry(e, &[proto.as_bytes(), b" outrider"]),
+    }
+}
+
+/// Appends `parts` as one more member of the list header `name`, after every earlier one:
+/// several lines are one list (RFC 9110 §5.3), sent on as one line. One lookup for both
+/// cases.
+pub fn append_to_list(headers: &mut HeaderMap, name: HeaderName, parts: &[&[u8]]) {
+    match headers.entry(name) {
+        header::Entry::Vacant(e) => {
+            if let Some(v) = append_value(None, parts) {
+                e.insert(v);
+            }
+        }
+        header::Entry::Occupied(e) => append_to_entry(e, parts),
+    }
+}
+
+/// [`append_to_list`] where the header is there.
+fn append_to_entry(mut entry: header::OccupiedEntry<'_, HeaderValue>, parts: &[&[u8]]) {
+    let mut lines = entry.iter();
     let first = lines.next().cloned();
     let prev = match lines.next() {
         None => first,
-        Some(_) => HeaderValue::from_bytes(&join_values(via.iter())).ok(),
+        Some(_) => HeaderValue::from_bytes(&join_values(entry.iter())).ok(),
     };
-    // An earlier hop that is not visible ASCII is dropped (see `append_value`).
-    if let Some(v) = append_value(prev.as_ref(), &[proto.as_bytes(), b" outrider"]) {
-        via.insert(v);
+    // An earlier value that is not visible ASCII is dropped (see `append_value`).
+    if let Some(v) = append_value(prev.as_ref(), parts) {
+        entry.insert(v);
     }
 }
 

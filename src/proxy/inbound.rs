@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::detect::{detect, Protocol, Rewind};
 use super::error::ProxyError;
 use super::http::{
-    add_via, append_value, strip_hop_by_hop, strip_request_hop_by_hop, upstream_version,
-    wants_upgrade,
+    add_via, append_to_list, append_value, strip_hop_by_hop, strip_request_hop_by_hop,
+    upstream_version, wants_upgrade,
 };
 use super::slots::Listener;
 use super::tunnel::splice;
@@ -515,9 +515,7 @@ fn add_forwarding(
     // roomy), and inserting one at a time grew it twice.
     headers.reserve(3);
     let ip = IpText::new(conn.client.ip());
-    if let Some(v) = append_value(headers.get(&XFF), &[ip.as_bytes()]) {
-        headers.insert(XFF, v);
-    }
+    append_to_list(headers, XFF, &[ip.as_bytes()]);
     // The client as a `Forwarded` node: IPv6 in quoted brackets (RFC 7239 §6).
     let (open, close): (&[u8], &[u8]) = match conn.client {
         std::net::SocketAddr::V6(_) => (b"\"[", b"]\""),
@@ -532,22 +530,17 @@ fn add_forwarding(
         Some(h) => (b";host=\"", h.as_bytes(), b"\""),
         None => (b"", b"", b""),
     };
-    let fwd = append_value(
-        headers.get(header::FORWARDED),
-        &[
-            b"for=",
-            open,
-            ip.as_bytes(),
-            close,
-            b";proto=http",
-            host_open,
-            host,
-            host_close,
-        ],
-    );
-    if let Some(v) = fwd {
-        headers.insert(header::FORWARDED, v);
-    }
+    let node = [
+        &b"for="[..],
+        open,
+        ip.as_bytes(),
+        close,
+        b";proto=http",
+        host_open,
+        host,
+        host_close,
+    ];
+    append_to_list(headers, header::FORWARDED, &node);
     headers.insert(X_REQUEST_ID, request_id);
 }
 
