@@ -421,10 +421,15 @@ async fn to_app(
         guard.record.authority.as_deref(),
         request_id,
     );
-    // Only the proxy may say who the caller is: a caller's own XFCC header is dropped.
-    parts.headers.remove(X_FORWARDED_CLIENT_CERT);
-    if let Some(v) = peer.and_then(|id| append_value(None, &[b"URI=", id.as_bytes()])) {
-        parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
+    // Only the proxy may say who the caller is: a caller's own XFCC header is dropped, or
+    // replaced by the verified identity (`insert` replaces every line of it).
+    match peer.and_then(|id| append_value(None, &[b"URI=", id.as_bytes()])) {
+        Some(v) => {
+            parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
+        }
+        None => {
+            parts.headers.remove(X_FORWARDED_CLIENT_CERT);
+        }
     }
     parts.version = version;
     let counter = guard.bytes.clone();
