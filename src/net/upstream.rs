@@ -1114,7 +1114,8 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names) -> Result<Option<Head>, Str
         if name == header::CONTENT_LENGTH {
             add_content_length(&mut content_length, value.as_bytes());
         } else if name == header::CONNECTION {
-            connection_close |= value_has_token(value.as_bytes(), b"close");
+            connection_close |=
+                value_tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
         } else if name == header::TRANSFER_ENCODING {
             has_transfer_encoding = true;
         }
@@ -1149,7 +1150,13 @@ fn byte_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[
     headers
         .get_all(name)
         .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .flat_map(|v| value_tokens(v.as_bytes()))
+}
+
+/// The members of one comma-separated field value, trimmed, empty ones left out.
+pub(crate) fn value_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
@@ -1183,13 +1190,6 @@ fn keep_alive_timeout(value: &[u8]) -> Option<Duration> {
 /// a token that is not UTF-8 is not the ASCII `token` either.)
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     byte_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
-}
-
-/// [`has_token`] for one field's value.
-fn value_has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether the last coding in a comma-separated header is `token`.
@@ -1675,6 +1675,14 @@ mod tests {
         assert!(parse_head(&mut garbage, names).is_err());
     }
 
+    /// A `200` response head with these header lines.
+    fn ok_head(fields: &[u8]) -> BytesMut {
+        let mut raw = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+        raw.extend_from_slice(fields);
+        raw.extend_from_slice(b"\r\n");
+        raw
+    }
+
     /// The framing headers noted while the head is parsed are what looking them up in the
     /// parsed map gives, remembered names or not: repeats, lists, disagreements, case.
     #[test]
@@ -1696,12 +1704,7 @@ mod tests {
         ];
         for round in 0..2 {
             for (i, fields) in heads.iter().enumerate() {
-                let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
-                raw.extend_from_slice(fields);
-                raw.extend_from_slice(b"\r\n");
-                let head = parse_head(&mut BytesMut::from(&raw[..]), names)
-                    .unwrap()
-                    .unwrap();
+                let head = parse_head(&mut ok_head(fields), names).unwrap().unwrap();
                 let h = &head.headers;
                 let at = format!("round {round}, response {i}");
                 assert_eq!(head.content_length, content_length(h), "{at}");
@@ -1730,9 +1733,6 @@ mod tests {
             b"Content-Length: 0\r\nX-Cust\xffom: 1\r\n",
         ];
         for (i, fields) in heads.iter().enumerate() {
-            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
-            raw.extend_from_slice(fields);
-            raw.extend_from_slice(b"\r\n");
             // Each header as (name, value) text, or the parse error.
             let text = |r: Result<Option<Head>, String>| {
                 r.map(|h| {
@@ -1742,11 +1742,8 @@ mod tests {
                     })
                 })
             };
-            let parsed = text(parse_head(&mut BytesMut::from(&raw[..]), names));
-            let fresh = text(parse_head(
-                &mut BytesMut::from(&raw[..]),
-                &mut Names::default(),
-            ));
+            let parsed = text(parse_head(&mut ok_head(fields), names));
+            let fresh = text(parse_head(&mut ok_head(fields), &mut Names::default()));
             assert_eq!(parsed, fresh, "response {i}");
         }
         // Bounded, and the first slot is the latest response's first name.

@@ -205,16 +205,11 @@ fn strip(headers: &mut HeaderMap, keep_upgrade: bool, check_coding: bool) -> Res
         if name != header::CONNECTION {
             continue;
         }
-        let named = value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
-            .filter(|t| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(t))
-            });
+        let named = crate::net::upstream::value_tokens(value.as_bytes()).filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(t))
+        });
         for t in named {
             if spilled.is_empty() && count < spans.len() && used + t.len() <= ROOM {
                 stack[used..used + t.len()].copy_from_slice(t);
@@ -431,7 +426,7 @@ pub fn add_via(headers: &mut HeaderMap, version: http::Version) {
 pub fn append_to_list(headers: &mut HeaderMap, name: HeaderName, parts: &[&[u8]]) {
     match headers.entry(name) {
         header::Entry::Vacant(e) => {
-            if let Some(v) = append_value(None, parts) {
+            if let Some(v) = append_value(&[], parts) {
                 e.insert(v);
             }
         }
@@ -441,41 +436,26 @@ pub fn append_to_list(headers: &mut HeaderMap, name: HeaderName, parts: &[&[u8]]
 
 /// [`append_to_list`] where the header is there.
 fn append_to_entry(mut entry: header::OccupiedEntry<'_, HeaderValue>, parts: &[&[u8]]) {
-    let mut lines = entry.iter();
-    let first = lines.next().cloned();
-    let prev = match lines.next() {
-        None => first,
-        Some(_) => HeaderValue::from_bytes(&join_values(entry.iter())).ok(),
+    let value = {
+        let lines: smallvec::SmallVec<[&HeaderValue; 2]> = entry.iter().collect();
+        append_value(&lines, parts)
     };
-    // An earlier value that is not visible ASCII is dropped (see `append_value`).
-    if let Some(v) = append_value(prev.as_ref(), parts) {
+    if let Some(v) = value {
         entry.insert(v);
     }
 }
 
-/// Several lines of one header as one value, `a, b` (RFC 9110 §5.3).
-fn join_values<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Vec<u8> {
-    let mut joined = Vec::new();
-    for v in values {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b", ");
-        }
-        joined.extend_from_slice(v.as_bytes());
-    }
-    joined
-}
-
-/// A header value `prev, <parts>` (or just the parts; an earlier hop's value is kept only
-/// when it is visible ASCII), put together on the stack when it fits, so that the value's
-/// own bytes are the only allocation. (Parts, not `format_args!`: the formatting machinery
-/// cost more than the rest of the forwarding headers.)
-pub fn append_value(prev: Option<&HeaderValue>, parts: &[&[u8]]) -> Option<HeaderValue> {
-    let prev = prev
-        .filter(|v| v.to_str().is_ok())
-        .map(HeaderValue::as_bytes);
+/// A header value `prev, <parts>`, where `prev` is every earlier line of the header in
+/// order (or just the parts: earlier lines are kept only when all are visible ASCII), put
+/// together on the stack when it fits, so that the value's own bytes are the only
+/// allocation. (Parts, not `format_args!`: the formatting machinery cost more than the rest
+/// of the forwarding headers.)
+pub fn append_value(prev: &[&HeaderValue], parts: &[&[u8]]) -> Option<HeaderValue> {
+    let visible = prev.iter().all(|v| v.to_str().is_ok());
+    let prev = if visible { prev } else { &[] };
     let pieces = || {
-        prev.into_iter()
-            .flat_map(|p| [p, b", "])
+        prev.iter()
+            .flat_map(|p| [p.as_bytes(), b", "])
             .chain(parts.iter().copied())
     };
     let len: usize = pieces().map(<[u8]>::len).sum();
@@ -670,16 +650,20 @@ mod tests {
     #[test]
     fn appended_values_join_with_a_comma_and_long_ones_go_to_the_heap() {
         let prev = HeaderValue::from_static("a");
-        assert_eq!(append_value(Some(&prev), &[b"b", b"c"]).unwrap(), "a, bc");
-        assert_eq!(append_value(None, &[b"b"]).unwrap(), "b");
+        assert_eq!(append_value(&[&prev], &[b"b", b"c"]).unwrap(), "a, bc");
+        assert_eq!(append_value(&[], &[b"b"]).unwrap(), "b");
         // An earlier value that is not visible ASCII is not carried on.
         let odd = HeaderValue::from_bytes(b"\xff").unwrap();
-        assert_eq!(append_value(Some(&odd), &[b"x"]).unwrap(), "x");
+        assert_eq!(append_value(&[&odd], &[b"x"]).unwrap(), "x");
+        // Several earlier lines are one list, kept in order, or dropped all together.
+        let second = HeaderValue::from_static("z");
+        assert_eq!(append_value(&[&prev, &second], &[b"x"]).unwrap(), "a, z, x");
+        assert_eq!(append_value(&[&prev, &odd], &[b"x"]).unwrap(), "x");
         let long = "v".repeat(500);
         let prev = HeaderValue::from_str(&long).unwrap();
-        let v = append_value(Some(&prev), &[b"end"]).unwrap();
+        let v = append_value(&[&prev], &[b"end"]).unwrap();
         assert_eq!(v.to_str().unwrap(), format!("{long}, end"));
         // Bytes a header value may not hold are refused, not sent.
-        assert!(append_value(None, &[b"a\r\nb"]).is_none());
+        assert!(append_value(&[], &[b"a\r\nb"]).is_none());
     }
 }

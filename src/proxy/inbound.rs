@@ -423,7 +423,7 @@ async fn to_app(
     );
     // Only the proxy may say who the caller is: a caller's own XFCC header is dropped, or
     // replaced by the verified identity (`insert` replaces every line of it).
-    match peer.and_then(|id| append_value(None, &[b"URI=", id.as_bytes()])) {
+    match peer.and_then(|id| append_value(&[], &[b"URI=", id.as_bytes()])) {
         Some(v) => {
             parts.headers.insert(X_FORWARDED_CLIENT_CERT, v);
         }
