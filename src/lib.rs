@@ -19,3 +19,4 @@ pub mod server;
 #[cfg(feature = "test-support")]
 pub mod testing;
 pub mod tls;
+pub mod workers;

@@ -113,12 +113,12 @@ fn main() -> ExitCode {
                 }
             };
             raise_open_file_limit();
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.enable_all();
-            if compiled.source.runtime.worker_threads > 0 {
-                builder.worker_threads(compiled.source.runtime.worker_threads);
-            }
-            let rt = match builder.build() {
+            // The control runtime (admin API, signals, renewal); the data path gets its own
+            // threads, `runtime.worker_threads` of them (see `outrider::workers`).
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start runtime: {e}");

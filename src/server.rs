@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Compiled, Config};
 use crate::proxy::slots::Listener;
 use crate::proxy::{self, Inputs, State};
+use crate::workers::{Stops, Workers};
 
 /// How the outbound listener learns a connection's original destination. The default asks
 /// the kernel; tests substitute their own so that transparent mode runs without iptables.
@@ -34,13 +35,16 @@ pub enum StartError {
     /// The runtime state could not be built.
     #[error("{0}")]
     State(String),
+    /// A worker thread, its runtime or its copy of a listener could not be made.
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
-/// A bound, not yet running proxy.
+/// A bound, not yet running proxy: its worker threads wait for [`Server::run`].
 pub struct Server {
     inputs: Arc<Inputs>,
-    outbound: Vec<TcpListener>,
-    inbound: Vec<TcpListener>,
+    workers: Workers,
+    stops: Stops,
     admin: TcpListener,
     handle: ServerHandle,
     /// `None`: the kernel's answer.
@@ -62,7 +66,7 @@ pub struct ServerHandle {
     pub admin_addr: SocketAddr,
 }
 
-fn bind_one(addr: SocketAddr, only_v6: bool) -> std::io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, only_v6: bool) -> std::io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -75,10 +79,10 @@ fn bind_one(addr: SocketAddr, only_v6: bool) -> std::io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+fn bind(key: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     // `[::]:15006` serves IPv4 too, like the usual dual-stack default.
     bind_one(addr, false).map_err(|source| StartError::Bind { key, addr, source })
 }
@@ -86,14 +90,17 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 /// Binds a data-path listener so that captured IPv6 traffic has somewhere to go as well:
 /// `0.0.0.0:P` becomes dual-stack `[::]:P` where the host has IPv6, and `127.0.0.1:P` gets an
 /// IPv6-only `[::1]:P` beside it (the iptables script redirects IPv6 to `[::1]`).
-async fn bind_data(key: &'static str, addr: SocketAddr) -> Result<Vec<TcpListener>, StartError> {
+fn bind_data(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
     let v6 = |ip: std::net::Ipv6Addr, port| SocketAddr::new(ip.into(), port);
     if addr.ip() == std::net::Ipv4Addr::UNSPECIFIED {
         if let Ok(l) = bind_one(v6(std::net::Ipv6Addr::UNSPECIFIED, addr.port()), false) {
             return Ok(vec![l]);
         }
     }
-    let first = bind(key, addr).await?;
+    let first = bind(key, addr)?;
     let mut all = vec![];
     if addr.ip() == std::net::Ipv4Addr::LOCALHOST {
         let port = first.local_addr().map_or(addr.port(), |a| a.port());
@@ -109,13 +116,13 @@ async fn bind_data(key: &'static str, addr: SocketAddr) -> Result<Vec<TcpListene
 impl Server {
     /// Binds every listener (so that a bad address fails before anything runs).
     pub async fn bind(cfg: Compiled, config_path: Option<PathBuf>) -> Result<Self, StartError> {
-        let admin = bind("admin.listen", cfg.admin_listen).await?;
-        let outbound = bind_data("outbound.listen", cfg.outbound_listen).await?;
+        let admin = bind("admin.listen", cfg.admin_listen)?;
+        let outbound = bind_data("outbound.listen", cfg.outbound_listen)?;
         let inbound = match cfg.inbound_listen {
-            Some(a) => bind_data("inbound.listen", a).await?,
+            Some(a) => bind_data("inbound.listen", a)?,
             None => Vec::new(),
         };
-        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let local = |l: &std::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let outbound_addr = outbound
             .first()
             .map_or(cfg.outbound_listen, |l| local(l, cfg.outbound_listen));
@@ -136,6 +143,7 @@ impl Server {
             )),
             None => None,
         };
+        let workers = cfg.source.runtime.workers();
         let state = State::build(cfg, None, mesh.as_ref()).map_err(StartError::State)?;
         let inputs = proxy::inputs(state, own, mesh);
         let handle = ServerHandle {
@@ -147,10 +155,23 @@ impl Server {
             inbound_addr,
             admin_addr,
         };
+        // The outbound side stops on its own token: it may stay open a while after the
+        // inbound side (`shutdown.outbound_grace`).
+        let stops = Stops {
+            outbound: CancellationToken::new(),
+            inbound: handle.shutdown.clone(),
+        };
+        let workers = Workers::start(workers, &outbound, &inbound, &inputs, &stops)
+            .map_err(StartError::Workers)?;
+        let admin = TcpListener::from_std(admin).map_err(|source| StartError::Bind {
+            key: "admin.listen",
+            addr: admin_addr,
+            source,
+        })?;
         Ok(Self {
             inputs,
-            outbound,
-            inbound,
+            workers,
+            stops,
             admin,
             handle,
             orig_dst: None,
@@ -168,30 +189,21 @@ impl Server {
         self.handle.clone()
     }
 
-    /// Serves until shutdown, then drains.
+    /// Serves until shutdown, then drains. The data path runs on the worker threads; the
+    /// admin API and the shutdown sequence on the caller's runtime.
     pub async fn run(self) {
         let Server {
             inputs,
-            outbound,
-            inbound,
+            mut workers,
+            stops,
             admin,
             handle,
             orig_dst,
         } = self;
+        let _workers_end_with_this = workers.stop_on_drop();
         let shutdown = handle.shutdown.clone();
-        // The outbound side stops on its own token: it may stay open a while after the
-        // inbound side (`shutdown.outbound_grace`).
-        let outbound_stop = CancellationToken::new();
         let admin_task = tokio::spawn(crate::admin::serve(admin, handle.clone()));
-        let mut accept_tasks = Vec::new();
-        for l in outbound {
-            let task = accept_outbound(l, inputs.clone(), orig_dst.clone(), outbound_stop.clone());
-            accept_tasks.push(tokio::spawn(task));
-        }
-        for l in inbound {
-            let task = crate::proxy::inbound::accept(l, inputs.clone(), shutdown.clone());
-            accept_tasks.push(tokio::spawn(task));
-        }
+        let mut accepting = workers.go(orig_dst.as_ref());
         handle.ready.store(true, Ordering::SeqCst);
         tracing::info!(outbound = %handle.outbound_addr, admin = %handle.admin_addr, inbound = ?handle.inbound_addr, "outrider ready");
         shutdown.cancelled().await;
@@ -206,10 +218,9 @@ impl Server {
             );
             tokio::time::sleep(grace).await;
         }
-        outbound_stop.cancel();
-        for t in accept_tasks {
-            let _ = t.await;
-        }
+        stops.outbound.cancel();
+        // Closed once every worker has stopped accepting.
+        let _ = accepting.recv().await;
         inputs.tasks.close();
         let drain = inputs.state.load().cfg.drain_timeout;
         if tokio::time::timeout(drain, inputs.tasks.wait())
@@ -222,6 +233,7 @@ impl Server {
             );
         }
         admin_task.abort();
+        workers.stop(WORKERS_END_LIMIT).await;
         inputs.state.load().log.flush();
         tracing::info!("outrider stopped");
     }
@@ -321,7 +333,11 @@ impl ServerHandle {
     }
 }
 
-async fn accept_outbound(
+/// How long the end of the drain waits for the workers to close what is left.
+const WORKERS_END_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Accepts on one outbound listener until `shutdown`.
+pub(crate) async fn accept_outbound(
     listener: TcpListener,
     inputs: Arc<Inputs>,
     orig_dst: Option<OrigDstFn>,

@@ -122,6 +122,14 @@ fn two_listeners_on_one_address_are_refused() {
 }
 
 #[test]
+fn an_absurd_number_of_worker_threads_is_refused() {
+    assert_rejected(
+        "runtime:\n  worker_threads: 100000\n",
+        "runtime.worker_threads",
+    );
+}
+
+#[test]
 fn a_rule_needs_exactly_one_of_host_and_cidr() {
     assert_rejected(
         "outbound:\n  egress:\n    allow:\n      - host: a.com\n        cidr: 10.0.0.0/8\n",

@@ -93,6 +93,17 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
 }
 
+impl RuntimeConfig {
+    /// How many worker threads serve the data path: `worker_threads`, or one per CPU the
+    /// process may use (`available_parallelism` reads the cgroup's CPU quota too).
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 /// `admin`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

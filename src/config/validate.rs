@@ -76,6 +76,15 @@ pub fn validate(config: Config) -> Result<Compiled, ConfigError> {
         None => None,
     };
     check_distinct(admin_listen, outbound_listen, inbound_listen)?;
+    if config.runtime.worker_threads > MAX_WORKERS {
+        return Err(ConfigError::invalid(
+            "runtime.worker_threads",
+            format!(
+                "{} is more than {MAX_WORKERS}; 0 means one per CPU",
+                config.runtime.worker_threads
+            ),
+        ));
+    }
 
     let egress = compile_egress(&config)?;
     let mut dns_hosts = HashMap::new();
@@ -358,6 +367,10 @@ fn ports(path: &str, list: &[i64]) -> Result<Vec<u16>, ConfigError> {
 /// (and would panic), and past 16 MiB one client could make the proxy hold that much.
 const MIN_HEAD: u64 = 8 * 1024;
 const MAX_HEAD: u64 = 16 * 1024 * 1024;
+
+/// More worker threads than this is a typo: each holds a runtime and a copy of every
+/// listener, and past the CPUs they only take turns.
+const MAX_WORKERS: usize = 1024;
 
 fn client_limits(
     c: &super::ClientsConfig,

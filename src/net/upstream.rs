@@ -123,8 +123,11 @@ impl Upgraded {
 /// Pooled HTTP/1.1 (and HTTP/2) connections to checked addresses (plain, or mesh mTLS
 /// where the mesh covers the address).
 pub struct Upstreams {
-    idle: Mutex<IdlePool>,
-    /// At most this many idle connections in all ([`MAX_IDLE_TOTAL`]).
+    /// Idle HTTP/1.1 connections, a pool per worker thread ([`crate::workers`]): a
+    /// connection is registered with the runtime of the worker that dialled it, and used
+    /// from another worker each of its wakeups would cross threads.
+    idle: Box<[Shard]>,
+    /// At most this many idle connections in each shard ([`MAX_IDLE_TOTAL`] shared out).
     max_idle: usize,
     connect_timeout: Duration,
     /// How long an HTTP/1.1 response body may pause (no byte) before it is cut off; `None`:
@@ -138,6 +141,11 @@ pub struct Upstreams {
     /// Connections for requests that go on in HTTP/2 (see [`http2`]).
     h2: Arc<http2::H2Pool>,
 }
+
+/// One worker's idle pool, on its own cache lines: the workers' locks do not share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<IdlePool>);
 
 /// Idle connections by address, oldest first, and how many there are in all.
 #[derive(Default)]
@@ -184,6 +192,9 @@ struct Conn {
     /// How long it may wait idle in the pool and still be used: a little less than its
     /// server keeps it (see [`KEEP_ALIVE_MARGIN`]).
     idle_limit: Duration,
+    /// The worker whose runtime the socket (and its timer) is registered with: the pool it
+    /// goes back to.
+    home: usize,
 }
 
 /// The header names of the responses on one connection, as sent and as parsed. An
@@ -324,13 +335,15 @@ impl Upstreams {
         Self::with_max_idle(connect_timeout, response_idle, mesh, MAX_IDLE_TOTAL)
     }
 
-    /// The same, for a sidecar whose `clients.idle_timeout` is `idle_timeout`: its pooled
-    /// connections to other sidecars are let go a second before those would close them.
+    /// The same, for a sidecar whose `clients.idle_timeout` is `idle_timeout` and which runs
+    /// `workers` worker threads: its pooled connections to other sidecars are let go a
+    /// second before those would close them.
     pub fn for_sidecar(
         connect_timeout: Duration,
         response_idle: Option<Duration>,
         mesh: Option<MeshClient>,
         idle_timeout: Duration,
+        workers: usize,
     ) -> Arc<Self> {
         let mesh_idle = idle_timeout
             .saturating_sub(KEEP_ALIVE_MARGIN)
@@ -340,7 +353,7 @@ impl Upstreams {
             response_idle,
             mesh,
             mesh_idle,
-            MAX_IDLE_TOTAL,
+            (MAX_IDLE_TOTAL, workers),
         )
     }
 
@@ -350,19 +363,22 @@ impl Upstreams {
         mesh: Option<MeshClient>,
         max_idle: usize,
     ) -> Arc<Self> {
-        Self::with_options(connect_timeout, response_idle, mesh, IDLE_TIMEOUT, max_idle)
+        let sizes = (max_idle, 1);
+        Self::with_options(connect_timeout, response_idle, mesh, IDLE_TIMEOUT, sizes)
     }
 
+    /// `(max_idle, shards)`: at most `max_idle` idle connections, in `shards` pools.
     fn with_options(
         connect_timeout: Duration,
         response_idle: Option<Duration>,
         mesh: Option<MeshClient>,
         mesh_idle: Duration,
-        max_idle: usize,
+        (max_idle, shards): (usize, usize),
     ) -> Arc<Self> {
+        let shards = shards.max(1);
         let pool = Arc::new(Self {
-            idle: Mutex::new(IdlePool::default()),
-            max_idle,
+            idle: (0..shards).map(|_| Shard::default()).collect(),
+            max_idle: max_idle.div_ceil(shards),
             connect_timeout,
             response_idle,
             mesh,
@@ -378,12 +394,24 @@ impl Upstreams {
 
     /// Idle connections in the pool (all addresses).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |p| p.total)
+        let total = |s: &Shard| s.0.lock().map_or(0, |p| p.total);
+        self.idle.iter().map(total).sum()
     }
 
-    /// The most recently used idle connection to `addr` that is still good, as of `now`.
+    /// The most recently used idle connection to `addr` that is still good, as of `now`:
+    /// this worker's own first. Another worker's is still better than a new connection (a
+    /// handshake, and one more connection for the upstream to hold); used from here, its
+    /// wakeups go through its own worker, and it goes back to that worker's pool.
     fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
-        let mut idle = self.idle.lock().ok()?;
+        let own = crate::workers::index() % self.idle.len();
+        let others = (0..self.idle.len()).filter(|&i| i != own);
+        std::iter::once(own)
+            .chain(others)
+            .find_map(|i| Self::take(&self.idle[i].0, addr, now))
+    }
+
+    fn take(shard: &Mutex<IdlePool>, addr: SocketAddr, now: Instant) -> Option<Conn> {
+        let mut idle = shard.lock().ok()?;
         let IdlePool { by_addr, total } = &mut *idle;
         let list = by_addr.get_mut(&addr)?;
         // Most recently used first: its socket is the least likely to have been closed.
@@ -398,9 +426,9 @@ impl Upstreams {
         None
     }
 
-    /// Puts `conn` back, idle since `now`.
+    /// Puts `conn` back in its worker's pool, idle since `now`.
     fn checkin(&self, addr: SocketAddr, conn: Conn, now: Instant) {
-        let Ok(mut idle) = self.idle.lock() else {
+        let Ok(mut idle) = self.idle[conn.home % self.idle.len()].0.lock() else {
             return;
         };
         let pool = &mut *idle;
@@ -439,6 +467,7 @@ impl Upstreams {
             timer: HeadTimer::new(),
             names: Names::default(),
             idle_limit,
+            home: crate::workers::index(),
         })
     }
 
@@ -677,9 +706,11 @@ async fn sweep_while_alive(pool: Weak<Upstreams>) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
-        if let Ok(mut idle) = pool.idle.lock() {
-            sweep(&mut idle, now);
-        };
+        for shard in &pool.idle {
+            if let Ok(mut idle) = shard.0.lock() {
+                sweep(&mut idle, now);
+            }
+        }
         pool.h2.sweep(now);
     }
 }
@@ -1560,6 +1591,58 @@ mod tests {
             }
         });
         (addr, rx)
+    }
+
+    /// A worker with no idle connection of its own to an address takes another worker's
+    /// rather than dial (one connection, not one per worker); used, it goes back to the
+    /// pool of the worker whose runtime it is registered with.
+    #[tokio::test]
+    async fn a_worker_reuses_another_workers_idle_connection_and_gives_it_back() {
+        let sizes = (MAX_IDLE_TOTAL, 2);
+        let pool = Upstreams::with_options(Duration::from_secs(2), None, None, IDLE_TIMEOUT, sizes);
+        let per_worker = |pool: &Upstreams| -> Vec<usize> {
+            pool.idle
+                .iter()
+                .map(|s| s.0.lock().unwrap().total)
+                .collect()
+        };
+        let get = || {
+            let req = Request::builder().uri("/").header("host", "o.test");
+            req.body(body::empty()).unwrap()
+        };
+        let (addr, _closed) = origin().await;
+        // Worker 1, on a thread and runtime of its own as in the proxy, stays up while
+        // worker 0 (this thread) uses its connection.
+        let (sent, status) = tokio::sync::oneshot::channel();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let w1_pool = pool.clone();
+        let worker1 = std::thread::spawn(move || {
+            crate::workers::set_index(1);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let resp = w1_pool.send(addr, get(), Duration::from_secs(5)).await;
+                sent.send(resp.map(|r| r.status())).unwrap();
+                let _ = ended.await;
+            });
+        });
+        assert_eq!(status.await.unwrap().unwrap(), 200);
+        assert_eq!(per_worker(&pool), [0, 1]);
+        let resp = pool
+            .send(addr, get(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        assert_eq!(
+            per_worker(&pool),
+            [0, 1],
+            "worker 0 dialled its own connection, or kept worker 1's"
+        );
+        end.send(()).unwrap();
+        worker1.join().unwrap();
     }
 
     /// Past the pool's total limit, the connection idle longest (whatever its address) is

@@ -122,6 +122,7 @@ impl State {
             cfg.response_idle,
             mesh_client.clone(),
             cfg.clients.idle_timeout,
+            cfg.source.runtime.workers(),
         );
         let cache = match prev {
             Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),

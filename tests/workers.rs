@@ -1,0 +1,93 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The data path's worker threads (`runtime.worker_threads`): as many as configured, each
+//! serving the connections it accepts, and none left behind once a server ends.
+//!
+//! The in-process tests count this process's threads by name, so no other test in this
+//! file may run a proxy in-process at the same time: the binary test runs its own process.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use outrider::testing::{BinProxy, ProxyClient, TestProxy, Upstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outrider");
+
+/// The names of a process's threads (`/proc/PID/task/*/comm`) that are Outrider workers.
+fn worker_threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| n.starts_with("outrider-w"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// This process's worker threads, once they number `n` (or whatever they are after 5 s).
+fn own_workers_once(n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = worker_threads(std::process::id());
+        if now.len() == n || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn allow_loopback(workers: usize) -> String {
+    format!(
+        "runtime:\n  worker_threads: {workers}\noutbound:\n  egress:\n    allow:\n      - cidr: 127.0.0.1/32\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_the_configured_workers_and_serves_through_them() {
+    let up = Upstream::start().await;
+    let mut proxy = BinProxy::start(BIN, &allow_loopback(3));
+    let pid = u32::try_from(proxy.pid()).unwrap();
+    assert_eq!(
+        worker_threads(pid),
+        ["outrider-w0", "outrider-w1", "outrider-w2"],
+        "ps -T shows the workers by name"
+    );
+    // Clients at once, each on its own connection: whichever worker accepts one serves it.
+    let url = format!("http://127.0.0.1:{}/w", up.port());
+    let statuses = futures_util::future::join_all((0..24).map(|_| {
+        let url = url.clone();
+        async move {
+            let mut c = ProxyClient::connect(proxy.proxy_addr).await;
+            let first = c.get(&url).await.status.as_u16();
+            let second = c.get(&url).await.status.as_u16();
+            (first, second)
+        }
+    }))
+    .await;
+    assert!(statuses.iter().all(|&s| s == (200, 200)), "{statuses:?}");
+    assert_eq!(up.requests(), 48);
+    proxy.signal(Signal::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(15)).expect("exited");
+    assert!(status.success(), "{status:?}\n{}", proxy.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ends_or_never_runs_leaves_no_worker_threads() {
+    assert_eq!(own_workers_once(0), Vec::<String>::new());
+    // Stopped: the drain ends, then the workers.
+    let proxy = TestProxy::start(&allow_loopback(2)).await;
+    assert_eq!(own_workers_once(2), ["outrider-w0", "outrider-w1"]);
+    proxy.shutdown().await;
+    assert_eq!(own_workers_once(0), Vec::<String>::new(), "after shutdown");
+
+    // Bound, then dropped without running: its workers were waiting, and end.
+    let dir = outrider::testing::TempDir::new("workers");
+    let (cfg, _) =
+        outrider::testing::prepare_config(&allow_loopback(2), &dir.path().join("access.log"));
+    let server = outrider::server::Server::bind(outrider::config::validate(cfg).unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(own_workers_once(2).len(), 2);
+    drop(server);
+    assert_eq!(own_workers_once(0), Vec::<String>::new(), "after drop");
+}
