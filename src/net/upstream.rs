@@ -383,7 +383,7 @@ impl Upstreams {
             response_idle,
             mesh,
             mesh_idle,
-            h2: Arc::default(),
+            h2: Arc::new(http2::H2Pool::new(shards)),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&pool);

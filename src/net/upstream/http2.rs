@@ -42,9 +42,19 @@ const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long that PING may go unanswered.
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// The HTTP/2 connections by address, and the dials under way.
+/// The HTTP/2 connections by address, and the dials under way: a pool per worker thread
+/// (see [`crate::workers`]), as Envoy's workers keep theirs. A connection's streams are
+/// written and read by its task, on the worker that dialled it; a stream from another
+/// worker would cross threads both ways. So each worker opens its own connection to an
+/// address it sends HTTP/2 to.
+pub(super) struct H2Pool(Box<[Shard]>);
+
+type Slots = HashMap<SocketAddr, Slot, foldhash::fast::RandomState>;
+
+/// One worker's connections, on their own cache lines.
+#[repr(align(128))]
 #[derive(Default)]
-pub(super) struct H2Pool(Mutex<HashMap<SocketAddr, Slot, foldhash::fast::RandomState>>);
+struct Shard(Mutex<Slots>);
 
 /// A dial that every request waiting for the same address shares; its connection goes into
 /// the address's slot.
@@ -112,12 +122,29 @@ enum Checkout {
 }
 
 impl H2Pool {
+    /// Pools for `workers` worker threads.
+    pub(super) fn new(workers: usize) -> Self {
+        Self((0..workers.max(1)).map(|_| Shard::default()).collect())
+    }
+
+    /// This worker's pool.
+    fn own(&self) -> usize {
+        crate::workers::index() % self.0.len()
+    }
+
     /// A connection to `addr` with room for one more stream (with `any_open`, the least
     /// busy open one even without: the stream then waits in hyper's queue for room), or
-    /// the dial to wait for (started by `dial` if none is under way).
-    fn checkout(&self, addr: SocketAddr, any_open: bool, dial: impl FnOnce() -> Dial) -> Checkout {
-        let Ok(mut slots) = self.0.lock() else {
-            return Checkout::Wait(dial());
+    /// the dial to wait for (started by `dial` with this worker's pool if none is under
+    /// way).
+    fn checkout(
+        &self,
+        addr: SocketAddr,
+        any_open: bool,
+        dial: impl FnOnce(usize) -> Dial,
+    ) -> Checkout {
+        let own = self.own();
+        let Ok(mut slots) = self.0[own].0.lock() else {
+            return Checkout::Wait(dial(own));
         };
         let slot = slots.entry(addr).or_default();
         slot.conns
@@ -134,16 +161,16 @@ impl H2Pool {
             c.state.streams.fetch_add(1, Ordering::Relaxed);
             return Checkout::Ready(c.send.clone(), Stream(c.state.clone()));
         }
-        Checkout::Wait(slot.dialling.get_or_insert_with(dial).clone())
+        Checkout::Wait(slot.dialling.get_or_insert_with(|| dial(own)).clone())
     }
 
-    /// Records how the dial to `addr` ended.
+    /// Records how the dial to `addr` that pool `shard` started ended.
     fn dialled(
         &self,
-        addr: SocketAddr,
+        (addr, shard): (SocketAddr, usize),
         result: Result<(SendRequest<Ending>, Arc<ConnState>), SendError>,
     ) -> Result<(), SendError> {
-        let Ok(mut slots) = self.0.lock() else {
+        let Ok(mut slots) = self.0[shard].0.lock() else {
             return result.map(drop);
         };
         let slot = slots.entry(addr).or_default();
@@ -160,7 +187,10 @@ impl H2Pool {
     /// Lets go of connections that closed, or that carry no stream and have not been used
     /// for the idle timeout.
     pub(super) fn sweep(&self, now: Instant) {
-        if let Ok(mut slots) = self.0.lock() {
+        for shard in &self.0 {
+            let Ok(mut slots) = shard.0.lock() else {
+                continue;
+            };
             for slot in slots.values_mut() {
                 slot.conns.retain(|c| {
                     !c.send.is_closed()
@@ -279,7 +309,7 @@ impl Upstreams {
         for waited in 0..=WAITS {
             match self
                 .h2
-                .checkout(addr, waited == WAITS, || self.start_dial(addr))
+                .checkout(addr, waited == WAITS, |shard| self.start_dial(addr, shard))
             {
                 Checkout::Ready(send, stream) => return Ok((send, stream)),
                 Checkout::Wait(_) if waited == WAITS => break,
@@ -292,8 +322,9 @@ impl Upstreams {
     }
 
     /// Dials `addr` in a task of its own, so that the requests waiting for it are not left
-    /// without a connection when the one that started it goes away.
-    fn start_dial(&self, addr: SocketAddr) -> Dial {
+    /// without a connection when the one that started it goes away; the connection goes
+    /// into pool `shard`.
+    fn start_dial(&self, addr: SocketAddr, shard: usize) -> Dial {
         let (pool, timeout, mesh) = (
             Arc::clone(&self.h2),
             self.connect_timeout,
@@ -301,7 +332,7 @@ impl Upstreams {
         );
         let task = tokio::spawn(async move {
             let result = dial(addr, timeout, mesh.as_ref()).await;
-            pool.dialled(addr, result).map_err(Arc::new)
+            pool.dialled((addr, shard), result).map_err(Arc::new)
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -678,6 +709,72 @@ mod tests {
             assert_eq!(t(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    /// An HTTP/2 app that answers every stream with `ok`, and counts its connections.
+    async fn h2_app() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let ok = hyper::service::service_fn(|_| async {
+                    let body = http_body_util::Full::new(Bytes::from_static(b"ok"));
+                    Ok::<_, std::convert::Infallible>(Response::new(body))
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), ok);
+                tokio::spawn(conn);
+            }
+        });
+        (addr, conns)
+    }
+
+    /// Each worker sends its streams on an HTTP/2 connection of its own, whose task runs on
+    /// that worker, and keeps using it; a stream on another worker's connection would be
+    /// handed between threads both ways.
+    #[tokio::test]
+    async fn each_worker_sends_on_an_http2_connection_of_its_own() {
+        use std::time::Duration;
+        let (addr, conns) = h2_app().await;
+        let sizes = (super::super::MAX_IDLE_TOTAL, 2);
+        let pool = Upstreams::with_options(Duration::from_secs(2), None, None, IDLE_TIMEOUT, sizes);
+        let get = move || {
+            Request::get(format!("http://{addr}/"))
+                .body(body::empty())
+                .unwrap()
+        };
+        let second = Duration::from_secs(5);
+        let (sent, status) = oneshot::channel();
+        let (end, ended) = oneshot::channel::<()>();
+        let w1_pool = pool.clone();
+        let worker1 = std::thread::spawn(move || {
+            crate::workers::set_index(1);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let resp = w1_pool.send_h2(addr, get(), second).await;
+                sent.send(resp.map(|r| r.status())).unwrap();
+                let _ = ended.await;
+            });
+        });
+        assert_eq!(status.await.unwrap().unwrap(), 200);
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        for round in 0..2 {
+            let resp = pool.send_h2(addr, get(), second).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(
+                conns.load(Ordering::SeqCst),
+                2,
+                "round {round}: worker 0 did not send on a connection of its own"
+            );
+        }
+        end.send(()).unwrap();
+        worker1.join().unwrap();
     }
 
     #[tokio::test]
