@@ -316,6 +316,9 @@ impl ServerHandle {
         if cfg.identity != old.cfg.identity {
             tracing::warn!("identity changes apply after a restart");
         }
+        if cfg.source.runtime.workers() != old.cfg.source.runtime.workers() {
+            tracing::warn!("runtime.worker_threads changed: it applies after a restart");
+        }
         // The mesh roots are read again at once (they are also looked at every 5 s): the way
         // to finish a root rotation step without waiting. A bad file keeps the roots in use.
         if let Some(mesh) = &self.inputs.mesh {

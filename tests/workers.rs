@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The data path's worker threads (`runtime.worker_threads`): as many as configured, each
-//! serving the connections it accepts, and none left behind once a server ends.
+//! serving the connections it accepts, kept through a reload, and none left behind once a
+//! server ends.
 //!
 //! The in-process tests count this process's threads by name, so no other test in this
 //! file may run a proxy in-process at the same time: the binary test runs its own process.
@@ -66,6 +67,15 @@ async fn the_binary_runs_the_configured_workers_and_serves_through_them() {
     .await;
     assert!(statuses.iter().all(|&s| s == (200, 200)), "{statuses:?}");
     assert_eq!(up.requests(), 48);
+    // A reload cannot change the threads that run: it says so, and they stay.
+    proxy.write_config(&allow_loopback(1));
+    proxy.signal(Signal::SIGHUP);
+    assert!(
+        proxy.wait_stderr("runtime.worker_threads changed: it applies after a restart"),
+        "{}",
+        proxy.stderr()
+    );
+    assert_eq!(worker_threads(pid).len(), 3);
     proxy.signal(Signal::SIGTERM);
     let status = proxy.wait_exit(Duration::from_secs(15)).expect("exited");
     assert!(status.success(), "{status:?}\n{}", proxy.stderr());
