@@ -30,10 +30,22 @@ pub fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
-/// Makes this thread worker `i`, for tests of what is kept per worker.
+/// Runs `task` as worker `i` does, on a thread and a current-thread runtime of its own,
+/// until it ends: for tests of what each worker keeps.
 #[cfg(test)]
-pub(crate) fn set_index(i: usize) {
-    INDEX.set(i);
+#[expect(clippy::expect_used, reason = "a test helper")]
+pub(crate) fn run_as_worker<F>(i: usize, task: F) -> std::thread::JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        INDEX.set(i);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a test runtime")
+            .block_on(task);
+    })
 }
 
 /// What a worker needs once the server runs.

@@ -1616,17 +1616,10 @@ mod tests {
         let (sent, status) = tokio::sync::oneshot::channel();
         let (end, ended) = tokio::sync::oneshot::channel::<()>();
         let w1_pool = pool.clone();
-        let worker1 = std::thread::spawn(move || {
-            crate::workers::set_index(1);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let resp = w1_pool.send(addr, get(), Duration::from_secs(5)).await;
-                sent.send(resp.map(|r| r.status())).unwrap();
-                let _ = ended.await;
-            });
+        let worker1 = crate::workers::run_as_worker(1, async move {
+            let resp = w1_pool.send(addr, get(), Duration::from_secs(5)).await;
+            sent.send(resp.map(|r| r.status())).unwrap();
+            let _ = ended.await;
         });
         assert_eq!(status.await.unwrap().unwrap(), 200);
         assert_eq!(per_worker(&pool), [0, 1]);

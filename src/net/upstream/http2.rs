@@ -750,17 +750,10 @@ mod tests {
         let (sent, status) = oneshot::channel();
         let (end, ended) = oneshot::channel::<()>();
         let w1_pool = pool.clone();
-        let worker1 = std::thread::spawn(move || {
-            crate::workers::set_index(1);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let resp = w1_pool.send_h2(addr, get(), second).await;
-                sent.send(resp.map(|r| r.status())).unwrap();
-                let _ = ended.await;
-            });
+        let worker1 = crate::workers::run_as_worker(1, async move {
+            let resp = w1_pool.send_h2(addr, get(), second).await;
+            sent.send(resp.map(|r| r.status())).unwrap();
+            let _ = ended.await;
         });
         assert_eq!(status.await.unwrap().unwrap(), 200);
         assert_eq!(conns.load(Ordering::SeqCst), 1);
