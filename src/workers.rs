@@ -49,24 +49,23 @@ where
 }
 
 /// What a worker needs once the server runs.
-pub struct Go {
+struct Go {
     /// How outbound connections learn their original destination (the test seam).
-    pub orig_dst: Option<OrigDstFn>,
+    orig_dst: Option<OrigDstFn>,
     /// Held while the worker accepts: dropped by every worker, the channel closes.
-    pub accepting: mpsc::Sender<()>,
+    accepting: mpsc::Sender<()>,
 }
 
 /// A worker's listeners, registered with its runtime.
-#[derive(Default)]
-pub struct Listeners {
+struct Listeners {
     /// Outbound (explicit and transparent).
-    pub outbound: Vec<TcpListener>,
+    outbound: Vec<TcpListener>,
     /// Inbound.
-    pub inbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
 }
 
 /// The started worker threads, waiting for [`Workers::go`].
-pub struct Workers {
+pub(crate) struct Workers {
     go: Vec<oneshot::Sender<Go>>,
     /// Ends the workers: whatever connections they still serve are closed.
     stop: CancellationToken,
@@ -76,7 +75,7 @@ pub struct Workers {
 
 /// The tokens that stop the accept loops (outbound and inbound stop apart, see `server`).
 #[derive(Clone)]
-pub struct Stops {
+pub(crate) struct Stops {
     /// Stops accepting on the outbound listeners.
     pub outbound: CancellationToken,
     /// Stops accepting on the inbound listeners; connections also close when idle.
@@ -87,7 +86,7 @@ impl Workers {
     /// Starts `n` worker threads, each with its own copy of every data-path listener, and
     /// leaves them waiting for [`Workers::go`]. Fails if a runtime, a listener copy or a
     /// thread cannot be made, so that the server does not start short of workers.
-    pub fn start(
+    pub(crate) fn start(
         n: usize,
         outbound: &[std::net::TcpListener],
         inbound: &[std::net::TcpListener],
@@ -134,7 +133,7 @@ impl Workers {
     }
 
     /// Starts accepting on every worker. `accepting` closes when all have stopped.
-    pub fn go(&mut self, orig_dst: Option<&OrigDstFn>) -> mpsc::Receiver<()> {
+    pub(crate) fn go(&mut self, orig_dst: Option<&OrigDstFn>) -> mpsc::Receiver<()> {
         let (accepting, done) = mpsc::channel(1);
         for w in self.go.drain(..) {
             let go = Go {
@@ -150,14 +149,14 @@ impl Workers {
     /// Ends the workers, closing whatever connections they still serve, and waits up to
     /// `limit` for their threads to finish (the access-log records of the closed
     /// connections are written by then).
-    pub async fn stop(mut self, limit: Duration) {
+    pub(crate) async fn stop(mut self, limit: Duration) {
         self.stop.cancel();
         let _ = tokio::time::timeout(limit, self.ended.recv()).await;
     }
 
     /// A guard that ends the workers when dropped: a server future dropped before its drain
     /// (a test that ends, an aborted task) does not leave threads behind.
-    pub fn stop_on_drop(&self) -> tokio_util::sync::DropGuard {
+    pub(crate) fn stop_on_drop(&self) -> tokio_util::sync::DropGuard {
         self.stop.clone().drop_guard()
     }
 }
