@@ -79,6 +79,10 @@ fn describe() {
     metrics::describe_gauge!("outrider_connections_open", "Client connections open now");
     metrics::describe_counter!("outrider_connections_total", "Client connections accepted");
     metrics::describe_counter!(
+        "outrider_worker_connections_total",
+        "Client connections served, by worker thread"
+    );
+    metrics::describe_counter!(
         "outrider_connections_overflow_total",
         "Client connections closed on accept: the listener held clients.max_connections"
     );

@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Compiled, Config};
-use crate::proxy::slots::Listener;
 use crate::proxy::{self, Inputs, State};
 use crate::workers::{Stops, Workers};
 
@@ -338,27 +337,6 @@ impl ServerHandle {
 
 /// How long the end of the drain waits for the workers to close what is left.
 const WORKERS_END_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Accepts on one outbound listener until `shutdown`.
-pub(crate) async fn accept_outbound(
-    listener: TcpListener,
-    inputs: Arc<Inputs>,
-    orig_dst: Option<OrigDstFn>,
-    shutdown: CancellationToken,
-) {
-    let stop = shutdown.clone();
-    let slots = (&inputs.slots, Listener::Outbound);
-    proxy::accept_loop(listener, stop, slots, |stream, client, slot| {
-        // The kernel's answer, except that a connection to the listener itself is explicit.
-        let od = match &orig_dst {
-            Some(f) => f(&stream),
-            None => crate::net::orig_dst::original_dst(&stream, client),
-        };
-        let task = proxy::outbound::serve(inputs.clone(), stream, client, od, shutdown.clone());
-        proxy::spawn_connection(&inputs, task, slot);
-    })
-    .await;
-}
 
 /// Runs a server until SIGTERM/SIGINT, reloading on SIGHUP and reopening the access log on
 /// SIGUSR1 (as nginx and Envoy do, for logrotate's `postrotate`).

@@ -1,8 +1,13 @@
 //! The data path's threads. Each worker runs its own single-threaded tokio runtime and
 //! accepts from every data-path listener (the same sockets, shared); a connection is served
-//! to its end on the thread that accepted it, with the upstream connections that thread
-//! opened (the pool is sharded by worker, see `net::upstream`). This is how nginx, HAProxy
-//! and Envoy run: a request's wakeups, timers and memory stay on one core.
+//! to its end on one worker, with the upstream connections that worker opened (the pool is
+//! sharded by worker, see `net::upstream`). This is how nginx, HAProxy and Envoy run: a
+//! request's wakeups, timers and memory stay on one core.
+//!
+//! Which worker: the one that accepted it, unless another serves fewer connections, which
+//! then gets it ([`Balance`]). Left to the accept race, the first connections of an idle
+//! proxy all went to the same worker (the last to have polled the listener wakes first):
+//! an app with four keep-alive connections used one core of two.
 //!
 //! One multi-threaded runtime, which every worker shares (one epoll, work stealing), cost
 //! about a quarter more CPU per proxied request on a 2-core machine (README, Performance):
@@ -11,14 +16,17 @@
 //! signals, certificate renewal, sweeps).
 
 use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Inputs;
+use crate::proxy::slots::{Listener, Slot};
+use crate::proxy::{self, Inputs};
 use crate::server::OrigDstFn;
 
 thread_local! {
@@ -64,6 +72,132 @@ struct Listeners {
     inbound: Vec<TcpListener>,
 }
 
+/// How many connections each worker serves, and the way to hand one to another worker.
+pub(crate) struct Balance {
+    open: Box<[Count]>,
+    to: Box<[mpsc::UnboundedSender<Handoff>]>,
+    /// Each listener kind's accept reports, told once for all workers.
+    reports: [proxy::AcceptReports; 2],
+}
+
+/// One worker's count, on its own cache lines: each worker changes its own at every
+/// connection.
+#[repr(align(128))]
+#[derive(Default)]
+struct Count(AtomicUsize);
+
+/// A connection accepted by one worker for another to serve.
+struct Handoff {
+    listener: Listener,
+    stream: std::net::TcpStream,
+    client: SocketAddr,
+    slot: Slot,
+}
+
+impl Balance {
+    /// The worker that should serve a connection `me` accepted: `me`, unless another
+    /// serves fewer by more than a sixteenth (so that a busy, evenly loaded proxy does not
+    /// pass connections back and forth for a difference of one or two).
+    fn pick(&self, me: usize) -> usize {
+        let load = |i: usize| self.open[i].0.load(Ordering::Relaxed);
+        let mine = load(me);
+        let (least, idlest) = (0..self.open.len())
+            .map(|i| (load(i), i))
+            .min()
+            .unwrap_or((mine, me));
+        if mine > least + mine / 16 {
+            idlest
+        } else {
+            me
+        }
+    }
+}
+
+/// Held by a connection's task: one fewer for its worker when it ends.
+pub(crate) struct Load(Arc<Balance>, usize);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.open[self.1].0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a worker serves a connection with, wherever it was accepted.
+struct Serve {
+    me: usize,
+    /// `outrider_worker_connections_total{worker}`: how the connections spread.
+    served: metrics::Counter,
+    inputs: Arc<Inputs>,
+    orig_dst: Option<OrigDstFn>,
+    stops: Stops,
+    balance: Arc<Balance>,
+}
+
+impl Serve {
+    /// Serves a connection this worker accepted, here or on a less busy worker.
+    fn route(&self, listener: Listener, stream: TcpStream, client: SocketAddr, slot: Slot) {
+        let to = self.balance.pick(self.me);
+        if to == self.me {
+            return self.here(listener, stream, client, slot);
+        }
+        // Out of this worker's epoll, into the other's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, %client, "cannot hand a connection to another worker: closed");
+                return;
+            }
+        };
+        let handoff = Handoff {
+            listener,
+            stream,
+            client,
+            slot,
+        };
+        // A worker that has ended (shutdown) takes nothing: served here then.
+        if let Err(mpsc::error::SendError(h)) = self.balance.to[to].send(handoff) {
+            self.take(h);
+        }
+    }
+
+    /// Serves a connection handed over by another worker.
+    fn take(&self, h: Handoff) {
+        match TcpStream::from_std(h.stream) {
+            Ok(stream) => self.here(h.listener, stream, h.client, h.slot),
+            Err(e) => {
+                tracing::debug!(error = %e, client = %h.client, "cannot take a connection from another worker: closed");
+            }
+        }
+    }
+
+    /// Serves a connection on this worker.
+    fn here(&self, listener: Listener, stream: TcpStream, client: SocketAddr, slot: Slot) {
+        self.balance.open[self.me].0.fetch_add(1, Ordering::Relaxed);
+        self.served.increment(1);
+        let held = (slot, Load(self.balance.clone(), self.me));
+        let inputs = &self.inputs;
+        match listener {
+            Listener::Outbound => {
+                // The kernel's answer, except that a connection to the listener itself is
+                // explicit.
+                let od = match &self.orig_dst {
+                    Some(f) => f(&stream),
+                    None => crate::net::orig_dst::original_dst(&stream, client),
+                };
+                let stop = self.stops.outbound.clone();
+                let task = proxy::outbound::serve(inputs.clone(), stream, client, od, stop);
+                proxy::spawn_connection(inputs, task, held);
+            }
+            Listener::Inbound => {
+                let od = crate::net::orig_dst::original_dst(&stream, client);
+                let stop = self.stops.inbound.clone();
+                let task = proxy::inbound::serve(inputs.clone(), stream, client, od, stop);
+                proxy::spawn_connection(inputs, task, held);
+            }
+        }
+    }
+}
+
 /// The started worker threads, waiting for [`Workers::go`].
 pub(crate) struct Workers {
     go: Vec<oneshot::Sender<Go>>,
@@ -93,10 +227,18 @@ impl Workers {
         inputs: &Arc<Inputs>,
         stops: &Stops,
     ) -> std::io::Result<Self> {
+        let n = n.max(1);
         let stop = CancellationToken::new();
         let (ended_tx, ended) = mpsc::channel(1);
+        let (to, mut handoffs): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let balance = Arc::new(Balance {
+            open: (0..n).map(|_| Count::default()).collect(),
+            to: to.into(),
+            reports: [Listener::Outbound, Listener::Inbound].map(proxy::AcceptReports::new),
+        });
         let mut go = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
+        for (i, handoffs) in handoffs.drain(..).enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -110,18 +252,21 @@ impl Workers {
                 }
             };
             let (go_tx, go_rx) = oneshot::channel();
-            let (inputs, stops, stop, ended_tx) = (
-                inputs.clone(),
-                stops.clone(),
-                stop.clone(),
-                ended_tx.clone(),
-            );
+            let serving = Serving {
+                me: i,
+                listeners,
+                handoffs,
+                inputs: inputs.clone(),
+                stops: stops.clone(),
+                balance: balance.clone(),
+            };
+            let (stop, ended_tx) = (stop.clone(), ended_tx.clone());
             std::thread::Builder::new()
                 // `ps -T`, `top -H`: the kernel keeps 15 bytes of a thread's name.
                 .name(format!("outrider-w{i}"))
                 .spawn(move || {
                     INDEX.set(i);
-                    rt.block_on(run(go_rx, listeners, inputs, stops, stop));
+                    rt.block_on(run(go_rx, serving, stop));
                     // Closes what connections are left here, on the thread they belong to;
                     // nothing blocking is waited for.
                     rt.shutdown_background();
@@ -161,15 +306,19 @@ impl Workers {
     }
 }
 
-/// One worker: waits for the go, accepts until its stop tokens, then serves what it has
-/// until the workers are stopped.
-async fn run(
-    go: oneshot::Receiver<Go>,
+/// What one worker is started with.
+struct Serving {
+    me: usize,
     listeners: Listeners,
+    handoffs: mpsc::UnboundedReceiver<Handoff>,
     inputs: Arc<Inputs>,
     stops: Stops,
-    stop: CancellationToken,
-) {
+    balance: Arc<Balance>,
+}
+
+/// One worker: waits for the go, accepts until its stop tokens, then serves what it has
+/// until the workers are stopped.
+async fn run(go: oneshot::Receiver<Go>, serving: Serving, stop: CancellationToken) {
     let go = tokio::select! {
         go = go => go,
         () = stop.cancelled() => return,
@@ -182,19 +331,55 @@ async fn run(
     else {
         return;
     };
+    let Serving {
+        me,
+        listeners,
+        mut handoffs,
+        inputs,
+        stops,
+        balance,
+    } = serving;
+    let serve = Arc::new(Serve {
+        me,
+        served: metrics::counter!("outrider_worker_connections_total", "worker" => me.to_string()),
+        inputs,
+        orig_dst,
+        stops,
+        balance,
+    });
+    // Until the runtime ends: a connection another worker accepted as this one stopped
+    // accepting is still served.
+    let taker = serve.clone();
+    tokio::spawn(async move {
+        while let Some(h) = handoffs.recv().await {
+            taker.take(h);
+        }
+    });
     let mut loops = tokio::task::JoinSet::new();
+    let accepting_on = |l: TcpListener, which: Listener, stop: CancellationToken| {
+        let serve = serve.clone();
+        async move {
+            let reports = &serve.balance.reports[usize::from(which == Listener::Inbound)];
+            let slots = (&serve.inputs.slots, which, reports);
+            proxy::accept_loop(l, stop, slots, |stream, client, slot| {
+                serve.route(which, stream, client, slot);
+            })
+            .await;
+        }
+    };
     for l in listeners.outbound {
-        let task = crate::server::accept_outbound(
+        loops.spawn(accepting_on(
             l,
-            inputs.clone(),
-            orig_dst.clone(),
-            stops.outbound.clone(),
-        );
-        loops.spawn(task);
+            Listener::Outbound,
+            serve.stops.outbound.clone(),
+        ));
     }
     for l in listeners.inbound {
-        let task = crate::proxy::inbound::accept(l, inputs.clone(), stops.inbound.clone());
-        loops.spawn(task);
+        loops.spawn(accepting_on(
+            l,
+            Listener::Inbound,
+            serve.stops.inbound.clone(),
+        ));
     }
     tokio::select! {
         () = async { while loops.join_next().await.is_some() {} } => {}

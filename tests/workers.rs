@@ -81,6 +81,28 @@ async fn the_binary_runs_the_configured_workers_and_serves_through_them() {
     assert!(status.success(), "{status:?}\n{}", proxy.stderr());
 }
 
+/// Left to the race for the listening socket, an idle proxy's first connections all went to
+/// the same worker: an app with two keep-alive connections used one core of two. The
+/// worker that accepts one now hands it to a worker serving fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_client_connections_are_served_by_two_workers() {
+    let up = Upstream::start().await;
+    let proxy = BinProxy::start(BIN, &allow_loopback(2));
+    let url = format!("http://127.0.0.1:{}/spread", up.port());
+    let mut first = ProxyClient::connect(proxy.proxy_addr).await;
+    assert_eq!(first.get(&url).await.status, 200);
+    let mut second = ProxyClient::connect(proxy.proxy_addr).await;
+    assert_eq!(second.get(&url).await.status, 200);
+    let (status, text) = outrider::testing::admin_get(proxy.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let served = |worker: &str| {
+        let name = "outrider_worker_connections_total";
+        outrider::testing::metric_value(&text, name, &[("worker", worker)])
+    };
+    assert_eq!((served("0"), served("1")), (1.0, 1.0), "{text}");
+    assert!(first.is_open() && second.is_open());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_ends_or_never_runs_leaves_no_worker_threads() {
     assert_eq!(own_workers_once(0), Vec::<String>::new());

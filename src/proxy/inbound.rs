@@ -13,7 +13,7 @@ use http::{header, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::detect::{detect, Protocol, Rewind};
@@ -31,18 +31,6 @@ use crate::config::MtlsMode;
 use crate::net::connect;
 use crate::net::text::IpText;
 use crate::policy::authz;
-
-/// Accepts inbound connections until shutdown.
-pub async fn accept(listener: TcpListener, inputs: Arc<Inputs>, shutdown: CancellationToken) {
-    let stop = shutdown.clone();
-    let slots = (&inputs.slots, Listener::Inbound);
-    super::accept_loop(listener, stop, slots, |stream, client, slot| {
-        let od = crate::net::orig_dst::original_dst(&stream, client);
-        let task = serve(inputs.clone(), stream, client, od, shutdown.clone());
-        super::spawn_connection(&inputs, task, slot);
-    })
-    .await;
-}
 
 /// Serves one inbound connection: mesh mTLS is terminated (once identity is configured),
 /// plaintext is accepted unless `inbound.mtls` is strict, then HTTP is proxied per request

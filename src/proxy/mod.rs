@@ -174,20 +174,21 @@ impl Inputs {
     }
 }
 
-/// Spawns a connection's task with its listener's slot, given back when the connection has
-/// ended. The future is boxed before it is spawned: moved by value (about 900 bytes; 3.8 KB
+/// Spawns a connection's task with what it holds while it lasts (its listener's slot, its
+/// worker's count), given back when the connection has ended. The future is boxed before it is spawned: moved by value (about 900 bytes; 3.8 KB
 /// when this was measured at 6 % of the instructions of a one-request connection) it was
 /// copied a few times on its way into the task and written over twice when it ended; a box
-/// is moved instead. The slot is held beside the box, not in the future, whose size is
+/// is moved instead. What is held goes beside the box, not in the future, whose size is
 /// tuned to a size class (`tests::a_connection_task_stays_within_896_bytes`).
-pub fn spawn_connection<F>(inputs: &Inputs, task: F, slot: slots::Slot)
+pub fn spawn_connection<F, H>(inputs: &Inputs, task: F, held: H)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
+    H: Send + 'static,
 {
     let task = Box::pin(task);
     inputs.tasks.spawn(async move {
         task.await;
-        drop(slot);
+        drop(held);
     });
 }
 
@@ -200,6 +201,36 @@ where
 #[inline(always)]
 pub fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
     Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
+/// One listener's accept failures and overflows, shared by every worker that accepts from
+/// it, so that an episode (the open-file limit reached, say) is told once, not once per
+/// worker.
+pub struct AcceptReports {
+    failing: std::sync::Mutex<crate::episode::Episode>,
+    overflow: std::sync::Mutex<slots::Overflow>,
+}
+
+impl AcceptReports {
+    /// The reports of listener `which`.
+    pub fn new(which: slots::Listener) -> Self {
+        Self {
+            failing: std::sync::Mutex::default(),
+            overflow: std::sync::Mutex::new(slots::Overflow::new(which)),
+        }
+    }
+
+    fn failing(&self) -> std::sync::MutexGuard<'_, crate::episode::Episode> {
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn overflow(&self) -> std::sync::MutexGuard<'_, slots::Overflow> {
+        self.overflow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A client connection's addresses.
@@ -338,14 +369,12 @@ pub fn log_refused_head(
 pub async fn accept_loop<F>(
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
-    (slots, which): (&slots::Slots, slots::Listener),
+    (slots, which, reports): (&slots::Slots, slots::Listener, &AcceptReports),
     mut serve: F,
 ) where
     F: FnMut(tokio::net::TcpStream, SocketAddr, slots::Slot),
 {
-    use crate::episode::{Episode, Tell};
-    let mut failing = Episode::default();
-    let mut overflow = slots::Overflow::new(which);
+    use crate::episode::Tell;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -353,19 +382,20 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, client)) => {
-                if let Some(failures) = failing.end() {
+                if let Some(failures) = reports.failing().end() {
                     tracing::info!(failures, "accepting connections again");
                 }
                 let Some(slot) = slots.take(which) else {
                     // Closed on the spot (dropped), before anything is read from it.
-                    overflow.refused(slots.open(which));
+                    reports.overflow().refused(slots.open(which));
                     continue;
                 };
-                overflow.accepted();
+                reports.overflow().accepted();
                 serve(stream, crate::net::orig_dst::canonical(client), slot);
             }
             Err(e) => {
-                match failing.hit(1) {
+                let told = reports.failing().hit(1);
+                match told {
                     Tell::Begins => {
                         tracing::warn!(error = %e, "accept failed; retrying every 50 ms")
                     }
