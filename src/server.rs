@@ -142,8 +142,8 @@ impl Server {
             )),
             None => None,
         };
-        let workers = cfg.source.runtime.workers();
         let state = State::build(cfg, None, mesh.as_ref()).map_err(StartError::State)?;
+        let workers = state.upstreams.workers();
         let inputs = proxy::inputs(state, own, mesh);
         let handle = ServerHandle {
             inputs: inputs.clone(),
@@ -315,7 +315,7 @@ impl ServerHandle {
         if cfg.identity != old.cfg.identity {
             tracing::warn!("identity changes apply after a restart");
         }
-        if cfg.source.runtime.workers() != old.cfg.source.runtime.workers() {
+        if cfg.source.runtime.worker_threads != old.cfg.source.runtime.worker_threads {
             tracing::warn!("runtime.worker_threads changed: it applies after a restart");
         }
         // The mesh roots are read again at once (they are also looked at every 5 s): the way

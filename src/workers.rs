@@ -74,7 +74,7 @@ struct Listeners {
 
 /// How many connections each worker serves, and the way to hand one to another worker.
 pub(crate) struct Balance {
-    open: Box<[Count]>,
+    open: Box<[Arc<Count>]>,
     to: Box<[mpsc::UnboundedSender<Handoff>]>,
     /// Each listener kind's accept reports, told once for all workers.
     reports: [proxy::AcceptReports; 2],
@@ -113,12 +113,14 @@ impl Balance {
     }
 }
 
-/// Held by a connection's task: one fewer for its worker when it ends.
-pub(crate) struct Load(Arc<Balance>, usize);
+/// Held by a connection's task: one fewer for its worker when it ends. It holds that
+/// worker's count alone, whose reference count only that worker changes.
+pub(crate) struct Load(Arc<Count>);
 
 impl Drop for Load {
     fn drop(&mut self) {
-        self.0.open[self.1].0.fetch_sub(1, Ordering::Relaxed);
+        let Count(open) = &*self.0;
+        open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -172,9 +174,10 @@ impl Serve {
 
     /// Serves a connection on this worker.
     fn here(&self, listener: Listener, stream: TcpStream, client: SocketAddr, slot: Slot) {
-        self.balance.open[self.me].0.fetch_add(1, Ordering::Relaxed);
+        let count = &self.balance.open[self.me];
+        count.0.fetch_add(1, Ordering::Relaxed);
         self.served.increment(1);
-        let held = (slot, Load(self.balance.clone(), self.me));
+        let held = (slot, Load(count.clone()));
         let inputs = &self.inputs;
         match listener {
             Listener::Outbound => {
@@ -233,7 +236,7 @@ impl Workers {
         let (to, mut handoffs): (Vec<_>, Vec<_>) =
             (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let balance = Arc::new(Balance {
-            open: (0..n).map(|_| Count::default()).collect(),
+            open: (0..n).map(|_| Arc::default()).collect(),
             to: to.into(),
             reports: [Listener::Outbound, Listener::Inbound].map(proxy::AcceptReports::new),
         });

@@ -392,6 +392,11 @@ impl Upstreams {
         pool
     }
 
+    /// The worker threads the pool is kept for (one pool each).
+    pub fn workers(&self) -> usize {
+        self.idle.len()
+    }
+
     /// Idle connections in the pool (all addresses).
     pub fn idle_count(&self) -> usize {
         let total = |s: &Shard| s.0.lock().map_or(0, |p| p.total);

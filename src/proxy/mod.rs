@@ -122,7 +122,8 @@ impl State {
             cfg.response_idle,
             mesh_client.clone(),
             cfg.clients.idle_timeout,
-            cfg.source.runtime.workers(),
+            // The threads that run stay as they started through a reload.
+            prev.map_or_else(|| cfg.source.runtime.workers(), |p| p.upstreams.workers()),
         );
         let cache = match prev {
             Some(p) if p.cfg.cache == cfg.cache => p.cache.clone(),
@@ -207,29 +208,56 @@ pub fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<
 /// it, so that an episode (the open-file limit reached, say) is told once, not once per
 /// worker.
 pub struct AcceptReports {
-    failing: std::sync::Mutex<crate::episode::Episode>,
-    overflow: std::sync::Mutex<slots::Overflow>,
+    failing: Reported<crate::episode::Episode>,
+    overflow: Reported<slots::Overflow>,
+}
+
+/// An episode's reporter, and whether an episode may be going on: a connection accepted
+/// looks at the flag, and takes the lock (which every worker shares) only while one is.
+struct Reported<T> {
+    on: std::sync::atomic::AtomicBool,
+    it: std::sync::Mutex<T>,
+}
+
+impl<T> Reported<T> {
+    fn new(it: T) -> Self {
+        Self {
+            on: std::sync::atomic::AtomicBool::new(false),
+            it: std::sync::Mutex::new(it),
+        }
+    }
+
+    /// One more occurrence, told through `f`; the flag is set under the lock, after it.
+    fn hit<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut it = self
+            .it
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let told = f(&mut it);
+        self.on.store(true, std::sync::atomic::Ordering::Relaxed);
+        told
+    }
+
+    /// Ends the episode through `f`, if one may be going on.
+    fn end(&self, f: impl FnOnce(&mut T)) {
+        if self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut it = self
+                .it
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+            f(&mut it);
+        }
+    }
 }
 
 impl AcceptReports {
     /// The reports of listener `which`.
     pub fn new(which: slots::Listener) -> Self {
         Self {
-            failing: std::sync::Mutex::default(),
-            overflow: std::sync::Mutex::new(slots::Overflow::new(which)),
+            failing: Reported::new(crate::episode::Episode::default()),
+            overflow: Reported::new(slots::Overflow::new(which)),
         }
-    }
-
-    fn failing(&self) -> std::sync::MutexGuard<'_, crate::episode::Episode> {
-        self.failing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn overflow(&self) -> std::sync::MutexGuard<'_, slots::Overflow> {
-        self.overflow
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -382,19 +410,22 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, client)) => {
-                if let Some(failures) = reports.failing().end() {
-                    tracing::info!(failures, "accepting connections again");
-                }
+                reports.failing.end(|failing| {
+                    if let Some(failures) = failing.end() {
+                        tracing::info!(failures, "accepting connections again");
+                    }
+                });
                 let Some(slot) = slots.take(which) else {
                     // Closed on the spot (dropped), before anything is read from it.
-                    reports.overflow().refused(slots.open(which));
+                    let open = slots.open(which);
+                    reports.overflow.hit(|overflow| overflow.refused(open));
                     continue;
                 };
-                reports.overflow().accepted();
+                reports.overflow.end(slots::Overflow::accepted);
                 serve(stream, crate::net::orig_dst::canonical(client), slot);
             }
             Err(e) => {
-                let told = reports.failing().hit(1);
+                let told = reports.failing.hit(|failing| failing.hit(1));
                 match told {
                     Tell::Begins => {
                         tracing::warn!(error = %e, "accept failed; retrying every 50 ms")
