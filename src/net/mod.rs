@@ -2,6 +2,7 @@
 
 pub mod attempts;
 pub mod connect;
+pub mod corked;
 pub mod dns;
 pub mod orig_dst;
 pub mod text;

@@ -124,6 +124,8 @@ where
     S: ClientService<B>,
     B: ResponseBody,
 {
+    // HTTP/2 answers to many streams are sent in one write (see `corked`).
+    let (io, cork) = crate::net::corked::new(io);
     let io = TokioIo::new(io);
     // Idle connections are timed out with this tracker, as in `keepalive`, rather than with
     // hyper's timers: its HTTP/2 server has none, and its HTTP/1 header-read timer was a
@@ -132,18 +134,18 @@ where
     let builder = server_builder(limits);
     let svc =
         super::idle::Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout);
-    let connection = builder.serve_connection_with_upgrades(io, svc);
+    let connection = cork.drive(builder.serve_connection_with_upgrades(io, svc));
     tokio::pin!(connection);
     tokio::select! {
         res = connection.as_mut() => res,
         () = shutdown.cancelled() => {
             idle.stop_keep_alive_hint();
-            connection.as_mut().graceful_shutdown();
+            connection.as_mut().conn().graceful_shutdown();
             connection.await
         }
         () = idle.expired(limits.idle_timeout) => {
             tracing::debug!("closing an idle client connection");
-            connection.as_mut().graceful_shutdown();
+            connection.as_mut().conn().graceful_shutdown();
             // A graceful close waits on the client: to finish its handshake (a client that
             // sent the preface and no SETTINGS), or to answer the GOAWAY's PING. One that
             // never does gets as long again, then the connection is dropped, which closes it.

@@ -24,7 +24,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{header, uri, Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, Notify};
 
 use super::{connect_maybe_mesh, SendError, Upstreams, IDLE_TIMEOUT, MAX_HEAD};
@@ -357,7 +357,9 @@ async fn dial(
     } else {
         (KEEPALIVE, KEEPALIVE_TIMEOUT)
     };
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    // The requests of many streams are sent in one write (see `corked`).
+    let (io, cork) = crate::net::corked::new(io);
+    let (send, conn) = hyper::client::conn::http2::Builder::new(cork.client_exec())
         // The same bound as on an HTTP/1.1 response head.
         .max_header_list_size(MAX_HEAD as u32)
         // Until the server's SETTINGS say how many streams it takes, one: more could be
@@ -724,8 +726,9 @@ mod tests {
                     let body = http_body_util::Full::new(Bytes::from_static(b"ok"));
                     Ok::<_, std::convert::Infallible>(Response::new(body))
                 });
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), ok);
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), ok);
                 tokio::spawn(conn);
             }
         });
