@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -162,6 +163,14 @@ impl<I> Cork<I> {
             ended: None,
         }
     }
+
+    /// See [`ClientExec`].
+    pub fn client_exec(self) -> ClientExec<I> {
+        ClientExec(Arc::new(FirstSpawn {
+            cork: Mutex::new(Some(self)),
+            taken: AtomicBool::new(false),
+        }))
+    }
 }
 
 /// The executor for hyper's HTTP/2 client on a corked [`Io`]. That client does its I/O in a
@@ -169,18 +178,17 @@ impl<I> Cork<I> {
 /// through the [`Cork`]. The rest (request bodies being sent, responses awaited) never
 /// touch the I/O and are spawned as they are. (`tests/http2_batching.rs` sees it if hyper
 /// ever spawns another first: the request bodies would leave one segment each again.)
-pub struct ClientExec<I>(Arc<Mutex<Option<Cork<I>>>>);
+pub struct ClientExec<I>(Arc<FirstSpawn<I>>);
+
+struct FirstSpawn<I> {
+    cork: Mutex<Option<Cork<I>>>,
+    /// Set once `cork` is taken: every later spawn (several per request) skips the lock.
+    taken: AtomicBool,
+}
 
 impl<I> Clone for ClientExec<I> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
-    }
-}
-
-impl<I> Cork<I> {
-    /// See [`ClientExec`].
-    pub fn client_exec(self) -> ClientExec<I> {
-        ClientExec(Arc::new(Mutex::new(Some(self))))
     }
 }
 
@@ -191,7 +199,18 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let first = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let first = if self.0.taken.load(Ordering::Acquire) {
+            None
+        } else {
+            let cork = self
+                .0
+                .cork
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            self.0.taken.store(true, Ordering::Release);
+            cork
+        };
         match first {
             Some(cork) => tokio::spawn(cork.drive(fut)),
             None => tokio::spawn(fut),
@@ -225,12 +244,12 @@ impl<F: Future, I: AsyncWrite + Unpin> Future for Driven<F, I> {
         if this.ended.is_none() {
             lock(this.shared).gathering = true;
             let polled = this.conn.poll(cx);
-            lock(this.shared).gathering = false;
             if let Poll::Ready(out) = polled {
                 *this.ended = Some(out);
             }
         }
         let mut s = lock(this.shared);
+        s.gathering = false;
         let sent = match s.send(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut s.io).poll_flush(cx),
             other => other,
