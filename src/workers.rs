@@ -86,13 +86,18 @@ pub(crate) struct Balance {
 #[derive(Default)]
 struct Count(AtomicUsize);
 
-/// A connection accepted by one worker for another to serve.
+/// A connection accepted by one worker for another to serve, already counted as that
+/// worker's.
 struct Handoff {
     listener: Listener,
     stream: std::net::TcpStream,
     client: SocketAddr,
-    slot: Slot,
+    held: Held,
 }
+
+/// What a connection's task holds until it ends: its slot, and its place in a worker's
+/// count.
+type Held = (Slot, Load);
 
 impl Balance {
     /// The worker that should serve a connection `me` accepted: `me`, unless another
@@ -114,8 +119,17 @@ impl Balance {
 }
 
 /// Held by a connection's task: one fewer for its worker when it ends. It holds that
-/// worker's count alone, whose reference count only that worker changes.
+/// worker's count alone, whose reference count changes only with that worker's
+/// connections (and on a hand-over).
 pub(crate) struct Load(Arc<Count>);
+
+impl Load {
+    /// One more for the worker whose count this is.
+    fn on(count: &Arc<Count>) -> Load {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        Load(count.clone())
+    }
+}
 
 impl Drop for Load {
     fn drop(&mut self) {
@@ -139,8 +153,13 @@ impl Serve {
     /// Serves a connection this worker accepted, here or on a less busy worker.
     fn route(&self, listener: Listener, stream: TcpStream, client: SocketAddr, slot: Slot) {
         let to = self.balance.pick(self.me);
+        // Counted on the chosen worker now, not once it takes the connection: until then
+        // it would still look as idle as before, and a burst of connections accepted in a
+        // row went all its way, or back and forth between the two workers on stale counts
+        // (`tests/workers.rs`, a burst of 64 split 63 and 1).
+        let held = (slot, Load::on(&self.balance.open[to]));
         if to == self.me {
-            return self.here(listener, stream, client, slot);
+            return self.here(listener, stream, client, held);
         }
         // Out of this worker's epoll, into the other's.
         let stream = match stream.into_std() {
@@ -154,30 +173,31 @@ impl Serve {
             listener,
             stream,
             client,
-            slot,
+            held,
         };
-        // A worker that has ended (shutdown) takes nothing: served here then.
+        // A worker that has ended (shutdown) takes nothing: served here then, and counted
+        // here.
         if let Err(mpsc::error::SendError(h)) = self.balance.to[to].send(handoff) {
-            self.take(h);
+            let (slot, load) = h.held;
+            drop(load);
+            let held = (slot, Load::on(&self.balance.open[self.me]));
+            self.take(Handoff { held, ..h });
         }
     }
 
     /// Serves a connection handed over by another worker.
     fn take(&self, h: Handoff) {
         match TcpStream::from_std(h.stream) {
-            Ok(stream) => self.here(h.listener, stream, h.client, h.slot),
+            Ok(stream) => self.here(h.listener, stream, h.client, h.held),
             Err(e) => {
                 tracing::debug!(error = %e, client = %h.client, "cannot take a connection from another worker: closed");
             }
         }
     }
 
-    /// Serves a connection on this worker.
-    fn here(&self, listener: Listener, stream: TcpStream, client: SocketAddr, slot: Slot) {
-        let count = &self.balance.open[self.me];
-        count.0.fetch_add(1, Ordering::Relaxed);
+    /// Serves a connection on this worker, already counted as this worker's.
+    fn here(&self, listener: Listener, stream: TcpStream, client: SocketAddr, held: Held) {
         self.served.increment(1);
-        let held = (slot, Load(count.clone()));
         let inputs = &self.inputs;
         match listener {
             Listener::Outbound => {

@@ -27,9 +27,15 @@ fn worker_threads(pid: u32) -> Vec<String> {
 
 /// This process's worker threads, once they number `n` (or whatever they are after 5 s).
 fn own_workers_once(n: usize) -> Vec<String> {
+    workers_once(std::process::id(), n)
+}
+
+/// A process's worker threads, once they number `n` (or whatever they are after 5 s). A
+/// thread names itself as it starts, which may be just after the proxy is ready.
+fn workers_once(pid: u32, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let now = worker_threads(std::process::id());
+        let now = worker_threads(pid);
         if now.len() == n || Instant::now() > deadline {
             return now;
         }
@@ -49,7 +55,7 @@ async fn the_binary_runs_the_configured_workers_and_serves_through_them() {
     let mut proxy = BinProxy::start(BIN, &allow_loopback(3));
     let pid = u32::try_from(proxy.pid()).unwrap();
     assert_eq!(
-        worker_threads(pid),
+        workers_once(pid, 3),
         ["outrider-w0", "outrider-w1", "outrider-w2"],
         "ps -T shows the workers by name"
     );
@@ -101,6 +107,62 @@ async fn two_client_connections_are_served_by_two_workers() {
     };
     assert_eq!((served("0"), served("1")), (1.0, 1.0), "{text}");
     assert!(first.is_open() && second.is_open());
+}
+
+/// A burst of connections, as a load generator or a client pool opens at start, is split
+/// about evenly. A worker used to count a connection it handed to another only once the
+/// other had taken it; until then the other still looked idle, so the two could hand a
+/// burst back and forth on stale counts: wrk's 64 connections went 53 and 12, or 17 and
+/// 48, and one core carried most of the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_split_evenly_between_the_workers() {
+    let proxy = BinProxy::start(BIN, &allow_loopback(2));
+    let served = |text: &str, worker: &str| {
+        let name = "outrider_worker_connections_total";
+        outrider::testing::metric_value(text, name, &[("worker", worker)])
+    };
+    let mut before = (0.0, 0.0);
+    for round in 1..=5 {
+        // Opened back to back without waiting for the proxy (the kernel completes the
+        // handshakes), so that the workers find many waiting in the accept queue at once.
+        let addr = proxy.proxy_addr;
+        let clients = tokio::task::spawn_blocking(move || {
+            (0..64)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (w0, w1) = loop {
+            let (status, text) = outrider::testing::admin_get(proxy.admin_addr, "/metrics").await;
+            assert_eq!(status, 200);
+            let now = (served(&text, "0") - before.0, served(&text, "1") - before.1);
+            if now.0 + now.1 >= 64.0 || Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(w0 + w1, 64.0, "round {round}: every connection served");
+        // The balance tolerates a sixteenth, plus the few two workers accepting at the
+        // same moment may both keep.
+        assert!(
+            (w0 - w1).abs() <= 8.0,
+            "round {round}: worker 0 took {w0} of the burst, worker 1 {w1}"
+        );
+        before = (before.0 + w0, before.1 + w1);
+        drop(clients);
+        // Closed, they leave both workers' counts before the next burst.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, text) = outrider::testing::admin_get(proxy.admin_addr, "/metrics").await;
+            let open = outrider::testing::metric_value(&text, "outrider_connections_open", &[]);
+            if open == 0.0 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
