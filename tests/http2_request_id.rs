@@ -1,7 +1,7 @@
-//! The request id the inbound proxy adds (`x-request-id`) reaches an HTTP/2 app as a
-//! never-indexed literal, so that it leaves the app's HPACK table alone: an id is unique to
-//! its request and is never sent again, and inserted it only pushed out the headers that do
-//! repeat. (About fifty ids filled the table's 4 KiB, and the forwarding headers, authority
+//! The request id the inbound proxy adds (`x-request-id`), and a client's tracing id
+//! (`traceparent` here), reach an HTTP/2 app as never-indexed literals, so that they leave
+//! the app's HPACK table alone: such an id is unique to its request and is never sent
+//! again, and inserted it only pushed out the headers that do repeat. (About fifty ids filled the table's 4 KiB, and the forwarding headers, authority
 //! and the rest then went out whole again; both sides paid for the insertions and
 //! evictions, about 2.7k instructions per request in the proxy.) Read off the wire by an
 //! app that speaks just enough HTTP/2 to see each request's header block as it was encoded.
@@ -160,7 +160,7 @@ async fn start_app() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
 }
 
 #[tokio::test]
-async fn request_ids_reach_an_http2_app_never_indexed_and_leave_its_table_alone() {
+async fn request_and_trace_ids_reach_an_http2_app_never_indexed_and_leave_its_table_alone() {
     let (app, blocks) = start_app().await;
     let p = TestProxy::start(&format!(
         "inbound:\n  mtls: disabled\n  routes:\n    - match: {{ path_prefix: / }}\n      to: {app}\n"
@@ -176,8 +176,13 @@ async fn request_ids_reach_an_http2_app_never_indexed_and_leave_its_table_alone(
     tokio::spawn(conn);
     // More than the fifty or so ids that filled the app's table when they were indexed.
     const REQUESTS: usize = 120;
-    for _ in 0..REQUESTS {
+    for i in 0..REQUESTS {
         let req = http::Request::get("http://app.test/id")
+            .header(
+                "traceparent",
+                format!("00-{:032x}-{:016x}-01", 0xabc0_0000 + i, 0x5000 + i),
+            )
+            .header("tracestate", "vendor=same-every-time")
             .body(Empty::<Bytes>::new())
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
@@ -191,11 +196,12 @@ async fn request_ids_reach_an_http2_app_never_indexed_and_leave_its_table_alone(
         let reps = representations(block);
         let never = reps.iter().filter(|&&r| r == Rep::NeverIndexed).count();
         assert_eq!(
-            never, 1,
-            "request {i}: the id, and only it, never indexed: {reps:?}"
+            never, 2,
+            "request {i}: the two ids, and only they, never indexed: {reps:?}"
         );
         // After the first request, whose headers fill the table, nothing else goes in:
-        // the fields that repeat are all references to it, to the last request.
+        // the fields that repeat (`tracestate` among them) are all references to it, to the
+        // last request.
         if i > 0 {
             assert!(
                 !reps.contains(&Rep::Incremental),

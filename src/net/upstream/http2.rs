@@ -237,6 +237,7 @@ impl Upstreams {
                 .map_err(|e| SendError::Failed(format!("no HTTP/2 request target: {e}")))?;
         }
         parts.headers.remove(header::HOST);
+        never_index_ids(&mut parts.headers);
         // A gRPC call carries its own deadline: the response waits that long instead of the
         // configured response timeout, which would cut off a call its client is willing to
         // wait for (a slow unary call, a long poll). A shorter one ends when the client gives
@@ -400,6 +401,34 @@ async fn dial(
 
 /// A gRPC call's deadline from its `grpc-timeout` header: up to 8 digits and a unit (`H`,
 /// `M`, `S`, `m`, `u`, `n`); `None` when there is none or it is malformed.
+/// Marks the fields whose values are unique to each request (the request id, tracing ids)
+/// as never indexed in HPACK (the h2 crate sends a sensitive value as a never-indexed
+/// literal, RFC 7541 §6.2.3). Indexed, such a value went into the app's dynamic table where
+/// nothing would ever refer to it again: about fifty of them filled its 4 KiB and evicted the
+/// entries that do repeat (forwarding headers, user agent, authority), which then went out
+/// whole again, and both sides paid for each insertion and eviction, about 2.7k
+/// instructions per request and id in the proxy (`tests/http2_request_id.rs`). One pass
+/// over the names, not a lookup per name: most requests carry none of them.
+fn never_index_ids(headers: &mut http::HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if matches!(
+            name.as_str(),
+            "x-request-id"
+                | "traceparent"
+                | "b3"
+                | "x-b3-traceid"
+                | "x-b3-spanid"
+                | "x-b3-parentspanid"
+                | "x-amzn-trace-id"
+                | "x-cloud-trace-context"
+                | "uber-trace-id"
+                | "sentry-trace"
+        ) {
+            value.set_sensitive(true);
+        }
+    }
+}
+
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
     // A constant: looked up by a `&str`, the name would be parsed for every request.
