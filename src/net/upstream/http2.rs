@@ -399,8 +399,6 @@ async fn dial(
     Ok((send, state))
 }
 
-/// A gRPC call's deadline from its `grpc-timeout` header: up to 8 digits and a unit (`H`,
-/// `M`, `S`, `m`, `u`, `n`); `None` when there is none or it is malformed.
 /// Marks the fields whose values are unique to each request (the request id, tracing ids)
 /// as never indexed in HPACK (the h2 crate sends a sensitive value as a never-indexed
 /// literal, RFC 7541 §6.2.3). Indexed, such a value went into the app's dynamic table where
@@ -429,6 +427,8 @@ fn never_index_ids(headers: &mut http::HeaderMap) {
     }
 }
 
+/// A gRPC call's deadline from its `grpc-timeout` header: up to 8 digits and a unit (`H`,
+/// `M`, `S`, `m`, `u`, `n`); `None` when there is none or it is malformed.
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
     // A constant: looked up by a `&str`, the name would be parsed for every request.
