@@ -79,7 +79,7 @@ impl<I> Shared<I> {
     }
 }
 
-fn lock<I>(shared: &Mutex<Shared<I>>) -> MutexGuard<'_, Shared<I>> {
+fn lock<T>(shared: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while it is held; were it poisoned, its state is still whole.
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -202,12 +202,7 @@ where
         let first = if self.0.taken.load(Ordering::Acquire) {
             None
         } else {
-            let cork = self
-                .0
-                .cork
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+            let cork = lock(&self.0.cork).take();
             self.0.taken.store(true, Ordering::Release);
             cork
         };
