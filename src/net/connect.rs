@@ -195,6 +195,22 @@ impl MaybeTls {
         matches!(self, MaybeTls::Tls(_))
     }
 
+    /// Registers the socket with the runtime of the calling thread, in place of the one it
+    /// was registered with (a TLS session on it stays as it is). The socket is `dup`ed and
+    /// the copy registered here; the old descriptor leaves its runtime and is closed. Four
+    /// system calls, so for a connection that changes worker for good, not per request.
+    pub fn reregister(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        let tcp = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_mut().0,
+        };
+        // The copy shares the open file, and with it `O_NONBLOCK`, which `from_std` needs.
+        let copy = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
+        *tcp = TcpStream::from_std(copy)?;
+        Ok(())
+    }
+
     /// The TCP connection underneath.
     pub fn tcp(&self) -> &TcpStream {
         match self {
@@ -254,6 +270,105 @@ impl AsyncWrite for MaybeTls {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
             MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that echoes what it reads.
+    async fn echo() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// [`echo`] in TLS, with a certificate for `echo.test`, and the client configuration
+    /// that trusts it.
+    async fn tls_echo() -> (SocketAddr, tokio_rustls::TlsConnector) {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        crate::tls::install_crypto_provider();
+        let ck = rcgen::generate_simple_self_signed(vec!["echo.test".to_owned()]).unwrap();
+        let cert = CertificateDer::from(ck.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, tokio_rustls::TlsConnector::from(Arc::new(client)))
+    }
+
+    /// A connection made on one worker's runtime and taken over by another serves on
+    /// there once re-registered, after the first runtime (and its I/O driver) is gone;
+    /// a TLS one with its session. Without the re-registration its I/O fails.
+    #[tokio::test]
+    async fn a_connection_reregistered_on_another_runtime_outlives_the_first() {
+        let (tls_addr, connector) = tls_echo().await;
+        let plain_addr = echo().await;
+        for tls in [false, true] {
+            let connector = connector.clone();
+            let addr = if tls { tls_addr } else { plain_addr };
+            // The other worker: a thread with a runtime of its own, gone once it has dialled
+            // (this runtime goes on meanwhile: it serves the handshake).
+            let (dialled, io) = tokio::sync::oneshot::channel();
+            let other = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let io = rt.block_on(async move {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    if !tls {
+                        return MaybeTls::Plain(tcp);
+                    }
+                    let name = rustls_pki_types::ServerName::try_from("echo.test").unwrap();
+                    MaybeTls::Tls(Box::new(connector.connect(name, tcp).await.unwrap()))
+                });
+                drop(rt);
+                let _ = dialled.send(io);
+            });
+            let mut io = io.await.unwrap();
+            tokio::task::spawn_blocking(move || other.join().unwrap())
+                .await
+                .unwrap();
+            io.reregister().unwrap();
+            io.write_all(b"ping").await.unwrap();
+            io.flush().await.unwrap();
+            let mut back = [0u8; 4];
+            io.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"ping", "tls: {tls}");
         }
     }
 }

@@ -124,8 +124,9 @@ impl Upgraded {
 /// where the mesh covers the address).
 pub struct Upstreams {
     /// Idle HTTP/1.1 connections, a pool per worker thread ([`crate::workers`]): a
-    /// connection is registered with the runtime of the worker that dialled it, and used
-    /// from another worker each of its wakeups would cross threads.
+    /// connection is registered with the runtime of the worker that uses it (the one that
+    /// dialled it, or took it over: [`Conn::rehome`]), and used from another worker each
+    /// of its wakeups would cross threads.
     idle: Box<[Shard]>,
     /// At most this many idle connections in each shard ([`MAX_IDLE_TOTAL`] shared out).
     max_idle: usize,
@@ -296,6 +297,23 @@ impl HeadTimer {
 }
 
 impl Conn {
+    /// Moves another worker's connection to the runtime of worker `here`, which takes it
+    /// over: its socket leaves the other worker's epoll and joins this one's (once, see
+    /// [`MaybeTls::reregister`]), its timer is made anew here, and it goes back to
+    /// `here`'s pool. Left where it was, every readiness of the socket reached the other
+    /// worker first, which woke this one through its eventfd (a `write` and a thread
+    /// wakeup), and since the connection went back to the other's pool, it never stopped:
+    /// a worker that had dialled fewer connections than it keeps busy borrowed the
+    /// difference for good (in the lab, sidecar A of the two-hop mesh load wrote to the
+    /// other worker's eventfd up to once per 3 requests). `None` when the socket cannot be
+    /// moved; it is closed.
+    fn rehome(mut self, here: usize) -> Option<Conn> {
+        self.io.reregister().ok()?;
+        self.timer = HeadTimer::new();
+        self.home = here;
+        Some(self)
+    }
+
     /// Whether an idle connection can take a request: nothing unread (here or inside the
     /// TLS session), and the peer has not closed it (a readable idle socket means EOF, a
     /// reset, or bytes nobody asked for). The socket probe trusts the runtime's readiness,
@@ -405,14 +423,17 @@ impl Upstreams {
 
     /// The most recently used idle connection to `addr` that is still good, as of `now`:
     /// this worker's own first. Another worker's is still better than a new connection (a
-    /// handshake, and one more connection for the upstream to hold); used from here, its
-    /// wakeups go through its own worker, and it goes back to that worker's pool.
+    /// handshake, and one more connection for the upstream to hold), and it is moved to
+    /// this worker's runtime for good (see [`Conn::rehome`]).
     fn checkout(&self, addr: SocketAddr, now: Instant) -> Option<Conn> {
-        let own = crate::workers::index() % self.idle.len();
-        let others = (0..self.idle.len()).filter(|&i| i != own);
-        std::iter::once(own)
-            .chain(others)
-            .find_map(|i| Self::take(&self.idle[i].0, addr, now))
+        let here = crate::workers::index();
+        let own = here % self.idle.len();
+        if let Some(conn) = Self::take(&self.idle[own].0, addr, now) {
+            return Some(conn);
+        }
+        (0..self.idle.len())
+            .filter(|&i| i != own)
+            .find_map(|i| Self::take(&self.idle[i].0, addr, now)?.rehome(here))
     }
 
     fn take(shard: &Mutex<IdlePool>, addr: SocketAddr, now: Instant) -> Option<Conn> {
@@ -1573,12 +1594,25 @@ mod tests {
     /// An origin that answers every request on a connection with a small 200, and reports
     /// when a connection is closed by the proxy.
     async fn origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let (addr, closed, _accepted) = counting_origin().await;
+        (addr, closed)
+    }
+
+    /// [`origin`], which also counts the connections it has accepted.
+    async fn counting_origin() -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         use tokio::io::AsyncReadExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (closed, rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let closed = closed.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
@@ -1595,14 +1629,15 @@ mod tests {
                 });
             }
         });
-        (addr, rx)
+        (addr, rx, accepted)
     }
 
     /// A worker with no idle connection of its own to an address takes another worker's
-    /// rather than dial (one connection, not one per worker); used, it goes back to the
-    /// pool of the worker whose runtime it is registered with.
+    /// rather than dial (one connection, not one per worker), and takes it over: the
+    /// connection goes back to its own pool, and is registered with its own runtime, so it
+    /// serves on once the other worker's runtime is gone.
     #[tokio::test]
-    async fn a_worker_reuses_another_workers_idle_connection_and_gives_it_back() {
+    async fn a_worker_takes_over_another_workers_idle_connection() {
         let sizes = (MAX_IDLE_TOTAL, 2);
         let pool = Upstreams::with_options(Duration::from_secs(2), None, None, IDLE_TIMEOUT, sizes);
         let per_worker = |pool: &Upstreams| -> Vec<usize> {
@@ -1615,9 +1650,9 @@ mod tests {
             let req = Request::builder().uri("/").header("host", "o.test");
             req.body(body::empty()).unwrap()
         };
-        let (addr, _closed) = origin().await;
-        // Worker 1, on a thread and runtime of its own as in the proxy, stays up while
-        // worker 0 (this thread) uses its connection.
+        let (addr, _closed, accepted) = counting_origin().await;
+        // Worker 1, on a thread and runtime of its own as in the proxy, dials and stays up
+        // while worker 0 (this thread) uses its connection.
         let (sent, status) = tokio::sync::oneshot::channel();
         let (end, ended) = tokio::sync::oneshot::channel::<()>();
         let w1_pool = pool.clone();
@@ -1636,11 +1671,25 @@ mod tests {
         drop(resp);
         assert_eq!(
             per_worker(&pool),
-            [0, 1],
-            "worker 0 dialled its own connection, or kept worker 1's"
+            [1, 0],
+            "worker 0 dialled its own connection, or gave worker 1's back to it"
         );
+        // Worker 1's runtime ends, and its I/O driver with it.
         end.send(()).unwrap();
         worker1.join().unwrap();
+        for _ in 0..3 {
+            let resp = pool
+                .send(addr, get(), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert_eq!(per_worker(&pool), [1, 0]);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the connection taken over did not serve on"
+        );
     }
 
     /// Past the pool's total limit, the connection idle longest (whatever its address) is
