@@ -7,8 +7,8 @@
 #   bench/run.sh --smoke    every available path for about a second with tiny loads;
 #                           exits non-zero if a step fails (what CI runs)
 #
-# Environment: OUTRIDER_BIN (skip the cargo build and use this binary; then
-# OUTRIDER_COMMIT says what it was built from), OPENLOOP_BIN (the same for the
+# Environment: OUTRIDER_BIN (skip the cargo build and use this binary; the report
+# records the commit its `--version` names, or OUTRIDER_COMMIT), OPENLOOP_BIN (the same for the
 # fixed-rate load generator, bench/tools/openloop.rs),
 # BENCH_DURATION (seconds per load in a full run, default 8), BENCH_ONLY (regex
 # of path names to run; the report then goes to bench/results/tmp/partial-<timestamp>.*),
@@ -375,7 +375,8 @@ fi
 # --- outrider binary --------------------------------------------------------------
 OUTRIDER=""
 OUTRIDER_WHY=""
-# Which source the binary was built from, for the record (set it with OUTRIDER_BIN).
+# Which source the binary was built from, for the record (OUTRIDER_COMMIT overrides what
+# the binary says).
 OUTRIDER_COMMIT=${OUTRIDER_COMMIT:-unknown}
 if [[ -n ${OUTRIDER_BIN:-} ]]; then
     if [[ -x $OUTRIDER_BIN ]]; then OUTRIDER=$OUTRIDER_BIN; else OUTRIDER_WHY="binary not found: OUTRIDER_BIN=$OUTRIDER_BIN"; fi
@@ -383,12 +384,17 @@ elif want outrider; then
     log "building outrider (cargo build --release)"
     if (cd "$ROOT" && cargo build --release) >"$RUN/logs/cargo.out" 2>&1; then
         target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
-        OUTRIDER_COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
         OUTRIDER=$target_dir/release/outrider
         [[ -x $OUTRIDER ]] || { OUTRIDER=""; OUTRIDER_WHY="binary not found after build"; }
     else
         OUTRIDER_WHY="binary not found: cargo build --release failed (tail: $(tail -n 3 "$RUN/logs/cargo.out" | tr '\n' ' '))"
     fi
+fi
+# The binary names the commit it was built from (src/build.rs), `-dirty` when its sources
+# differed from it.
+if [[ -n $OUTRIDER && $OUTRIDER_COMMIT == unknown ]]; then
+    OUTRIDER_COMMIT=$("$OUTRIDER" --version 2>/dev/null | sed -n 's/^outrider [^ ]* (\(.*\))$/\1/p')
+    OUTRIDER_COMMIT=${OUTRIDER_COMMIT:-unknown}
 fi
 if [[ -z $OUTRIDER && ${BENCH_REQUIRE_OUTRIDER:-0} == 1 ]]; then
     FAILED=1

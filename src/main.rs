@@ -20,7 +20,8 @@ static GLOBAL: outrider::alloc::Mimalloc = outrider::alloc::Mimalloc;
 #[derive(Parser)]
 #[command(
     name = "outrider",
-    version,
+    // The commit too (see src/build.rs): which code a benchmark or a bug report ran.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OUTRIDER_COMMIT"), ")"),
     about = "A sidecar proxy: egress allowlist, inbound routing, mesh mTLS"
 )]
 struct Cli {
