@@ -393,7 +393,7 @@ fi
 # The binary names the commit it was built from (src/build.rs), `-dirty` when its sources
 # differed from it.
 if [[ -n $OUTRIDER && $OUTRIDER_COMMIT == unknown ]]; then
-    OUTRIDER_COMMIT=$("$OUTRIDER" --version 2>/dev/null | sed -n 's/^outrider [^ ]* (\(.*\))$/\1/p')
+    OUTRIDER_COMMIT=$("$OUTRIDER" --version 2>/dev/null | sed -n 's/^outrider [^ ]* (\(.*\))$/\1/p' || true)
     OUTRIDER_COMMIT=${OUTRIDER_COMMIT:-unknown}
 fi
 if [[ -z $OUTRIDER && ${BENCH_REQUIRE_OUTRIDER:-0} == 1 ]]; then
