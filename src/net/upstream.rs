@@ -305,7 +305,7 @@ impl Conn {
     /// wakeup), and since the connection went back to the other's pool, it never stopped:
     /// a worker that had dialled fewer connections than it keeps busy borrowed the
     /// difference for good (in the lab, sidecar A of the two-hop mesh load wrote to the
-    /// other worker's eventfd up to once per 3 requests). `None` when the socket cannot be
+    /// other worker's eventfd up to once per 5 requests). `None` when the socket cannot be
     /// moved; it is closed.
     fn rehome(mut self, here: usize) -> Option<Conn> {
         self.io.reregister().ok()?;
