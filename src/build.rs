@@ -38,11 +38,8 @@ fn main() {
         Some(hash) if !hash.is_empty() => {
             let mut diff = vec!["diff", "--quiet", "HEAD", "--"];
             diff.extend_from_slice(SOURCES);
-            let unchanged = Command::new("git")
-                .arg("--no-optional-locks")
-                .args(&diff)
-                .status()
-                .is_ok_and(|s| s.success());
+            // `--quiet` exits 1 on a difference, which `git` reads as no answer.
+            let unchanged = git(&diff).is_some();
             // A new file not yet added is part of the build too (`mod` names it).
             let mut others = vec!["ls-files", "--others", "--exclude-standard", "--"];
             others.extend_from_slice(SOURCES);
