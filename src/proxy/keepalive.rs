@@ -63,6 +63,7 @@ where
         io: ConnIo {
             io: Rewind::new(Bytes::new(), io),
             idle: idle.clone(),
+            write_waits: false,
         },
         svc: Switching {
             inner: Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout),
@@ -218,11 +219,37 @@ fn parkable(idle: &Idle, begun: u64) -> bool {
 }
 
 /// The client connection as hyper sees it: bytes read while it was parked are replayed
-/// first, and what was read and whether everything written has been flushed are noted for
-/// the loop.
+/// first, what was read and whether everything written has been flushed are noted for the
+/// loop, and the first write after a read waits for the worker's pass to end.
+///
+/// That wait is how an event loop such as HAProxy's sends: it reads what every ready
+/// connection has, then writes every answer. A task per connection instead wrote each
+/// answer as soon as it had it, between the reads of the others, and a client reading on
+/// the other core took each one as it came, went back to sleep, and was woken by the next:
+/// a wake-up, often with an interrupt between cores, for most answers. Written after the
+/// pass, one pass's answers reach the client together and wake it once. In the lab
+/// (inbound, 1 KiB, 64 connections, 2 cores), cross-core reschedule interrupts per request
+/// fell from 0.065 to 0.034, HAProxy's figure, and requests per second rose 7 %. With
+/// nothing else to run the wait costs one `epoll_wait` that returns at once.
 struct ConnIo<I> {
     io: Rewind<I>,
     idle: Idle,
+    /// Bytes came in since the last write waited: the next write waits for the pass.
+    write_waits: bool,
+}
+
+impl<I> ConnIo<I> {
+    /// Whether this write waits for the pass to end: it is the first since bytes came in.
+    /// The task is woken once the worker has run everything else that was ready and
+    /// polled for I/O again; the write then goes through. Each wait follows a read, so a
+    /// response cannot be put off for ever.
+    fn waits(&mut self, cx: &mut Context<'_>) -> bool {
+        if !std::mem::take(&mut self.write_waits) {
+            return false;
+        }
+        let mut after_pass = std::pin::pin!(tokio::task::yield_now());
+        after_pass.as_mut().poll(cx).is_pending()
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
@@ -235,6 +262,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.idle.set_read(true);
+            self.write_waits = true;
         }
         res
     }
@@ -249,6 +277,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.idle.set_flushed(false);
+        if self.waits(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -258,6 +289,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         self.idle.set_flushed(false);
+        if self.waits(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -303,10 +337,17 @@ mod tests {
         }
     }
 
-    /// The server's end of the connection, noting the size of every read it is asked for.
+    /// What the server's ends did, across connections, in order: `(connection, "read")`
+    /// when one read bytes, `(connection, "write")` when one wrote some.
+    type Order = Arc<Mutex<Vec<(char, &'static str)>>>;
+
+    /// The server's end of connection `name`, noting the size of every read it is asked
+    /// for, and in `order`, its reads and writes.
     struct Noting {
         io: DuplexStream,
         reads: Arc<Mutex<Vec<usize>>>,
+        name: char,
+        order: Order,
     }
 
     impl AsyncRead for Noting {
@@ -316,7 +357,12 @@ mod tests {
             buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
             self.reads.lock().unwrap().push(buf.remaining());
-            Pin::new(&mut self.io).poll_read(cx, buf)
+            let before = buf.filled().len();
+            let res = Pin::new(&mut self.io).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.order.lock().unwrap().push((self.name, "read"));
+            }
+            res
         }
     }
 
@@ -326,7 +372,11 @@ mod tests {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            Pin::new(&mut self.io).poll_write(cx, buf)
+            let res = Pin::new(&mut self.io).poll_write(cx, buf);
+            if let Poll::Ready(Ok(1..)) = res {
+                self.order.lock().unwrap().push((self.name, "write"));
+            }
+            res
         }
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.io).poll_flush(cx)
@@ -344,11 +394,23 @@ mod tests {
     /// Serves one connection with `handler`; returns the client's end, a log of the sizes
     /// of the server's reads, and the `(size, message)` of the buffer between them.
     fn start(handler: Handler, window: usize) -> (DuplexStream, Arc<Mutex<Vec<usize>>>) {
+        start_noting(handler, window, 'a', Order::default())
+    }
+
+    /// [`start`], noting the connection's reads and writes in `order` as `name`'s.
+    fn start_noting(
+        handler: Handler,
+        window: usize,
+        name: char,
+        order: Order,
+    ) -> (DuplexStream, Arc<Mutex<Vec<usize>>>) {
         let (client, server) = tokio::io::duplex(window);
         let reads = Arc::new(Mutex::new(Vec::new()));
         let io = Noting {
             io: server,
             reads: reads.clone(),
+            name,
+            order,
         };
         let svc = hyper::service::service_fn(move |req| {
             Box::pin(async move { Ok::<_, Infallible>(handler(req)) })
@@ -415,6 +477,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response(&mut c).await.1, b"/three");
+    }
+
+    /// Connections whose requests are ready at the same time: every request is read before
+    /// any answer is written, so that the answers reach a client together and wake it once,
+    /// not one by one between the other connections' reads.
+    #[tokio::test]
+    async fn the_answers_of_one_pass_are_written_after_its_reads() {
+        let order = Order::default();
+        let mut clients = Vec::new();
+        for name in ['a', 'b', 'c'] {
+            let (mut c, _) = start_noting(path, 64 * 1024, name, order.clone());
+            let head = format!("GET /{name} HTTP/1.1\r\nHost: a\r\n\r\n");
+            c.write_all(head.as_bytes()).await.unwrap();
+            clients.push((name, c));
+        }
+        for (name, c) in &mut clients {
+            assert_eq!(response(c).await.1, format!("/{name}").into_bytes());
+        }
+        let order = order.lock().unwrap().clone();
+        let first_write = order.iter().position(|(_, what)| *what == "write");
+        assert_eq!(first_write, Some(3), "{order:?}");
+        // And each connection's answer follows its own request.
+        for name in ['a', 'b', 'c'] {
+            let mine: Vec<_> = order.iter().filter(|(n, _)| *n == name).collect();
+            assert_eq!(mine, [&(name, "read"), &(name, "write")], "{order:?}");
+        }
     }
 
     /// Answers with 64 KiB.
