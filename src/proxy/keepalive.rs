@@ -228,9 +228,11 @@ fn parkable(idle: &Idle, begun: u64) -> bool {
 /// the other core took each one as it came, went back to sleep, and was woken by the next:
 /// a wake-up, often with an interrupt between cores, for most answers. Written after the
 /// pass, one pass's answers reach the client together and wake it once. In the lab
-/// (inbound, 1 KiB, 64 connections, 2 cores), cross-core reschedule interrupts per request
-/// fell from 0.065 to 0.034, HAProxy's figure, and requests per second rose 7 %. With
-/// nothing else to run the wait costs one `epoll_wait` that returns at once.
+/// (inbound, 1 KiB, 64 connections, 2 cores), with the proxy, the client and the app each
+/// in a scheduling group of its own (as containers are), cross-core reschedule interrupts
+/// per request fell from 0.065 to 0.034, HAProxy's figure, and requests per second rose
+/// 7 %; with all three in one group the wake-ups were already that few, and nothing
+/// changed. With nothing else to run the wait costs one `epoll_wait` that returns at once.
 struct ConnIo<I> {
     io: Rewind<I>,
     idle: Idle,
