@@ -36,6 +36,9 @@ struct Shared {
     flushed: AtomicBool,
     /// Bytes were read from the client since `keepalive` last cleared this.
     read: AtomicBool,
+    /// The service has answered a request, and the answer's first write has not been
+    /// made yet: it waits for the worker's pass to end (see `keepalive::ConnIo`).
+    answered: AtomicBool,
     /// The idle timeout in whole seconds, for `Keep-Alive: timeout=N`; 0: not sent. Here, not
     /// in [`Tracked`], which every connection's task holds (see `proxy::tests`).
     hint_secs: AtomicU32,
@@ -51,6 +54,7 @@ impl Idle {
                 begun: AtomicU64::new(0),
                 flushed: AtomicBool::new(true),
                 read: AtomicBool::new(false),
+                answered: AtomicBool::new(false),
                 hint_secs: AtomicU32::new(0),
                 start: Instant::now(),
             }),
@@ -96,6 +100,15 @@ impl Idle {
     /// Whether bytes were read from the client since [`Idle::set_read`] last cleared it.
     pub(super) fn has_read(&self) -> bool {
         self.shared.read.load(Ordering::Relaxed)
+    }
+
+    /// Whether the service has answered since this was last asked; clears it.
+    pub(super) fn take_answered(&self) -> bool {
+        let answered = self.shared.answered.load(Ordering::Relaxed);
+        if answered {
+            self.shared.answered.store(false, Ordering::Relaxed);
+        }
+        answered
     }
 
     /// How many requests have begun on the connection.
@@ -232,6 +245,9 @@ where
         }
         // The same unit of work goes on with the body, until hyper drops it.
         let active = this.active.take();
+        if let Some(active) = &active {
+            active.0.answered.store(true, Ordering::Relaxed);
+        }
         Poll::Ready(Ok(res.map(|body| TrackedBody {
             body,
             _active: active,

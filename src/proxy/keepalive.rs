@@ -63,7 +63,6 @@ where
         io: ConnIo {
             io: Rewind::new(Bytes::new(), io),
             idle: idle.clone(),
-            write_waits: false,
         },
         svc: Switching {
             inner: Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout),
@@ -220,7 +219,8 @@ fn parkable(idle: &Idle, begun: u64) -> bool {
 
 /// The client connection as hyper sees it: bytes read while it was parked are replayed
 /// first, what was read and whether everything written has been flushed are noted for the
-/// loop, and the first write after a read waits for the worker's pass to end.
+/// loop, and the first write of each answer from the service waits for the worker's pass
+/// to end.
 ///
 /// That wait is how an event loop such as HAProxy's sends: it reads what every ready
 /// connection has, then writes every answer. A task per connection instead wrote each
@@ -235,20 +235,22 @@ fn parkable(idle: &Idle, begun: u64) -> bool {
 /// already that few and requests per second did not move; there the wait trades 0.26 µs of
 /// user time per request (one more poll of the connection) for 0.52 µs of system time.
 /// With nothing else to run, the wait costs one `epoll_wait` that returns at once.
+///
+/// Only the service's answers wait, not what hyper writes by itself: on a request it cannot
+/// parse (a head too large, a bad Host), hyper queues its error response, tries one flush
+/// and closes, so a write that waited there was never made and the client got no answer.
 struct ConnIo<I> {
     io: Rewind<I>,
     idle: Idle,
-    /// Bytes came in since the last write waited: the next write waits for the pass.
-    write_waits: bool,
 }
 
 impl<I> ConnIo<I> {
-    /// Whether this write waits for the pass to end: it is the first since bytes came in.
-    /// The task is woken once the worker has run everything else that was ready and
-    /// polled for I/O again; the write then goes through. Each wait follows a read, so a
-    /// response cannot be put off for ever.
+    /// Whether this write waits for the pass to end: it is the first of an answer from the
+    /// service. The task is woken once the worker has run everything else that was ready
+    /// and polled for I/O again; the write then goes through. Each wait follows an answer,
+    /// so a response cannot be put off for ever.
     fn waits(&mut self, cx: &mut Context<'_>) -> bool {
-        if !std::mem::take(&mut self.write_waits) {
+        if !self.idle.take_answered() {
             return false;
         }
         let mut after_pass = std::pin::pin!(tokio::task::yield_now());
@@ -266,7 +268,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.idle.set_read(true);
-            self.write_waits = true;
         }
         res
     }
