@@ -37,7 +37,8 @@ struct Shared {
     /// Bytes were read from the client since `keepalive` last cleared this.
     read: AtomicBool,
     /// The service has answered a request, and the answer's first write has not been
-    /// made yet: it waits for the worker's pass to end (see `keepalive::ConnIo`).
+    /// made yet: it waits for the worker's pass to end (see `keepalive::ConnIo`). Set on
+    /// HTTP/2 connections too, where nothing reads it (their writes are `corked`'s).
     answered: AtomicBool,
     /// The idle timeout in whole seconds, for `Keep-Alive: timeout=N`; 0: not sent. Here, not
     /// in [`Tracked`], which every connection's task holds (see `proxy::tests`).

@@ -249,7 +249,7 @@ impl<I> ConnIo<I> {
     /// service. The task is woken once the worker has run everything else that was ready
     /// and polled for I/O again; the write then goes through. Each wait follows an answer,
     /// so a response cannot be put off for ever.
-    fn waits(&mut self, cx: &mut Context<'_>) -> bool {
+    fn waits(&self, cx: &mut Context<'_>) -> bool {
         if !self.idle.take_answered() {
             return false;
         }
