@@ -2,6 +2,7 @@
 //! request target.
 
 use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::future::Either;
@@ -136,14 +137,41 @@ where
         super::idle::Tracked::new(svc, idle.clone()).with_keep_alive_hint(limits.idle_timeout);
     let connection = cork.drive(builder.serve_connection_with_upgrades(io, svc));
     tokio::pin!(connection);
-    tokio::select! {
-        res = connection.as_mut() => res,
-        () = shutdown.cancelled() => {
+    let drain = shutdown.cancelled();
+    tokio::pin!(drain);
+    let expired = idle.expired(limits.idle_timeout);
+    tokio::pin!(expired);
+    // The drain and the idle timer wait aside, polled only when they woke, not on each of
+    // the connection's wakeups (see `aside`).
+    let mut aside = super::aside::Aside::new();
+    enum End<R> {
+        Closed(R),
+        Drain,
+        Idle,
+    }
+    let end = std::future::poll_fn(|cx| {
+        if let Poll::Ready(res) = connection.as_mut().poll(cx) {
+            return Poll::Ready(End::Closed(res));
+        }
+        aside.poll(cx, |cx| {
+            if drain.as_mut().poll(cx).is_ready() {
+                Poll::Ready(End::Drain)
+            } else if expired.as_mut().poll(cx).is_ready() {
+                Poll::Ready(End::Idle)
+            } else {
+                Poll::Pending
+            }
+        })
+    })
+    .await;
+    match end {
+        End::Closed(res) => res,
+        End::Drain => {
             idle.stop_keep_alive_hint();
             connection.as_mut().conn().graceful_shutdown();
             connection.await
         }
-        () = idle.expired(limits.idle_timeout) => {
+        End::Idle => {
             tracing::debug!("closing an idle client connection");
             connection.as_mut().conn().graceful_shutdown();
             // A graceful close waits on the client: to finish its handshake (a client that

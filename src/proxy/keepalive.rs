@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::aside::Aside;
 use super::detect::Rewind;
 use super::http::{ClientLimits, ClientService, ResponseBody};
 use super::idle::{Idle, Tracked};
@@ -101,6 +102,16 @@ where
     }
 }
 
+/// What ended a wait in [`active`].
+enum Event<R> {
+    /// hyper is done with the connection, or stopped where it can be parked.
+    Done(R),
+    /// The proxy is draining.
+    Drain,
+    /// The park timer fired.
+    Timer,
+}
+
 /// A client connection between two runs of hyper: what a parked connection keeps.
 struct Conn<I, S> {
     io: ConnIo<I>,
@@ -137,15 +148,38 @@ where
         idle.set_read(false);
         let timer = tokio::time::sleep(park_after);
         tokio::pin!(timer);
+        let drain = shutdown.cancelled();
+        tokio::pin!(drain);
+        // The drain and the timer wait aside: they are polled only when they woke, not on
+        // each of hyper's wakeups (see `aside`).
+        let mut aside = Aside::new();
         let done = loop {
-            tokio::select! {
-                res = std::future::poll_fn(|cx| hyper.poll_without_shutdown(cx)) => break res,
-                () = shutdown.cancelled(), if !draining => {
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = hyper.poll_without_shutdown(cx) {
+                    return Poll::Ready(Event::Done(res));
+                }
+                aside.poll(cx, |cx| {
+                    if !draining && drain.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(Event::Drain)
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(Event::Timer)
+                    } else {
+                        Poll::Pending
+                    }
+                })
+            })
+            .await;
+            // Whatever ended the wait, the next one polls the futures aside again: a timer
+            // that fired and is reset below has no waker until then.
+            aside.rearm();
+            match event {
+                Event::Done(res) => break res,
+                Event::Drain => {
                     draining = true;
                     idle.stop_keep_alive_hint();
                     Pin::new(&mut hyper).graceful_shutdown();
                 }
-                () = &mut timer => {
+                Event::Timer => {
                     let now = Instant::now();
                     match idle.quiet_until(park_after) {
                         // Busy: look again later; an end before then moves the deadline.

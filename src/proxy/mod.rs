@@ -4,6 +4,7 @@
 //! a config reload replaces, so a request uses one consistent config from start to end.
 
 pub mod admit;
+mod aside;
 pub mod detect;
 pub mod error;
 pub mod forward;
