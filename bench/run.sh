@@ -136,7 +136,7 @@ EOF
 read -r P_ORIGIN P_SQUID P_TINY P_NGINX P_HAPROXY P_NM1 P_NM2 P_HM1 P_HM2 P_SQC P_NGC \
     P_OF_ADM P_OF_OUT P_ON_ADM P_ON_OUT P_OI_ADM P_OI_OUT P_OI_IN P_T_ADM P_T_OUT P_T_SQ P_T_SQF \
     P_CA P_MA_ADM P_MA_OUT P_MB_ADM P_MB_OUT P_MB_IN \
-    P_H2O P_H2_ADM P_H2_OUT P_H2_IN P_H2_HAP P_H2_NGX P_N_ADM P_N_OUT <<<"$(free_ports 36)"
+    P_H2O P_H2_ADM P_H2_OUT P_H2_IN P_H2_HAP P_H2_NGX P_N_ADM P_N_OUT P_HAPH <<<"$(free_ports 37)"
 
 # render TEMPLATE DEST KEY=VALUE...: replace @KEY@ (and @RUN@, @ORIGIN_PORT@).
 render() {
@@ -557,7 +557,8 @@ peer_path in-haproxy inbound "haproxy" haproxy reverse "127.0.0.1:$P_HAPROXY" "h
 # --- head to head: the proxies at once, taking turns ---------------------------------
 # The paths above run one after another, and on a shared machine the background load
 # moves between them (10-20 %). Here the origin alone (direct), outrider's explicit
-# forward path (allowlist + access log), outrider inbound, nginx and HAProxy run side by
+# forward path (allowlist + access log), outrider inbound, nginx, HAProxy, and HAProxy
+# adding the headers that outrider's inbound path adds (like for like) run side by
 # side and take turns with the 1 KiB keep-alive load, round after round (the order
 # rotating); the report takes each one's median. Output: h2h.<name>.<round>.wrk.json.
 H2H_ROUNDS=${BENCH_H2H_ROUNDS:-3}
@@ -606,16 +607,21 @@ if want h2h && [[ -n $OUTRIDER ]]; then
     h2h_pids+=("$LAST_PID")
     start h2h-haproxy haproxy -db -f "$RUN/conf/haproxy-reverse.cfg"
     h2h_pids+=("$LAST_PID")
+    # Like for like: HAProxy adding the headers that Outrider's inbound path adds.
+    render "$PEERS/haproxy-reverse-headers.cfg" "$RUN/conf/haproxy-headers.cfg" PORT="$P_HAPH" MAXCONN="$HAPROXY_MAXCONN"
+    start h2h-haproxy-headers haproxy -db -f "$RUN/conf/haproxy-headers.cfg"
+    h2h_pids+=("$LAST_PID")
     # name:mode:address (mode forward: absolute-form requests for the origin)
     h2h=("direct:reverse:127.0.0.1:$P_ORIGIN" "outrider-explicit:forward:127.0.0.1:$P_OF_OUT"
         "outrider-inbound:reverse:127.0.0.1:$P_OI_IN" "nginx:reverse:127.0.0.1:$P_NGINX"
-        "haproxy:reverse:127.0.0.1:$P_HAPROXY")
-    if ((h2h_ok)) && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 && wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15; then
+        "haproxy:reverse:127.0.0.1:$P_HAPROXY" "haproxy-headers:reverse:127.0.0.1:$P_HAPH")
+    if ((h2h_ok)) && wait_http "http://127.0.0.1:$P_NGINX/1k" 15 && wait_http "http://127.0.0.1:$P_HAPROXY/1k" 15 &&
+        wait_http "http://127.0.0.1:$P_HAPH/1k" 15; then
         h2h_rounds ka h2h /1k "${h2h[@]}"
         # The same, at the fixed rate: the p99 comparison without the saturated queues.
         h2h_rounds rate h2h /1k "${h2h[@]}"
         manifest h2h group=h2h label="head to head" proxy=all status=ok rounds="$H2H_ROUNDS" \
-            notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass and haproxy running at once, taking turns, first with the 1 KiB keep-alive load ($H2H_ROUNDS rounds), then at $RATE req/s ($H2H_RATE_ROUNDS rounds of ${H2H_RATE_DUR}s); medians"
+            notes="direct, outrider explicit (allowlist + access log), outrider inbound, nginx proxy_pass, haproxy, and haproxy adding the headers outrider inbound adds (X-Forwarded-For, Forwarded, X-Request-Id, Via) running at once, taking turns, first with the 1 KiB keep-alive load ($H2H_ROUNDS rounds), then at $RATE req/s ($H2H_RATE_ROUNDS rounds of ${H2H_RATE_DUR}s); medians"
     else
         fail h2h "a proxy did not come up for the head-to-head rounds"
     fi

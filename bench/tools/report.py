@@ -364,7 +364,9 @@ def markdown(res):
             lines.append(f"| {labels[c['outrider']]} | {labels[c['peer']]} | {c['load']} | "
                          f"{fnum(c['rps_ratio'], 2)} | {fnum(c['p99_ratio'], 2)} |")
     h2h = next((p.get("h2h") for p in res["paths"] if p["path"] == "h2h" and p.get("h2h")), None)
-    order = ["direct", "outrider-explicit", "outrider-inbound", "nginx", "haproxy"]
+    order = ["direct", "outrider-explicit", "outrider-inbound", "nginx", "haproxy", "haproxy-headers"]
+    # The inbound path's peers; haproxy-headers adds the headers outrider's inbound path adds.
+    peers = ("nginx", "haproxy", "haproxy-headers")
     ka = {k: v for k, v in (h2h or {}).items() if "rps_median" in v}
     if ka:
         n = max(len(v["rounds"]) for v in ka.values())
@@ -373,14 +375,16 @@ def markdown(res):
                   f"The origin alone, outrider (explicit forward with allowlist and access log; inbound), "
                   f"nginx and HAProxy running at once and taking turns with the 1 KiB keep-alive load, {n} "
                   "rounds in rotating order; medians. Less exposed than the tables above to the machine's "
-                  "background load shifting between paths run minutes apart.", "",
+                  "background load shifting between paths run minutes apart. `haproxy-headers` is HAProxy "
+                  "adding what outrider's inbound path adds to each request and response (X-Forwarded-For, "
+                  "Forwarded, X-Request-Id, Via): the like-for-like comparison.", "",
                   "| path | req/s (median) | rounds | × direct | p99 (median) | outrider inbound req/s × | outrider inbound p99 × |",
                   "|---|--:|---|--:|--:|--:|--:|"]
         base = ka.get("outrider-inbound")
         for name, v in sorted(ka.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             rr = ", ".join(fnum(r["rps"]) for r in v["rounds"])
             xd = direct and direct["rps_median"] and fnum(v["rps_median"] / direct["rps_median"], 2) or "–"
-            peer = name in ("nginx", "haproxy")
+            peer = name in peers
             x = base and peer and v["rps_median"] and fnum(base["rps_median"] / v["rps_median"], 2) or "–"
             y = base and peer and v["p99_median_us"] and fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
             lines.append(f"| {name} | {fnum(v['rps_median'])} | {rr} | {xd} | {fus(v['p99_median_us'])} | {x} | {y} |")
@@ -389,14 +393,14 @@ def markdown(res):
         n = max(len(v["rounds"]) for v in fixed.values())
         p_ = res["params"]
         lines += ["", "## Head to head at the fixed rate (interleaved)", "",
-                  f"The same five, taking turns with {p_.get('rate')} req/s open-loop over "
+                  f"The same proxies, taking turns with {p_.get('rate')} req/s open-loop over "
                   f"{p_.get('rate_conns')} keep-alive connections (bench/tools/openloop.rs), {n} rounds; "
                   "medians of each round's percentiles.", "",
                   "| path | p50 | p99 | p99.9 | p99 by round | outrider inbound p99 × |", "|---|--:|--:|--:|---|--:|"]
         base = fixed.get("outrider-inbound")
         for name, v in sorted(fixed.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             rr = ", ".join(fus(r["p99"]) for r in v["rounds"])
-            y = base and name in ("nginx", "haproxy") and v["p99_median_us"] and \
+            y = base and name in peers and v["p99_median_us"] and \
                 fnum(base["p99_median_us"] / v["p99_median_us"], 2) or "–"
             lines.append(f"| {name} | {fus(v['p50_median_us'])} | {fus(v['p99_median_us'])} | "
                          f"{fus(v['p99_9_median_us'])} | {rr} | {y} |")
