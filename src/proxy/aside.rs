@@ -8,6 +8,8 @@
 //! futures that were never woken. [`Aside`] gives them a waker of their own and skips
 //! them until it fires.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
@@ -91,13 +93,58 @@ impl Aside {
     pub(super) fn rearm(&self) {
         self.flag.woken.store(true, Ordering::Release);
     }
+
+    /// Waits for `main`, polled on every wakeup, or for one of the futures set aside: the
+    /// drain (`None` once it has been seen) or `timer`.
+    pub(super) async fn first<T, D, O>(
+        &mut self,
+        mut main: impl FnMut(&mut Context<'_>) -> Poll<T>,
+        mut drain: Option<Pin<&mut D>>,
+        mut timer: Pin<&mut O>,
+    ) -> First<T>
+    where
+        D: Future<Output = ()>,
+        O: Future,
+    {
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = main(cx) {
+                return Poll::Ready(First::Main(done));
+            }
+            self.poll(cx, |cx| {
+                if drain
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+                {
+                    Poll::Ready(First::Drain)
+                } else if timer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(First::Timer)
+                } else {
+                    Poll::Pending
+                }
+            })
+        })
+        .await;
+        // Whatever ended this wait, the next one polls the futures aside at once: a timer
+        // that fired and is reset has no waker until it is polled again.
+        self.rearm();
+        first
+    }
+}
+
+/// What ended [`Aside::first`].
+pub(super) enum First<T> {
+    /// The future polled on every wakeup finished.
+    Main(T),
+    /// The proxy is draining.
+    Drain,
+    /// The timer fired.
+    Timer,
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used)]
     use super::*;
-    use std::future::Future;
     use std::pin::pin;
     use std::sync::atomic::AtomicUsize;
     use tokio_util::sync::CancellationToken;
@@ -107,7 +154,7 @@ mod tests {
 
     impl Future for Counted<'_> {
         type Output = ();
-        fn poll(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
             self.0.fetch_add(1, Ordering::Relaxed);
             Poll::Pending
         }
@@ -132,30 +179,37 @@ mod tests {
         assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
-    /// The case it is for: a drain, polled once, is seen as soon as the token is
-    /// cancelled, and the task that polls it is woken for it.
+    /// The case it is for: a drain, set aside beside a connection that is never ready,
+    /// ends the wait as soon as the token is cancelled, and wakes the task for it.
     #[tokio::test]
-    async fn a_drain_set_aside_wakes_the_task_and_is_seen() {
+    async fn a_drain_set_aside_wakes_the_task_and_ends_the_wait() {
         let token = CancellationToken::new();
-        let mut drain = Box::pin(token.clone().cancelled_owned());
-        let mut aside = Aside::new();
         let polls = Arc::new(AtomicUsize::new(0));
         let task = {
-            let polls = polls.clone();
-            std::future::poll_fn(move |cx| {
-                polls.fetch_add(1, Ordering::Relaxed);
-                aside.poll(cx, |cx| drain.as_mut().poll(cx))
+            let (token, polls) = (token.clone(), polls.clone());
+            tokio::spawn(async move {
+                let mut aside = Aside::new();
+                let mut drain = pin!(token.cancelled_owned());
+                let mut timer = pin!(tokio::time::sleep(std::time::Duration::from_secs(3600)));
+                let main = |_: &mut Context<'_>| {
+                    polls.fetch_add(1, Ordering::Relaxed);
+                    Poll::<()>::Pending
+                };
+                let first = aside
+                    .first(main, Some(drain.as_mut()), timer.as_mut())
+                    .await;
+                matches!(first, First::Drain)
             })
         };
-        let task = tokio::spawn(task);
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
         assert!(!task.is_finished());
         token.cancel();
-        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(5), task)
             .await
             .expect("the drain woke the task")
             .expect("the task did not panic");
+        assert!(drained);
         assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 }

@@ -2,7 +2,6 @@
 //! request target.
 
 use std::future::Future;
-use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::future::Either;
@@ -11,6 +10,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+
+use super::aside::First;
 
 /// Limits on a client connection, from the `clients` config section (its defaults are
 /// there).
@@ -144,34 +145,18 @@ where
     // The drain and the idle timer wait aside, polled only when they woke, not on each of
     // the connection's wakeups (see `aside`).
     let mut aside = super::aside::Aside::new();
-    enum End<R> {
-        Closed(R),
-        Drain,
-        Idle,
-    }
-    let end = std::future::poll_fn(|cx| {
-        if let Poll::Ready(res) = connection.as_mut().poll(cx) {
-            return Poll::Ready(End::Closed(res));
-        }
-        aside.poll(cx, |cx| {
-            if drain.as_mut().poll(cx).is_ready() {
-                Poll::Ready(End::Drain)
-            } else if expired.as_mut().poll(cx).is_ready() {
-                Poll::Ready(End::Idle)
-            } else {
-                Poll::Pending
-            }
-        })
-    })
-    .await;
-    match end {
-        End::Closed(res) => res,
-        End::Drain => {
+    let main = |cx: &mut std::task::Context<'_>| connection.as_mut().poll(cx);
+    match aside
+        .first(main, Some(drain.as_mut()), expired.as_mut())
+        .await
+    {
+        First::Main(res) => res,
+        First::Drain => {
             idle.stop_keep_alive_hint();
             connection.as_mut().conn().graceful_shutdown();
             connection.await
         }
-        End::Idle => {
+        First::Timer => {
             tracing::debug!("closing an idle client connection");
             connection.as_mut().conn().graceful_shutdown();
             // A graceful close waits on the client: to finish its handshake (a client that

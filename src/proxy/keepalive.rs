@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::aside::Aside;
+use super::aside::{Aside, First};
 use super::detect::Rewind;
 use super::http::{ClientLimits, ClientService, ResponseBody};
 use super::idle::{Idle, Tracked};
@@ -102,16 +102,6 @@ where
     }
 }
 
-/// What ended a wait in [`active`].
-enum Event<R> {
-    /// hyper is done with the connection, or stopped where it can be parked.
-    Done(R),
-    /// The proxy is draining.
-    Drain,
-    /// The park timer fired.
-    Timer,
-}
-
 /// A client connection between two runs of hyper: what a parked connection keeps.
 struct Conn<I, S> {
     io: ConnIo<I>,
@@ -154,32 +144,16 @@ where
         // each of hyper's wakeups (see `aside`).
         let mut aside = Aside::new();
         let done = loop {
-            let event = std::future::poll_fn(|cx| {
-                if let Poll::Ready(res) = hyper.poll_without_shutdown(cx) {
-                    return Poll::Ready(Event::Done(res));
-                }
-                aside.poll(cx, |cx| {
-                    if !draining && drain.as_mut().poll(cx).is_ready() {
-                        Poll::Ready(Event::Drain)
-                    } else if timer.as_mut().poll(cx).is_ready() {
-                        Poll::Ready(Event::Timer)
-                    } else {
-                        Poll::Pending
-                    }
-                })
-            })
-            .await;
-            // Whatever ended the wait, the next one polls the futures aside again: a timer
-            // that fired and is reset below has no waker until then.
-            aside.rearm();
-            match event {
-                Event::Done(res) => break res,
-                Event::Drain => {
+            let drain = (!draining).then_some(drain.as_mut());
+            let main = |cx: &mut Context<'_>| hyper.poll_without_shutdown(cx);
+            match aside.first(main, drain, timer.as_mut()).await {
+                First::Main(res) => break res,
+                First::Drain => {
                     draining = true;
                     idle.stop_keep_alive_hint();
                     Pin::new(&mut hyper).graceful_shutdown();
                 }
-                Event::Timer => {
+                First::Timer => {
                     let now = Instant::now();
                     match idle.quiet_until(park_after) {
                         // Busy: look again later; an end before then moves the deadline.
