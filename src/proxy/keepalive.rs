@@ -253,11 +253,13 @@ struct ConnIo<I> {
 }
 
 impl<I> ConnIo<I> {
-    /// Whether this write waits for the pass to end: it is the first of an answer from the
-    /// service. The task is woken once the worker has run everything else that was ready
-    /// and polled for I/O again; the write then goes through. Each wait follows an answer,
-    /// so a response cannot be put off for ever.
+    /// Notes that a write is starting (nothing is flushed until it is, even while it waits:
+    /// the answer is still in hyper's buffer), and whether it waits for the pass to end: it
+    /// is the first of an answer from the service. The task is woken once the worker has
+    /// run everything else that was ready and polled for I/O again; the write then goes
+    /// through. Each wait follows an answer, so a response cannot be put off for ever.
     fn waits(&self, cx: &mut Context<'_>) -> bool {
+        self.idle.set_flushed(false);
         if !self.idle.take_answered() {
             return false;
         }
@@ -289,7 +291,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.idle.set_flushed(false);
         if self.waits(cx) {
             return Poll::Pending;
         }
@@ -301,7 +302,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.idle.set_flushed(false);
         if self.waits(cx) {
             return Poll::Pending;
         }
